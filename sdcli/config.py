@@ -1,0 +1,471 @@
+"""Recipe schema, loading, command-line overrides and validation.
+
+A recipe is a YAML file validated into `Recipe`. Precedence is defaults < YAML < `key=value`
+on the command line. Every problem (unknown key, wrong type, out-of-range value, missing file)
+is collected and reported at once, each with the file and line it comes from, as a `RecipeError`
+(exit code 2).
+
+Relative paths under `data:` / `eval:` in a YAML file are resolved against the recipe's folder, so a
+recipe and its data travel together; paths given on the command line, and `run_dir`, are
+relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sdcli.errors import RecipeError
+
+BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+
+DEFAULT_DEMONSTRATION_TEMPLATE = (
+    "{prompt}\n\n"
+    "This is an example for a response to the question:\n"
+    "{demonstration}\n\n"
+    "Now answer with a response of your own."
+)
+DEFAULT_SOLUTION_TEMPLATE = (
+    "{prompt}\n\n"
+    "Here is a correct solution to this problem:\n"
+    "{solution}\n\n"
+    "Now solve the problem yourself, correctly."
+)
+DEFAULT_FEEDBACK_TEMPLATE = (
+    "{prompt}\n\n"
+    "An earlier attempt at this task failed. Here is the feedback from running it:\n"
+    "{feedback}\n\n"
+    "Now solve the task correctly, avoiding that mistake."
+)
+DEFAULT_HINDSIGHT_TEMPLATE = (
+    "{prompt}\n\n"
+    "An earlier answer to this message was not good enough. This is what the user said in "
+    "reply to it:\n"
+    "{followup}\n\n"
+    "Taking that reply into account, give an improved answer to the user's message."
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+class Quantization(str, enum.Enum):
+    none = "none"
+    four_bit = "4bit"
+    eight_bit = "8bit"
+
+
+class DType(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class TeacherKind(str, enum.Enum):
+    base = "base"  # the model as it stood when the episode began (episode adapter off)
+    live = "live"  # the current student weights, no grad
+    ema = "ema"  # an exponential moving average of the episode adapter
+
+
+class Divergence(str, enum.Enum):
+    forward_kl = "forward_kl"
+    reverse_kl = "reverse_kl"
+    jsd = "jsd"
+
+
+class Support(str, enum.Enum):
+    full = "full"
+    topk = "topk"
+    sampled = "sampled"
+
+
+class Method(str, enum.Enum):
+    self_distillation = "self_distillation"
+    sft = "sft"
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(
+        BUILTIN_MODEL,
+        description=f"Local model folder, or `{BUILTIN_MODEL}` for the model shipped on PyPI (no download).",
+    )
+    quantization: Quantization = Field(Quantization.none, description="none | 4bit | 8bit (bitsandbytes)")
+    dtype: DType = Field(
+        DType.auto, description="auto = float32 on CPU (bf16 is ~20x slower there), bfloat16 on CUDA if supported"
+    )
+    max_prompt_tokens: int = Field(512, ge=8, description="Longer prompts are truncated from the left, with a warning")
+    trust_remote_code: bool = False
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class DemonstrationsSignal(_Strict):
+    kind: Literal["demonstrations"] = "demonstrations"
+    teacher_template: str = Field(
+        DEFAULT_DEMONSTRATION_TEMPLATE, description="Teacher's user turn; fields {prompt} and {demonstration}"
+    )
+
+    @field_validator("teacher_template")
+    @classmethod
+    def _fields(cls, v: str) -> str:
+        return _check_template(v, required={"demonstration"}, allowed={"prompt", "demonstration"})
+
+
+class RewardsSignal(_Strict):
+    kind: Literal["rewards"] = "rewards"
+    reward: str = Field(
+        "exact_match", description="exact_match | numeric | regex | contains | package.module:function"
+    )
+    tolerance: float = Field(1e-6, ge=0, description="numeric: absolute tolerance")
+    pattern: str | None = Field(None, description="regex: pattern the response must match (else the example's `answer`)")
+    case_sensitive: bool = False
+    success_threshold: float = Field(1.0, description="A sample with reward >= this is a success")
+    skip_successful: bool = Field(False, description="Samples that already succeeded contribute no loss")
+    strip_thinking: bool = Field(True, description="Remove <think>...</think> from sibling demonstrations")
+    solution_template: str = DEFAULT_SOLUTION_TEMPLATE
+
+    @field_validator("solution_template")
+    @classmethod
+    def _fields(cls, v: str) -> str:
+        return _check_template(v, required={"solution"}, allowed={"prompt", "solution"})
+
+
+class SandboxLimits(_Strict):
+    wall_seconds: float = Field(10.0, gt=0, le=600)
+    cpu_seconds: int = Field(10, ge=1, le=600)
+    memory_mb: int = Field(512, ge=32)
+    output_bytes: int = Field(64_000, ge=1024)
+    max_processes: int = Field(16, ge=1, description="Per sandbox; stops fork bombs")
+
+
+class FeedbackSignal(_Strict):
+    kind: Literal["feedback"] = "feedback"
+    environment: str = Field("python_tests", description="python_tests | package.module:function")
+    success_threshold: float = 1.0
+    use_successful_sibling: bool = Field(True, description="Also show a successful sibling's answer")
+    skip_successful: bool = False
+    strip_thinking: bool = True
+    feedback_template: str = DEFAULT_FEEDBACK_TEMPLATE
+    solution_template: str = DEFAULT_SOLUTION_TEMPLATE
+    max_feedback_chars: int = Field(1500, ge=100)
+    sandbox: SandboxLimits = SandboxLimits()
+
+    @field_validator("feedback_template")
+    @classmethod
+    def _feedback_fields(cls, v: str) -> str:
+        return _check_template(v, required={"feedback"}, allowed={"prompt", "feedback", "solution"})
+
+    @field_validator("solution_template")
+    @classmethod
+    def _solution_fields(cls, v: str) -> str:
+        return _check_template(v, required={"solution"}, allowed={"prompt", "solution"})
+
+
+class InteractionsSignal(_Strict):
+    kind: Literal["interactions"] = "interactions"
+    mode: Literal["offline", "online"] = Field(
+        "online", description="offline: the logged reply is y (off-policy); online: y is sampled from the student"
+    )
+    hindsight_template: str = DEFAULT_HINDSIGHT_TEMPLATE
+    min_followup_chars: int = Field(0, ge=0)
+    max_history_messages: int | None = Field(
+        None, ge=1, description="Keep at most this many messages before the prompt (oldest dropped; system kept)"
+    )
+    include: str | None = Field(None, description="Regex the follow-up must match")
+    exclude: str | None = Field(None, description="Regex the follow-up must not match")
+
+    @field_validator("hindsight_template")
+    @classmethod
+    def _fields(cls, v: str) -> str:
+        return _check_template(v, required={"followup"}, allowed={"prompt", "followup", "response"})
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+
+SignalConfig = Annotated[
+    Union[DemonstrationsSignal, RewardsSignal, FeedbackSignal, InteractionsSignal], Field(discriminator="kind")
+]
+
+
+class DataConfig(_Strict):
+    path: Path = Field(..., description="JSONL file, one example per line")
+    shuffle: bool = True
+    max_examples: int | None = Field(None, ge=1)
+
+
+class RolloutConfig(_Strict):
+    num_samples: int = Field(1, ge=1, le=64, description="Responses sampled per prompt")
+    max_new_tokens: int = Field(48, ge=1, le=8192)
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    merge_for_generation: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Fold the adapter into the weights while sampling (much faster). auto: when the base is not quantized",
+    )
+
+
+class LossConfig(_Strict):
+    divergence: Divergence = Divergence.forward_kl
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="jsd: 0 = forward KL, 1 = reverse KL")
+    support: Support = Support.full
+    topk: int = Field(20, ge=1, description="topk: tokens taken from the student's top-k")
+    tail_bucket: bool = Field(True, description="topk: add one bucket for the probability outside the top-k")
+    skip_first_tokens: int = Field(0, ge=0, description="Response tokens at the start that carry no loss")
+    chunk_tokens: int = Field(128, ge=1, description="Sequence positions per chunk when computing logits")
+
+    @model_validator(mode="after")
+    def _sampled_needs_reverse(self) -> "LossConfig":
+        if self.support is Support.sampled and self.divergence is not Divergence.reverse_kl:
+            raise ValueError("support 'sampled' is a single-sample estimator of reverse KL: set loss.divergence=reverse_kl")
+        return self
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(50, ge=1)
+    prompts_per_step: int = Field(4, ge=1)
+    lr: float = Field(5e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    grad_clip: float = Field(1.0, ge=0.0, description="0 = off")
+    seed: int = 0
+    gradient_checkpointing: bool = Field(False, description="Trades speed for memory; off is faster")
+    checkpoint_every: int = Field(0, ge=0, description="Steps between resumable checkpoints; 0 = off")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="teacher: ema, decay per step")
+
+
+class Recipe(_Strict):
+    name: str = Field("episode", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    run_dir: Path = Path("runs/default")
+    method: Method = Method.self_distillation
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    signal: SignalConfig = DemonstrationsSignal()
+    data: DataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    teacher: TeacherKind = TeacherKind.base
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _check_template(template: str, required: set[str], allowed: set[str]) -> str:
+    import string
+
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+    unknown = names - allowed
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    missing = required - names
+    if missing:
+        raise ValueError(f"must contain {', '.join('{' + m + '}' for m in sorted(missing))}")
+    return template
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=10` -> (["train", "max_steps"], 10). The value is read as YAML."""
+    if "=" not in text:
+        raise RecipeError(
+            f"Override {text!r} is not of the form key=value.", hint="Example: sd train recipe.yaml train.max_steps=10"
+        )
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"Override {text!r} has an empty key.", hint="Example: loss.divergence=reverse_kl")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                sub = path + (str(k.value),)
+                index[sub] = k.start_mark.line + 1
+                walk(v, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                index[path + (str(i),)] = v.start_mark.line + 1
+                walk(v, path + (str(i),))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+_SIGNAL_KINDS = ("demonstrations", "rewards", "feedback", "interactions")
+
+
+def _drop_union_tag(loc: tuple) -> tuple:
+    """pydantic reports ('signal', 'rewards', 'reward'); people wrote signal.reward."""
+    if len(loc) > 1 and loc[0] == "signal" and loc[1] in _SIGNAL_KINDS:
+        return (loc[0],) + tuple(loc[2:])
+    return tuple(loc)
+
+
+def _known_keys(model: type[BaseModel], path: list[str], data: dict) -> list[str]:
+    """Field names valid at `path`, used for "did you mean" suggestions."""
+    cls: Any = model
+    for part in path:
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            return []
+        ann = field.annotation
+        if part == "signal":
+            kind = (data.get("signal") or {}).get("kind", "demonstrations") if isinstance(data.get("signal"), dict) else "demonstrations"
+            ann = {
+                "demonstrations": DemonstrationsSignal,
+                "rewards": RewardsSignal,
+                "feedback": FeedbackSignal,
+                "interactions": InteractionsSignal,
+            }.get(kind, DemonstrationsSignal)
+        cls = ann
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return []
+    return list(cls.model_fields)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files: bool = True) -> Recipe:
+    """Read, merge and validate a recipe. Raises RecipeError listing every problem."""
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
+    origin = "recipe"
+    base_dir = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise RecipeError(f"Recipe file not found: {path}", hint="Check the path; recipes end in .yaml.")
+        base_dir = path.resolve().parent
+        text = path.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+            lines = _line_index(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of keys to values, got {type(loaded).__name__}.")
+        data = loaded
+        for key in ("data", "eval"):
+            section = data.get(key)
+            if isinstance(section, dict):
+                for k, v in list(section.items()):
+                    if isinstance(v, str) and (k == "path" or k.endswith("_path")) and not Path(v).is_absolute():
+                        section[k] = str(base_dir / v)
+        if isinstance(data.get("model"), dict):
+            nop = data["model"].get("name_or_path")
+            if isinstance(nop, str) and nop.startswith((".", "/")) is False and not nop.startswith("builtin:"):
+                candidate = base_dir / nop
+                if not Path(nop).exists() and candidate.exists():
+                    data["model"]["name_or_path"] = str(candidate)
+
+    from_cli: set[tuple[str, ...]] = set()
+    for text_override in overrides:
+        keys, value = parse_override(text_override)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+        from_cli.add(tuple(keys))
+
+    def where(loc: tuple) -> str:
+        loc = tuple(str(x) for x in loc)
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in from_cli:
+                return "command line"
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in lines:
+                return f"{origin}:{lines[loc[:n]]}"
+        return origin
+
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            loc = _drop_union_tag(err["loc"])
+            key = ".".join(str(p) for p in loc)
+            if err["type"] == "extra_forbidden":
+                known = _known_keys(Recipe, [str(p) for p in loc[:-1]], data)
+                close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+                hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+                valid = f" Valid keys here: {', '.join(known)}." if known and not close else ""
+                problems.append(f"{where(loc)}: unknown key '{key}'{hint}.{valid}")
+            elif err["type"] == "missing":
+                problems.append(f"{where(loc)}: missing required key '{key}'.")
+            elif err["type"] == "enum" or err["type"] == "literal_error":
+                expected = err.get("ctx", {}).get("expected", "")
+                problems.append(f"{where(loc)}: '{key}' is {err.get('input')!r}; expected one of {expected}.")
+            elif err["type"] == "union_tag_invalid":
+                problems.append(
+                    f"{where(loc)}: '{key}.kind' is {err['ctx'].get('tag')!r}; expected one of {err['ctx'].get('expected_tags')}."
+                )
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+                problems.append(f"{where(loc)}: '{key}': {msg} (got {err.get('input')!r}).")
+        raise RecipeError(f"{origin}: {len(problems)} problem(s) in the recipe:", problems) from None
+
+    if check_files:
+        if not recipe.data.path.is_file():
+            problems.append(f"{where(('data', 'path'))}: 'data.path': file not found: {recipe.data.path}")
+        nop = recipe.model.name_or_path
+        if not nop.startswith("builtin:") and not Path(nop).is_dir():
+            problems.append(
+                f"{where(('model', 'name_or_path'))}: 'model.name_or_path': not a local model folder: {nop} "
+                f"(sd never downloads; use a folder with config.json, or {BUILTIN_MODEL})"
+            )
+        elif nop.startswith("builtin:") and nop != BUILTIN_MODEL:
+            problems.append(f"{where(('model', 'name_or_path'))}: unknown built-in model {nop!r}; the one built-in is {BUILTIN_MODEL}")
+        if problems:
+            raise RecipeError(f"{origin}: {len(problems)} problem(s) in the recipe:", problems)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True)
