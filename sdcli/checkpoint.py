@@ -1,0 +1,65 @@
+"""Resumable state of an episode in progress, written atomically.
+
+A checkpoint holds everything that decides the rest of the run: the trainable adapter (and the
+EMA teacher), optimizer and scheduler state, every RNG, the data sampler's position and the step.
+Resuming from it with the same recipe gives the same adapter as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "state.pt"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(partial: Path, *, step: int, params: dict[str, torch.Tensor], optimizer, scheduler, sampler_state: dict, extra: dict) -> None:
+    target = partial / CHECKPOINT
+    tmp = partial / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {
+        "step": step,
+        "params": {k: v.detach().cpu().clone() for k, v in params.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "sampler": sampler_state,
+        "extra": extra,
+    }
+    torch.save(state, tmp / STATE_FILE)
+    old = partial / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(partial: Path) -> dict | None:
+    path = partial / CHECKPOINT / STATE_FILE
+    if not path.is_file():
+        old = partial / f".{CHECKPOINT}.old" / STATE_FILE  # crashed between the two renames
+        path = old if old.is_file() else None
+    if path is None:
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)

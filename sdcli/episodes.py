@@ -1,0 +1,210 @@
+"""Episode folders: layout, lineage, atomic writes and resumable checkpoints.
+
+    run_dir/episodes/
+      001-facts/                      a finished episode (complete, verified, loadable)
+        adapter_config.json           the adapter, standard PEFT format
+        adapter_model.safetensors
+        recipe.yaml                   the resolved recipe
+        metrics.jsonl                 one line per step
+        episode.json                  lineage: base hash, data hash, parents, adapter hash, times
+      .partial-002-more/              an episode in progress (never loaded as an episode)
+        checkpoint/                   the latest resumable state
+
+An episode becomes visible only by renaming its finished `.partial-*` folder, so a crash never
+leaves half an episode that later loads. `episode.json` records the adapter's sha256, which is
+checked whenever an episode is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdcli import __version__
+from sdcli.data import file_sha256
+from sdcli.errors import UserError
+
+EPISODES = "episodes"
+PARTIAL_PREFIX = ".partial-"
+META = "episode.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_FOLDER = re.compile(r"^(\d{3,})-([A-Za-z0-9][A-Za-z0-9_.-]*)$")
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file so that readers see either the old content or the new, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@dataclass
+class Episode:
+    number: int
+    name: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"{self.number:03d}-{self.name}"
+
+
+def folder_name(number: int, name: str) -> str:
+    return f"{number:03d}-{name}"
+
+
+def list_episodes(run_dir: Path, verify: bool = True) -> list[Episode]:
+    """Finished episodes in order. Raises UserError if any folder is incomplete or altered."""
+    root = Path(run_dir) / EPISODES
+    if not root.is_dir():
+        return []
+    episodes, problems = [], []
+    for child in sorted(root.iterdir()):
+        if child.name.startswith("."):
+            continue
+        match = _FOLDER.match(child.name)
+        if not child.is_dir() or not match:
+            problems.append(f"{child}: not an episode folder (expected NNN-name)")
+            continue
+        try:
+            meta = read_meta(child, verify=verify)
+        except UserError as e:
+            problems.append(e.headline)
+            continue
+        episodes.append(Episode(int(match.group(1)), match.group(2), child, meta))
+    if problems:
+        raise UserError(
+            f"{root}: {len(problems)} damaged episode folder(s); nothing was loaded:",
+            problems,
+            hint="Move the damaged folder out of episodes/ (or delete it) and run again.",
+        )
+    numbers = [e.number for e in episodes]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise UserError(f"{root}: episode numbers {numbers} have gaps; the lineage must be 001, 002, ... in order.")
+    return episodes
+
+
+def read_meta(folder: Path, verify: bool = True) -> dict[str, Any]:
+    meta_path = folder / META
+    if not meta_path.is_file():
+        raise UserError(f"{folder}: no {META} (an interrupted or hand-made folder)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
+    for name in ADAPTER_FILES:
+        if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
+            raise UserError(f"{folder}: {name} is missing or empty")
+    if verify:
+        expected = meta.get("adapter_sha256")
+        actual = file_sha256(folder / "adapter_model.safetensors")
+        if expected != actual:
+            raise UserError(f"{folder}: adapter_model.safetensors does not match the sha256 in {META} (altered or truncated)")
+    return meta
+
+
+def next_number(run_dir: Path) -> int:
+    return len(list_episodes(run_dir, verify=False)) + 1
+
+
+def partial_dir(run_dir: Path, number: int, name: str) -> Path:
+    return Path(run_dir) / EPISODES / f"{PARTIAL_PREFIX}{folder_name(number, name)}"
+
+
+def find_partial(run_dir: Path, name: str) -> Path | None:
+    root = Path(run_dir) / EPISODES
+    if not root.is_dir():
+        return None
+    found = sorted(root.glob(f"{PARTIAL_PREFIX}*-{name}"))
+    return found[-1] if found else None
+
+
+def publish(partial: Path) -> Path:
+    """Make a finished episode visible: one rename, after everything inside is written."""
+    final = partial.parent / partial.name[len(PARTIAL_PREFIX) :]
+    if final.exists():
+        raise UserError(f"{final} already exists; refusing to overwrite an episode.")
+    shutil.rmtree(partial / "checkpoint", ignore_errors=True)
+    os.replace(partial, final)
+    return final
+
+
+_HASH_CACHE = ".content-hashes.json"
+
+
+def model_content_hash(model_path: Path, cache_dir: Path | None = None) -> str:
+    """sha256 over the model's config and weight files (cached by path, size and mtime)."""
+    files = sorted(
+        p for p in Path(model_path).iterdir() if p.suffix in {".safetensors", ".bin", ".json"} and "tokenizer" not in p.name
+    )
+    key = json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    cache: dict[str, str] = {}
+    cache_file = (cache_dir / _HASH_CACHE) if cache_dir else None
+    if cache_file and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except json.JSONDecodeError:
+            cache = {}
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(file_sha256(p).encode())
+    digest = h.hexdigest()
+    if cache_file:
+        cache[key] = digest
+        write_atomic(cache_file, json.dumps(cache))
+    return digest
+
+
+def episode_meta(
+    *, number: int, name: str, recipe, base_path: Path, base_hash: str, data_hash: str, parents: list[Episode],
+    started: str, steps: int, final: dict, adapter_sha256: str, extra: dict | None = None,
+) -> dict[str, Any]:
+    return {
+        "number": number,
+        "name": name,
+        "sd_version": __version__,
+        "method": recipe.method.value,
+        "signal": recipe.signal.kind,
+        "teacher": recipe.teacher.value,
+        "base_model": {"path": str(base_path), "sha256": base_hash, "quantization": recipe.model.quantization.value},
+        "data": {"path": str(recipe.data.path), "sha256": data_hash},
+        "parents": [
+            {"number": p.number, "name": p.name, "adapter_sha256": p.meta.get("adapter_sha256")} for p in parents
+        ],
+        "steps": steps,
+        "final": final,
+        "adapter_sha256": adapter_sha256,
+        "lora": recipe.lora.model_dump(mode="json"),
+        "started": started,
+        "finished": now_iso(),
+        **(extra or {}),
+    }

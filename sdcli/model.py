@@ -1,0 +1,193 @@
+"""Loading the base model (optionally quantized), attaching LoRA adapters, and fast sampling weights.
+
+One copy of the base weights is ever in memory. The student is base + (earlier episodes' adapters,
+frozen) + this episode's adapter; the teacher is the same module with this episode's adapter
+switched off (see teacher.py).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdcli.config import BUILTIN_MODEL, DType, LoraSettings, ModelConfig, Quantization
+from sdcli.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def quiet_transformers() -> None:
+    """Our own progress and logs are enough; library progress bars and deprecation notes are noise."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    if name_or_path == BUILTIN_MODEL:
+        from sdcli.builtin_model import ensure_builtin_model
+
+        return ensure_builtin_model()
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"model.name_or_path: {path} is not a model folder (no config.json).",
+            hint=f"sd never downloads models. Point it at a local folder, or use {BUILTIN_MODEL}.",
+        )
+    return path
+
+
+def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
+    if dtype is DType.auto:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # bf16 matmuls are ~20x slower than fp32 on common CPUs
+    return {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+    dtype: torch.dtype
+    device: torch.device
+    quantized: bool
+
+
+def load_tokenizer(path: Path, require_chat_template: bool = True):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if require_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"The tokenizer in {path} has no chat template, and sd builds prompts as chat messages.",
+            hint="Use an instruct/chat model, or add a 'chat_template' to its tokenizer_config.json.",
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(cfg: ModelConfig, device: torch.device | None = None) -> LoadedModel:
+    """Load the base model frozen, in eval mode (no dropout in either role)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quiet_transformers()
+    device = device or default_device()
+    path = resolve_model_path(cfg.name_or_path).resolve()
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = load_tokenizer(path)
+    kwargs: dict = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    quantized = cfg.quantization is not Quantization.none
+    if quantized:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"model.quantization={cfg.quantization.value} needs bitsandbytes: {e}", hint="pip install bitsandbytes") from None
+        if cfg.quantization is Quantization.four_bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not quantized:
+        model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    model.config.use_cache = True
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, dtype=dtype, device=device, quantized=quantized)
+
+
+def lora_config(settings: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_trainable_adapter(model, name: str, settings: LoraSettings):
+    """Add this episode's adapter on top of whatever is attached. Returns the PeftModel."""
+    from peft import PeftModel, get_peft_model
+
+    from sdcli.stack import set_active_adapters
+
+    if isinstance(model, PeftModel):
+        earlier = list(model.base_model.active_adapters)
+        model.add_adapter(name, lora_config(settings))
+        set_active_adapters(model, [*earlier, name], trainable=[name])
+    else:
+        model = get_peft_model(model, lora_config(settings), adapter_name=name)
+        for pname, param in model.named_parameters():
+            param.requires_grad_(f".{name}." in pname and "lora_" in pname)
+    return model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextmanager
+def merged_for_sampling(model, enabled: bool):
+    """Sample with the active adapters folded into the weights: one matmul per linear, not three.
+
+    The folded weights are new tensors swapped in for the duration; the original tensors are put
+    back untouched afterwards, so the base weights are bit-for-bit unchanged (an in-place
+    merge + unmerge would leave rounding drift in them after every step).
+    """
+    if not enabled:
+        yield
+        return
+    swapped: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer in lora_layers(model):
+                base = layer.get_base_layer()
+                active = [a for a in layer.active_adapters if a in layer.lora_A]
+                weight = getattr(base, "weight", None)
+                # quantized weights (int8 / packed 4-bit) cannot take a float delta
+                if not active or weight is None or not weight.dtype.is_floating_point:
+                    continue
+                delta = sum(layer.get_delta_weight(a) for a in active)
+                if delta.shape != weight.shape:
+                    continue
+                original = base.weight.data
+                swapped.append((base.weight, original))
+                base.weight.data = original + delta.to(original.dtype)
+        from sdcli.stack import active_adapters
+
+        with active_adapters(model, []):  # the folded weights already hold the adapters
+            yield
+    finally:
+        for param, original in swapped:
+            param.data = original

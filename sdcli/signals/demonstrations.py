@@ -1,0 +1,55 @@
+"""Demonstrations: the teacher sees an example answer (SDFT).
+
+Data: one JSON object per line, `{"prompt": str | messages, "demonstration": str}`; an optional
+`"id"` names the example in messages. The teacher's final user turn is `teacher_template`
+rendered with {prompt} (the student's final user text) and {demonstration}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdcli.config import DemonstrationsSignal
+from sdcli.data import as_messages, last_user_text, read_jsonl, with_last_user_text
+from sdcli.errors import DataError
+from sdcli.signals.base import Example, LoadReport, TeacherView
+
+
+def example_id(path: Path, line: int, record: dict) -> str:
+    given = record.get("id")
+    return str(given) if isinstance(given, (str, int)) else f"{path.name}:{line}"
+
+
+class DemonstrationsBuilder:
+    def __init__(self, cfg: DemonstrationsSignal):
+        self.cfg = cfg
+
+    def load(self, path: Path) -> LoadReport:
+        problems, examples = [], []
+        for line, record in read_jsonl(path):
+            try:
+                prompt = as_messages(record.get("prompt"), "prompt")
+                demo = record.get("demonstration")
+                if not isinstance(demo, str) or not demo.strip():
+                    raise ValueError("'demonstration' must be a non-empty string")
+            except ValueError as e:
+                problems.append(f"{path}:{line}: {e}")
+                continue
+            examples.append(Example(id=example_id(path, line, record), prompt=prompt, fields={"demonstration": demo}))
+        if problems:
+            raise DataError(
+                f"{path}: {len(problems)} bad line(s) for signal 'demonstrations':",
+                problems,
+                hint='Each line needs {"prompt": "..." or [messages], "demonstration": "..."}.',
+            )
+        return LoadReport(examples)
+
+    def teacher_view(self, example: Example) -> TeacherView:
+        text = self.cfg.teacher_template.format(
+            prompt=last_user_text(example.prompt), demonstration=example.fields["demonstration"]
+        )
+        return TeacherView(messages=with_last_user_text(example.prompt, text))
+
+    def teacher_views(self, example: Example, responses: list[str]) -> list[TeacherView]:
+        view = self.teacher_view(example)
+        return [view for _ in responses]

@@ -1,0 +1,395 @@
+"""The training loop: one learning episode of on-policy self-distillation.
+
+Per step, top to bottom:
+    1. sample a batch of prompts
+    2. rollout:  y ~ student(. | x)                    (no grad, adapters folded in for speed)
+    3. context:  the signal builds the teacher's view c for every (x, y)
+    4. teacher:  hidden states of teacher(. | x, c, y<t) (no grad, episode adapter off)
+    5. student:  hidden states of student(. | x, y<t)    (grad on the episode's LoRA only)
+    6. loss:     per-token D(student || teacher) over response tokens, chunked over positions
+    7. backward(), clip, optimizer.step(), scheduler.step(), zero_grad()
+    8. log metrics, checkpoint if due
+At the end the adapter is saved into a new episode folder, which appears atomically.
+
+`method: sft` replaces 2-6 by the negative log-likelihood of the demonstration under the student:
+the supervised baseline on the same data, LoRA and optimiser.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdcli.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from sdcli.config import Method, Quantization, Recipe, TeacherKind, dump_recipe
+from sdcli.data import file_sha256
+from sdcli.episodes import (
+    episode_meta,
+    find_partial,
+    list_episodes,
+    model_content_hash,
+    next_number,
+    now_iso,
+    partial_dir,
+    publish,
+    write_atomic,
+)
+from sdcli.errors import UserError
+from sdcli.losses import DivergenceSpec, chunked_token_divergence, chunked_token_nll, masked_sequence_mean
+from sdcli.model import add_trainable_adapter, load_base, trainable_parameters
+from sdcli.rollout import SamplingSettings, sample_responses
+from sdcli.sequences import PromptEncoder, eos_ids, response_hidden, score_batch
+from sdcli.signals import build_signal
+from sdcli.signals.base import Example, TeacherView
+from sdcli.stack import adapter_name, attach_stack
+from sdcli.teacher import EMA_ADAPTER, add_ema_adapter, teacher_adapters, teacher_hidden, update_ema
+
+
+class ExampleSampler:
+    """Walks the examples in epochs; each epoch a fresh permutation from its own generator."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            if self.position >= self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.position])
+            self.position += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation()
+
+
+@dataclass
+class PhaseTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def lr_lambda(cfg):
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return factor
+
+
+def signal_metrics(views: list[TeacherView]) -> dict[str, float]:
+    n = max(1, len(views))
+    metrics = {
+        "signal/context_fraction": sum(v.messages is not None for v in views) / n,
+        "signal/masked_fraction": sum(v.messages is None for v in views) / n,
+    }
+    rewards = [v.reward for v in views if v.reward is not None]
+    if rewards:
+        metrics["signal/reward_mean"] = sum(rewards) / len(rewards)
+    successes = [v.success for v in views if v.success is not None]
+    if successes:
+        metrics["signal/success_rate"] = sum(successes) / len(successes)
+    return metrics
+
+
+@dataclass
+class EpisodeResult:
+    path: Path
+    steps: int
+    final: dict
+
+
+def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=None) -> EpisodeResult:
+    """Run one episode described by `recipe`. `log(str)` gets human lines; `progress(step, metrics)`
+    is called after every step."""
+    log = log or (lambda message: None)
+    cfg = recipe.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(recipe.run_dir)
+
+    # --- data and signal ------------------------------------------------------------------
+    signal = build_signal(recipe.signal)
+    report = signal.load(recipe.data.path)
+    examples = report.examples[: recipe.data.max_examples] if recipe.data.max_examples else report.examples
+    for reason, count in report.skipped.items():
+        log(f"data: skipped {count} example(s): {reason}")
+    for warning in report.warnings:
+        log(f"data: {warning}")
+    if recipe.method is Method.sft and any("demonstration" not in e.fields and e.response is None for e in examples):
+        raise UserError("method: sft needs a demonstration (or logged response) for every example.")
+    log(f"data: {len(examples)} example(s) from {recipe.data.path}")
+
+    # --- episode folder ---------------------------------------------------------------------
+    parents = list_episodes(run_dir)
+    partial = find_partial(run_dir, recipe.name) if resume else None
+    if resume and partial is None:
+        raise UserError(f"--resume: no interrupted episode named '{recipe.name}' in {run_dir}/episodes.")
+    if partial is None:
+        number = next_number(run_dir)
+        partial = partial_dir(run_dir, number, recipe.name)
+        if partial.exists():
+            raise UserError(f"{partial} exists from an interrupted run.", hint="Add --resume to continue it, or delete it.")
+        partial.mkdir(parents=True)
+    else:
+        number = int(partial.name.split("-")[1])
+    write_atomic(partial / "recipe.yaml", dump_recipe(recipe))
+
+    # --- model: base + earlier episodes (frozen) + this episode's adapter -----------------
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    loaded = load_base(recipe.model)
+    tokenizer, device = loaded.tokenizer, loaded.device
+    model, earlier = attach_stack(loaded.model, [p.path for p in parents])
+    episode = adapter_name(number)
+    model = add_trainable_adapter(model, episode, recipe.lora)
+    if recipe.teacher is TeacherKind.ema:
+        add_ema_adapter(model, episode, recipe.lora)
+    if cfg.gradient_checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    decoder = model.get_base_model().get_decoder()
+    lm_head = model.get_base_model().get_output_embeddings()
+    params = trainable_parameters(model)
+    named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ema_params = {n: p for n, p in model.named_parameters() if f".{EMA_ADAPTER}." in n}
+    log(
+        f"model: {loaded.path} ({loaded.dtype}, {recipe.model.quantization.value}, {device.type}); "
+        f"{len(earlier)} earlier adapter(s); {sum(p.numel() for p in params):,} trainable parameters"
+    )
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    sampler = ExampleSampler(len(examples), cfg.seed, recipe.data.shuffle)
+    encoder = PromptEncoder(tokenizer, recipe.model.max_prompt_tokens)
+    stop = eos_ids(tokenizer, model)
+    sampling = SamplingSettings(
+        max_new_tokens=recipe.rollout.max_new_tokens,
+        temperature=recipe.rollout.temperature,
+        top_p=recipe.rollout.top_p,
+        top_k=recipe.rollout.top_k,
+        merge=recipe.rollout.merge_for_generation == "always"
+        or (recipe.rollout.merge_for_generation == "auto" and recipe.model.quantization is Quantization.none),
+    )
+    spec = DivergenceSpec.from_config(recipe.loss)
+    teacher_set = teacher_adapters(recipe.teacher, earlier, episode)
+
+    start_step = 0
+    metrics_path = partial / "metrics.jsonl"
+    state = load_checkpoint(partial) if resume else None
+    if state is not None:
+        with torch.no_grad():
+            for n, p in {**named_params, **ema_params}.items():
+                p.copy_(state["params"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.restore(state["sampler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        lines = metrics_path.read_text().splitlines()[:start_step] if metrics_path.exists() else []
+        write_atomic(metrics_path, "".join(line + "\n" for line in lines))
+        log(f"resume: continuing {partial.name} from step {start_step}")
+    elif resume:
+        log(f"resume: {partial.name} has no checkpoint; starting it from step 0")
+        metrics_path.unlink(missing_ok=True)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            partial, step=step, params={**named_params, **ema_params}, optimizer=optimizer,
+            scheduler=scheduler, sampler_state=sampler.state(), extra={"recipe": recipe.name},
+        )
+
+    started = now_iso()
+    last: dict = {}
+    step = start_step
+    model.train()  # LoRA dropout (if any) in the student; the teacher is scored under no_grad
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+            for step in range(start_step, cfg.max_steps):
+                timer = PhaseTimer()
+                step_start = time.perf_counter()
+                batch = [examples[i] for i in sampler.take(cfg.prompts_per_step)]
+                g = recipe.rollout.num_samples
+
+                # 1-2. responses: logged, demonstrated (sft) or sampled from the student
+                with timer("rollout"):
+                    samples: list[tuple[Example, list[int]]] = [(ex, encoder.encode(ex.prompt)) for ex in batch for _ in range(g)]
+                    if recipe.method is Method.sft:
+                        responses = [response_tokens(tokenizer, ex.fields.get("demonstration") or ex.response, stop) for ex, _ in samples]
+                    elif all(ex.response is not None for ex in batch):
+                        responses = [response_tokens(tokenizer, ex.response, stop) for ex, _ in samples]
+                    else:
+                        responses = sample_responses(model, tokenizer, [p for _, p in samples], sampling, stop)
+                    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+                generated = sum(len(r) for r in responses)
+
+                if recipe.method is Method.sft:
+                    with timer("student"):
+                        student = score_batch([p for _, p in samples], responses, tokenizer.pad_token_id, device)
+                        hidden = response_hidden(decoder, student)
+                        per_token = chunked_token_nll(hidden, lm_head, student.response_ids, recipe.loss.chunk_tokens)
+                        loss = masked_sequence_mean(per_token, student.response_mask)
+                        loss.backward()
+                    views: list[TeacherView] = []
+                    divergence_mean = float("nan")
+                else:
+                    # 3. the teacher's context, per sample
+                    with timer("context"):
+                        views = []
+                        for i, ex in enumerate(batch):
+                            views += signal.teacher_views(ex, texts[i * g : (i + 1) * g])
+                    kept = [i for i, v in enumerate(views) if v.messages is not None]
+
+                    # 4. teacher: no grad, episode adapter off, context on
+                    with timer("teacher"):
+                        if kept:
+                            t_batch = score_batch(
+                                [encoder.encode(views[i].messages) for i in kept], [responses[i] for i in kept],
+                                tokenizer.pad_token_id, device,
+                            )
+                            t_hidden = teacher_hidden(model, decoder, t_batch, teacher_set)
+
+                    # 5-6. student forward and the distillation loss; 7. backward
+                    with timer("student"):
+                        if kept:
+                            s_batch = score_batch(
+                                [samples[i][1] for i in kept], [responses[i] for i in kept], tokenizer.pad_token_id, device
+                            )
+                            mask = s_batch.response_mask.clone()
+                            mask[:, : recipe.loss.skip_first_tokens] = False
+                            s_hidden = response_hidden(decoder, s_batch)
+                            per_token = chunked_token_divergence(
+                                s_hidden, t_hidden.to(s_hidden.dtype), lm_head, spec, s_batch.response_ids, recipe.loss.chunk_tokens
+                            )
+                            loss = masked_sequence_mean(per_token, mask)
+                            divergence_mean = float((per_token.detach() * mask).sum() / mask.sum().clamp(min=1))
+                            loss.backward()
+                            del t_hidden, s_hidden, per_token
+                        else:
+                            loss = torch.zeros((), device=device)
+                            divergence_mean = 0.0
+
+                # 7. optimiser step on the LoRA parameters only
+                with timer("optimizer"):
+                    grad_norm = (
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else _grad_norm(params)
+                    )
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if recipe.teacher is TeacherKind.ema:
+                        update_ema(model, episode, cfg.ema_decay)
+
+                # 8. log
+                step_seconds = time.perf_counter() - step_start
+                last = {
+                    "step": step + 1,
+                    "loss": float(loss.detach()),
+                    "kl": divergence_mean,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "response/mean_tokens": generated / max(1, len(responses)),
+                    "tokens_per_s": generated / step_seconds,
+                    "rollout/tokens_per_s": generated / max(1e-9, timer.seconds.get("rollout", 0.0)),
+                    **{f"time/{k}_s": round(v, 4) for k, v in timer.seconds.items()},
+                    "time/step_s": round(step_seconds, 4),
+                    "memory/peak_mb": round(peak_memory_mb(device), 1),
+                    **(signal_metrics(views) if views else {}),
+                }
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                if progress:
+                    progress(step + 1, last)
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+                    checkpoint(step + 1)
+    except KeyboardInterrupt:
+        checkpoint(step)  # the state after the last completed step
+        raise UserError(
+            f"Interrupted at step {step}; progress saved in {partial}.",
+            hint="Continue with the same command plus --resume.",
+        ) from None
+
+    if encoder.truncated:
+        log(f"warning: {encoder.truncated} prompt(s) were longer than model.max_prompt_tokens and were cut from the left")
+
+    # --- save: adapter, then metadata, then one rename makes the episode visible -----------
+    save_adapter(model, episode, partial)
+    meta = episode_meta(
+        number=number, name=recipe.name, recipe=recipe, base_path=loaded.path,
+        base_hash=model_content_hash(loaded.path, run_dir), data_hash=file_sha256(recipe.data.path), parents=parents,
+        started=started, steps=cfg.max_steps, final=last, adapter_sha256=file_sha256(partial / "adapter_model.safetensors"),
+        extra={"prompts_truncated": encoder.truncated, "data_skipped": report.skipped},
+    )
+    write_atomic(partial / "episode.json", json.dumps(meta, indent=2))
+    final = publish(partial)
+    return EpisodeResult(path=final, steps=cfg.max_steps, final=last)
+
+
+def response_tokens(tokenizer, text: str, stop: set[int]) -> list[int]:
+    """A logged or demonstrated response as the tokens the student would have produced, with EOS."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stop)
+    return ids + [eos]
+
+
+def _grad_norm(params) -> torch.Tensor:
+    grads = [p.grad.norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+def save_adapter(model, name: str, folder: Path) -> None:
+    """Save one adapter in plain PEFT layout (files directly in `folder`, no subfolder)."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder))
+    try:
+        model.save_pretrained(tmp, selected_adapters=[name])
+        source = tmp / name if (tmp / name).is_dir() else tmp
+        config = json.loads((source / "adapter_config.json").read_text())
+        config["inference_mode"] = True
+        write_atomic(folder / "adapter_config.json", json.dumps(config, indent=2))
+        write_atomic(folder / "adapter_model.safetensors", (source / "adapter_model.safetensors").read_bytes())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,62 @@
+"""`sd validate`: everything that can be checked without training, cheaply."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdcli.config import BUILTIN_MODEL, Recipe
+from sdcli.errors import UserError
+from sdcli.signals import build_signal
+
+
+def check_model_folder(name_or_path: str) -> str:
+    if name_or_path == BUILTIN_MODEL:
+        from sdcli.builtin_model import cache_root, gguf_path
+
+        gguf_path()
+        return f"{BUILTIN_MODEL} (cached in {cache_root() / 'models'} on first use)"
+    path = Path(name_or_path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"model.name_or_path: {path}/config.json cannot be read: {e}") from None
+    from sdcli.model import load_tokenizer
+
+    load_tokenizer(path)  # raises when there is no chat template
+    return f"{path} ({config.get('model_type', '?')})"
+
+
+def check_recipe(recipe: Recipe) -> dict[str, object]:
+    """Raise UserError listing every problem; return a short summary otherwise."""
+    problems: list[str] = []
+    summary: dict[str, object] = {"name": recipe.name, "method": recipe.method.value, "signal": recipe.signal.kind}
+    try:
+        report = build_signal(recipe.signal).load(recipe.data.path)
+        summary["examples"] = len(report.examples)
+        if report.skipped:
+            summary["skipped"] = ", ".join(f"{k}: {v}" for k, v in report.skipped.items())
+    except UserError as e:
+        problems.append(e.render())
+    try:
+        summary["model"] = check_model_folder(recipe.model.name_or_path)
+    except UserError as e:
+        problems.append(e.render())
+    checker = getattr(build_signal(recipe.signal), "check", None)
+    if checker is not None:
+        try:
+            checker()
+        except UserError as e:
+            problems.append(e.render())
+    if problems:
+        raise UserError(f"{len(problems)} problem(s):", problems)
+    summary.update(
+        {
+            "run_dir": recipe.run_dir,
+            "teacher": recipe.teacher.value,
+            "loss": f"{recipe.loss.divergence.value} / {recipe.loss.support.value}",
+            "steps": f"{recipe.train.max_steps} x {recipe.train.prompts_per_step} prompts x {recipe.rollout.num_samples} samples",
+            "quantization": recipe.model.quantization.value,
+        }
+    )
+    return summary
