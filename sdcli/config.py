@@ -234,7 +234,9 @@ class LossConfig(_Strict):
     topk: int = Field(20, ge=1, description="topk: tokens taken from the student's top-k")
     tail_bucket: bool = Field(True, description="topk: add one bucket for the probability outside the top-k")
     skip_first_tokens: int = Field(0, ge=0, description="Response tokens at the start that carry no loss")
-    chunk_tokens: int = Field(128, ge=1, description="Sequence positions per chunk when computing logits")
+    chunk_tokens: int = Field(
+        32, ge=1, description="Response positions per chunk of [batch, chunk, vocab] logits; smaller uses less memory"
+    )
 
     @model_validator(mode="after")
     def _sampled_needs_reverse(self) -> "LossConfig":

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from sdcli.errors import UserError
-from sdcli.stack import CONFIG_FILE, WEIGHTS_FILE, adapter_dir_problems, attach_stack
+from sdcli.stack import WEIGHTS_FILE, adapter_dir_problems, attach_stack
 
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_PROBE_PROMPTS = [
@@ -95,11 +95,10 @@ class MergeReport:
         return bool(self.checks) and all(self.checks.values())
 
     def lines(self) -> list[str]:
-        where = "float32 base"
         out = [
             f"merged {len(self.adapters)} adapter(s) into a{'n adapter' if self.into == 'adapter' else ' model'}",
             f"probe: {self.probe_prompts} prompt(s), {self.probe_tokens} token(s)",
-            f"max |logit diff| merged vs stack ({where}): {self.max_abs_diff:.3g} (tolerance {self.tolerance:g})"
+            f"max |logit diff| merged vs stack (float32 base): {self.max_abs_diff:.3g} (tolerance {self.tolerance:g})"
             + ("" if self.checks.get("float32", False) else "  FAILED"),
             f"adapter effect, max |logit diff| stack vs bare base: {self.adapter_effect:.3g}",
         ]
@@ -140,7 +139,10 @@ def load_base_model(path: Path, quantization: str):
         )
     elif quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:  # no config.json / weights in the folder
+        raise UserError(f"Cannot load the base model from {path}:", [str(e).strip().splitlines()[0]]) from e
 
 
 def merge_history(
@@ -169,7 +171,11 @@ def merge_history(
     _check_inputs(base_path, dirs, out_dir, force)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+    except (OSError, ValueError) as e:
+        problem = str(e).strip().splitlines()[0]
+        raise UserError(f"Cannot load the tokenizer of the base model from {base_path}:", [problem]) from e
     prompts = list(probe_prompts) if probe_prompts else list(DEFAULT_PROBE_PROMPTS)
     probes = _encode_probes(tokenizer, prompts)
     report = MergeReport(
@@ -276,7 +282,7 @@ def _concat_adapters(stack, names: list[str], base_path: Path) -> tuple[dict[str
             unsupported.append(f"{module_name}: not a plain linear LoRA")
             continue
         a = torch.cat([module.lora_A[n].weight.detach().float() for n in present], dim=0)
-        b = torch.cat([module.lora_B[n].weight.detach().float() for n in present], dim=1)
+        b = torch.cat([module.lora_B[n].weight.detach().float() * module.scaling[n] for n in present], dim=1)
         blocks[module_name.removeprefix(prefix)] = (a, b)
     if unsupported:
         raise UserError(
@@ -330,7 +336,6 @@ def _save_adapter(folder: Path, state: dict[str, torch.Tensor], config) -> None:
 
     config.save_pretrained(str(folder))
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    assert (folder / CONFIG_FILE).is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,16 +406,15 @@ def _check_inputs(base_path: Path, dirs: list[Path], out_dir: Path, force: bool)
 
 def _publish(tmp: Path, out_dir: Path, force: bool) -> None:
     """Move the checked result into place; an existing out_dir (force) is swapped out, then removed."""
-    if out_dir.exists() or out_dir.is_symlink():
-        if not force:
-            raise UserError(f"{out_dir} appeared while merging; not overwriting it.", hint="Pass --force to replace it.")
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
-        old.rmdir()
-        os.replace(out_dir, old)
+    if not (out_dir.exists() or out_dir.is_symlink()):
         os.replace(tmp, out_dir)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+        return
+    if not force:
+        raise UserError(f"{out_dir} appeared while merging; not overwriting it.", hint="Pass --force to replace it.")
+    old = tmp.with_name(tmp.name.replace(".partial-", ".replaced-"))
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out_dir)
+        old.unlink()

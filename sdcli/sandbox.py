@@ -148,25 +148,27 @@ def _run(workdir: Path, limits: SandboxLimits, args: list[str], guards: bool, ui
         )
     finally:
         os.close(status_w)
-    try:
-        out, err, reason = _collect(proc, limits, start)
-    finally:
-        _kill_group(proc.pid)  # before reaping, while the group id cannot have been reused
-        returncode, cpu_used = _reap(proc)
+
+    def kill() -> None:
+        _kill_group(proc.pid)
         if uid is not None:
             _kill_uid(uid)
+
+    try:
+        out, err, reason = _collect(proc, limits, start, kill)
+    finally:
+        kill()  # before reaping, while the group id cannot have been reused
+        returncode, cpu_used = _reap(proc)
         proc.stdout.close()
         proc.stderr.close()
         isolation, notes = _read_status(status_r)
     duration = time.monotonic() - start
-    stdout = _decode(out, limits.output_bytes, reason == "output_limit")
-    stderr = _decode(err, limits.output_bytes, reason == "output_limit")
     if reason is None:
-        reason = _diagnose(returncode, cpu_used, stderr, limits)
+        reason = _diagnose(returncode, cpu_used, err, limits)
     return SandboxResult(
         returncode=returncode,
-        stdout=stdout,
-        stderr=stderr,
+        stdout=out,
+        stderr=err,
         timed_out=reason == "wall_time",
         killed_reason=reason,
         duration=duration,
@@ -175,11 +177,13 @@ def _run(workdir: Path, limits: SandboxLimits, args: list[str], guards: bool, ui
     )
 
 
-def _collect(proc: subprocess.Popen, limits: SandboxLimits, start: float) -> tuple[bytearray, bytearray, str | None]:
+def _collect(proc: subprocess.Popen, limits: SandboxLimits, start: float, kill) -> tuple[str, str, str | None]:
     """Read stdout/stderr until the child has exited and both pipes are closed.
 
-    Kills the process group on the wall-clock limit or once the output passes its cap. Returns
-    (stdout, stderr, reason) where reason is "wall_time", "output_limit" or None.
+    Calls `kill()` (every process of the child) on the wall-clock limit, once the output passes its
+    cap, and when the main process exits (so background children cannot hold the pipes). Returns
+    (stdout, stderr, reason) where reason is "wall_time", "output_limit" or None; a stream that
+    was cut ends with the TRUNCATED marker.
     """
     out, err = bytearray(), bytearray()
     buffers = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
@@ -190,14 +194,15 @@ def _collect(proc: subprocess.Popen, limits: SandboxLimits, start: float) -> tup
     deadline = start + limits.wall_seconds
     reason: str | None = None
     exited = False
+    overflowed: set[int] = set()
     drain_until: float | None = None  # after a kill or the exit, read what is left, briefly
 
     def stop(why: str | None) -> None:
         nonlocal reason, drain_until
         if why is not None and reason is None:
             reason = why
-        _kill_group(proc.pid)
         if drain_until is None:
+            kill()
             drain_until = time.monotonic() + 1.0
 
     try:
@@ -226,10 +231,15 @@ def _collect(proc: subprocess.Popen, limits: SandboxLimits, start: float) -> tup
                 room = max(limits.output_bytes - len(out) - len(err), 0)
                 buffers[key.fd] += chunk[:room]
                 if len(chunk) > room:
+                    overflowed.add(key.fd)
                     stop("output_limit")
     finally:
         sel.close()
-    return out, err, reason
+    return (
+        _decode(out, limits.output_bytes, proc.stdout.fileno() in overflowed),
+        _decode(err, limits.output_bytes, proc.stderr.fileno() in overflowed),
+        reason,
+    )
 
 
 def _exited(pid: int) -> bool:
@@ -375,14 +385,6 @@ def _fail(what):
     err = ctypes.get_errno() if libc is not None else 0
     notes.append(f"{what}: {os.strerror(err) if err else 'failed'}")
 
-# 1. Network: a new, empty network namespace (as root; otherwise inside a new user namespace).
-if linux:
-    flags = %(NEWNET)d if os.geteuid() == 0 else (%(NEWNET)d | %(NEWUSER)d)
-    if libc.unshare(flags) == 0:
-        done.append("network_namespace")
-    else:
-        _fail("network namespace")
-
 def _limit(name, soft, hard=None):
     try:
         resource.setrlimit(getattr(resource, name), (soft, soft if hard is None else hard))
@@ -390,15 +392,6 @@ def _limit(name, soft, hard=None):
     except (ValueError, OSError, AttributeError) as e:
         notes.append(f"{name}: {e}")
         return False
-
-# 2. Resource limits. SIGXCPU at the soft CPU limit, SIGKILL one second later.
-_limit("RLIMIT_CORE", 0)
-if _limit("RLIMIT_CPU", C["cpu"], C["cpu"] + 1):
-    done.append("cpu_time")
-if _limit("RLIMIT_AS", C["memory"]):
-    done.append("memory")
-if _limit("RLIMIT_FSIZE", C["file_size"]):
-    done.append("file_size")
 
 def _tasks_of(uid):
     n = 0
@@ -411,6 +404,30 @@ def _tasks_of(uid):
                 pass
     return n
 
+# 0. Not root: the user's tasks are counted together, so the ceiling is what runs now plus the
+# budget. Set before the user namespace below, which then enforces it on the real user as well
+# (inside the namespace every outside process looks like uid 65534 and could not be counted).
+if linux and os.geteuid() != 0:
+    if _limit("RLIMIT_NPROC", _tasks_of(os.getuid()) - 1 + C["processes"]):
+        done.append("process_count_shared_with_user")
+
+# 1. Network: a new, empty network namespace (as root; otherwise inside a new user namespace).
+if linux:
+    flags = %(NEWNET)d if os.geteuid() == 0 else (%(NEWNET)d | %(NEWUSER)d)
+    if libc.unshare(flags) == 0:
+        done.append("network_namespace")
+    else:
+        _fail("network namespace")
+
+# 2. Resource limits. SIGXCPU at the soft CPU limit, SIGKILL one second later.
+_limit("RLIMIT_CORE", 0)
+if _limit("RLIMIT_CPU", C["cpu"], C["cpu"] + 1):
+    done.append("cpu_time")
+if _limit("RLIMIT_AS", C["memory"]):
+    done.append("memory")
+if _limit("RLIMIT_FSIZE", C["file_size"]):
+    done.append("file_size")
+
 # 3. A uid of its own (root only): makes RLIMIT_NPROC count and file permissions apply.
 uid = C["uid"]
 if linux and uid is not None and os.geteuid() == 0:
@@ -418,15 +435,16 @@ if linux and uid is not None and os.geteuid() == 0:
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
     class _Caps(ctypes.Structure):
         _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    # Folders the interpreter imports from, listed while we can still see them all.
+    stdlib = os.path.dirname(os.__file__)
+    needed = [p for p in (stdlib, os.path.join(stdlib, "lib-dynload")) if os.path.isdir(p)]
     try:
         libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS: keep permitted caps across setresuid
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
-        # access() checks the real uid without capabilities: can this uid read the stdlib?
-        stdlib = os.path.dirname(os.__file__)
-        dynload = os.path.join(stdlib, "lib-dynload")
-        readable = all(os.access(p, os.R_OK | os.X_OK) for p in (stdlib, dynload) if os.path.exists(p))
+        # access() checks the real uid without capabilities: can this uid read them on its own?
+        readable = all(os.access(p, os.R_OK | os.X_OK) for p in needed)
         keep = 0 if readable else (1 << 2)  # CAP_DAC_READ_SEARCH
         caps = (_Caps * 2)()
         caps[0].effective = caps[0].permitted = keep
@@ -443,10 +461,7 @@ if linux and uid is not None and os.geteuid() == 0:
 if "separate_uid" in done:
     if _limit("RLIMIT_NPROC", C["processes"]):
         done.append("process_count")
-elif linux and os.geteuid() != 0:
-    if _limit("RLIMIT_NPROC", _tasks_of(os.getuid()) - 1 + C["processes"]):
-        done.append("process_count_shared_with_user")
-else:
+elif "process_count_shared_with_user" not in done:
     notes.append("process count: no kernel limit here (root without a separate uid, or not Linux)")
 
 try:
@@ -515,9 +530,9 @@ sys.argv = ["main.py", *C["argv"]]
 _main = types.ModuleType("__main__")
 _main.__file__ = "main.py"
 sys.modules["__main__"] = _main
-with open("main.py", encoding="utf-8") as _f:
-    _code = compile(_f.read(), "main.py", "exec")
 try:
+    with open("main.py", encoding="utf-8") as _f:
+        _code = compile(_f.read(), "main.py", "exec")
     exec(_code, _main.__dict__)
 except SystemExit:
     raise

@@ -18,15 +18,19 @@ peft pitfalls this module guards against (peft 0.21):
     the `with` block every active adapter is trainable, the frozen stack included.
   - `PeftModel.set_adapter` takes one name only; several active adapters need
     `model.base_model.set_adapter([...])`, and a misspelt name there is silently ignored.
+  - `PeftModel.save_pretrained` writes an adapter not named "default" into a subfolder.
 `set_active_adapters` and `active_adapters` below set the active set and put every
-requires_grad flag back as it should be.
+requires_grad flag back as it should be; `save_adapter` writes one adapter into an episode folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import os
 import struct
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -147,8 +151,8 @@ def attach_stack(model, adapter_dirs: Sequence[Path | str]):
 
     problems = [f"{d}: {p}" for d in dirs for p in adapter_dir_problems(d)]
     if problems:
-        raise UserError("Cannot load the adapter stack; some episode adapters are missing or damaged:", problems,
-                        hint=_DAMAGED_HINT)
+        headline = "Cannot load the adapter stack; some episode adapters are missing or damaged:"
+        raise UserError(headline, problems, hint=_DAMAGED_HINT)
 
     names = [adapter_name(i) for i in range(1, len(dirs) + 1)]
     peft_model = None
@@ -158,10 +162,14 @@ def attach_stack(model, adapter_dirs: Sequence[Path | str]):
                 peft_model = PeftModel.from_pretrained(model, str(d), adapter_name=name, is_trainable=False)
             else:
                 peft_model.load_adapter(str(d), adapter_name=name, is_trainable=False)
-        except (ValueError, RuntimeError, KeyError) as e:
+        except (ValueError, RuntimeError) as e:
+            # ValueError: target modules not in this model; RuntimeError "size mismatch": other shapes.
+            # Any other RuntimeError (out of memory, ...) is not the user's input and propagates.
+            if isinstance(e, RuntimeError) and "size mismatch" not in str(e):
+                raise
             raise UserError(
                 f"Cannot load the adapter in {d} onto this base model:",
-                [str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__],
+                [_first_line(e)],
                 hint="Was this episode trained on a different base model?",
             ) from e
 
@@ -226,6 +234,40 @@ def active_adapters(model, names: Sequence[str]) -> Iterator[None]:
         if list(model.base_model.active_adapters) != previous:
             model.base_model.set_adapter(previous)
         restore_flags()
+
+
+def save_adapter(model, name: str, folder: Path | str) -> Path:
+    """Write adapter `name` of a PeftModel as a standalone PEFT adapter directly in `folder`.
+
+    peft's `save_pretrained` puts any adapter not called "default" into `folder/<name>/`; episodes
+    keep theirs at the top of the episode folder. Weights are written first and the config last,
+    each to a temporary file renamed into place, so a folder whose config exists has complete
+    weights (and `check_adapter_dir` catches the rest).
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    partial = folder / (WEIGHTS_FILE + ".partial")
+    save_file(state, str(partial), metadata={"format": "pt"})
+    os.replace(partial, folder / WEIGHTS_FILE)
+
+    config = copy.deepcopy(model.peft_config[name])
+    config.inference_mode = True
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model.get_base_model(), "name_or_path", None)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".config-") as tmp:
+        config.save_pretrained(tmp)
+        os.replace(Path(tmp) / CONFIG_FILE, folder / CONFIG_FILE)
+    return folder
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _check_names(model, names: Sequence[str]) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,13 +42,14 @@ from sdcli.episodes import (
     write_atomic,
 )
 from sdcli.errors import UserError
+from sdcli.memory import PeakMemory, return_freed_memory_to_os
 from sdcli.losses import DivergenceSpec, chunked_token_divergence, chunked_token_nll, masked_sequence_mean
 from sdcli.model import add_trainable_adapter, load_base, trainable_parameters
 from sdcli.rollout import SamplingSettings, sample_responses
 from sdcli.sequences import PromptEncoder, eos_ids, response_hidden, score_batch
 from sdcli.signals import build_signal
 from sdcli.signals.base import Example, TeacherView
-from sdcli.stack import adapter_name, attach_stack
+from sdcli.stack import adapter_name, attach_stack, save_adapter
 from sdcli.teacher import EMA_ADAPTER, add_ema_adapter, teacher_adapters, teacher_hidden, update_ema
 
 
@@ -87,21 +87,18 @@ class ExampleSampler:
 
 @dataclass
 class PhaseTimer:
+    memory: PeakMemory
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
     def __call__(self, name: str):
         start = time.perf_counter()
+        self.memory.start()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+            self.memory.stop(name)
 
 
 def lr_lambda(cfg):
@@ -147,6 +144,7 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
     cfg = recipe.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    return_freed_memory_to_os()
     run_dir = Path(recipe.run_dir)
 
     # --- data and signal ------------------------------------------------------------------
@@ -240,6 +238,7 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
             scheduler=scheduler, sampler_state=sampler.state(), extra={"recipe": recipe.name},
         )
 
+    memory = PeakMemory(device)
     started = now_iso()
     last: dict = {}
     step = start_step
@@ -247,7 +246,7 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
     try:
         with open(metrics_path, "a", encoding="utf-8") as metrics_file:
             for step in range(start_step, cfg.max_steps):
-                timer = PhaseTimer()
+                timer = PhaseTimer(memory)
                 step_start = time.perf_counter()
                 batch = [examples[i] for i in sampler.take(cfg.prompts_per_step)]
                 g = recipe.rollout.num_samples
@@ -334,11 +333,12 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
                     "rollout/tokens_per_s": generated / max(1e-9, timer.seconds.get("rollout", 0.0)),
                     **{f"time/{k}_s": round(v, 4) for k, v in timer.seconds.items()},
                     "time/step_s": round(step_seconds, 4),
-                    "memory/peak_mb": round(peak_memory_mb(device), 1),
+                    **{f"memory/{k}_peak_mb": round(v, 1) for k, v in memory.peaks_mb.items()},
                     **(signal_metrics(views) if views else {}),
                 }
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
+                memory.peaks_mb.clear()
                 if progress:
                     progress(step + 1, last)
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
@@ -350,6 +350,7 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
             hint="Continue with the same command plus --resume.",
         ) from None
 
+    memory.close()
     if encoder.truncated:
         log(f"warning: {encoder.truncated} prompt(s) were longer than model.max_prompt_tokens and were cut from the left")
 
@@ -376,20 +377,3 @@ def response_tokens(tokenizer, text: str, stop: set[int]) -> list[int]:
 def _grad_norm(params) -> torch.Tensor:
     grads = [p.grad.norm() for p in params if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.zeros(())
-
-
-def save_adapter(model, name: str, folder: Path) -> None:
-    """Save one adapter in plain PEFT layout (files directly in `folder`, no subfolder)."""
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder))
-    try:
-        model.save_pretrained(tmp, selected_adapters=[name])
-        source = tmp / name if (tmp / name).is_dir() else tmp
-        config = json.loads((source / "adapter_config.json").read_text())
-        config["inference_mode"] = True
-        write_atomic(folder / "adapter_config.json", json.dumps(config, indent=2))
-        write_atomic(folder / "adapter_model.safetensors", (source / "adapter_model.safetensors").read_bytes())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

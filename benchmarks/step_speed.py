@@ -1,0 +1,107 @@
+"""Seconds, tokens/s and peak memory per phase of a training step. Prints numbers; asserts nothing.
+
+    python benchmarks/step_speed.py                                  # quickstart, 6 steps (1 warm-up)
+    python benchmarks/step_speed.py --steps 11 rollout.merge_for_generation=never
+    python benchmarks/step_speed.py --variants                       # folded vs unfolded sampling, ...
+
+The reference point (TRL 1.16 SDFTTrainer on the same machine class: SmolLM2-135M, fp32, 2 threads,
+LoRA r=16 all-linear, 4 prompts x 1 sample, 48 new tokens) is about 12 s per step and 1.6 GB peak RSS.
+Each variant runs in its own process so that peak RSS belongs to that variant alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TRL_REFERENCE_S_PER_STEP = 12.0
+TRL_REFERENCE_PEAK_MB = 1600
+
+VARIANTS = {
+    "sd default (folded sampling)": [],
+    "sampling with adapter unfolded": ["rollout.merge_for_generation=never"],
+    "gradient checkpointing on": ["train.gradient_checkpointing=true"],
+    "logit chunks of 256 positions": ["loss.chunk_tokens=256"],
+}
+
+
+def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    import torch
+
+    from sdcli.config import load_recipe
+    from sdcli.train import train_episode
+
+    torch.set_num_threads(int(os.environ.get("SD_BENCH_THREADS", "2")))
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe_obj = load_recipe(
+            recipe,
+            [f"run_dir={tmp}", f"train.max_steps={steps}", "rollout.max_new_tokens=48", "train.prompts_per_step=4",
+             "rollout.num_samples=1", *overrides],
+        )
+        rows: list[dict] = []
+        train_episode(recipe_obj, progress=lambda step, m: rows.append(m))
+    timed = rows[warmup:] or rows
+    phases = sorted({k[5:-2] for r in timed for k in r if k.startswith("time/") and k != "time/step_s"})
+    result = {
+        "overrides": overrides,
+        "steps_timed": len(timed),
+        "s_per_step": statistics.mean(r["time/step_s"] for r in timed),
+        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in timed),
+        "rollout_tokens_per_s": statistics.mean(r["rollout/tokens_per_s"] for r in timed),
+        "mean_response_tokens": statistics.mean(r["response/mean_tokens"] for r in timed),
+        "phase_s": {p: statistics.mean(r.get(f"time/{p}_s", 0.0) for r in timed) for p in phases},
+        "phase_peak_mb": {p: max(r.get(f"memory/{p}_peak_mb", 0.0) for r in timed) for p in phases},
+        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    return result
+
+
+def show(name: str, r: dict) -> None:
+    print(f"\n== {name}  {' '.join(r['overrides'])}")
+    print(f"  seconds/step        {r['s_per_step']:.2f}   (TRL reference {TRL_REFERENCE_S_PER_STEP:.0f}; "
+          f"{TRL_REFERENCE_S_PER_STEP / r['s_per_step']:.2f}x)")
+    print(f"  tokens/s (step)     {r['tokens_per_s']:.1f}")
+    print(f"  tokens/s (rollout)  {r['rollout_tokens_per_s']:.1f}   mean response {r['mean_response_tokens']:.1f} tokens")
+    print(f"  peak RSS, process   {r['process_peak_rss_mb']:.0f} MB   (TRL reference {TRL_REFERENCE_PEAK_MB} MB; includes loading)")
+    print(f"  {'phase':<12}{'seconds':>10}{'peak MB':>10}")
+    for p, s in r["phase_s"].items():
+        print(f"  {p:<12}{s:>10.3f}{r['phase_peak_mb'].get(p, 0):>10.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "quickstart.yaml"))
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--variants", action="store_true", help="run each variant in VARIANTS in its own process")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.variants:
+        for name, extra in VARIANTS.items():
+            cmd = [sys.executable, __file__, "--json", "--recipe", args.recipe, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), *args.overrides, *extra]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"\n== {name}: failed\n{done.stderr[-2000:]}")
+                continue
+            show(name, json.loads(done.stdout.strip().splitlines()[-1]))
+        return
+    result = run_one(args.recipe, args.steps, args.warmup, args.overrides)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        show("sd", result)
+
+
+if __name__ == "__main__":
+    main()

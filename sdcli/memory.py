@@ -1,0 +1,81 @@
+"""Peak memory per training phase: resident set size on CPU, allocated bytes on CUDA.
+
+On CPU a background thread samples /proc/self/statm every few milliseconds (ru_maxrss only ever
+grows, so it cannot say which phase set the peak). Sampling costs a wake-up per interval.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """`with tracker.phase("rollout"): ...` then `tracker.peaks_mb` -> {"rollout": MB, ...}."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device = device
+        self.interval_s = interval_s
+        self.peaks_mb: dict[str, float] = {}
+        self._current = 0
+        self._stop = threading.Event()
+        self._thread = None
+        if device.type != "cuda":
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._current = max(self._current, current_rss_bytes())
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._current = current_rss_bytes()
+
+    def stop(self, name: str) -> None:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = max(self._current, current_rss_bytes())
+        self.peaks_mb[name] = max(self.peaks_mb.get(name, 0.0), peak / 2**20)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def return_freed_memory_to_os() -> bool:
+    """Make glibc hand large freed blocks straight back to the OS.
+
+    glibc raises its mmap threshold after large blocks are freed, so later large tensors come from
+    the heap and their memory stays in the process after they are freed. Training allocates and frees
+    big transient tensors every step (folded sampling weights, logit chunks); with a fixed threshold
+    each of them is its own mapping and peak RSS tracks what is really live. Returns False where
+    this is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 20))

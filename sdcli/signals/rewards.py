@@ -1,0 +1,172 @@
+"""Rewards: a verifier scores the samples, and a successful sibling becomes the teacher's example.
+
+SDPO ("Reinforcement Learning via Self-Distillation"): for each prompt the student samples G
+responses and a reward function scores each one. For sample i, the teacher is shown a
+*successful sibling*: another sample j != i of the same prompt with reward >= success_threshold,
+rendered through `solution_template` ({prompt} = the student's final user text, {solution} = the
+sibling). The teacher's token probabilities on sample i then carry the credit assignment.
+
+    student:  prompt                                  -> sample i
+    teacher:  solution_template(prompt, sample j)     -> scores the same sample i
+
+Which sibling: the successful one with the highest reward, the earliest on ties; never i itself.
+With strip_thinking, <think>...</think> is removed from it first (a sibling that is empty after
+that is passed over). A view is masked (messages=None, no loss) with masked_reason:
+
+- "skipped_successful": sample i succeeded and skip_successful is set;
+- "no_successful_sibling": no other sample of this prompt succeeded;
+- "reward_error": the reward function raised or returned a non-number; the message, which
+  starts with the example id, is in `feedback` and is logged as a warning. The run goes on.
+
+Data: one JSON object per line, `{"id"?: str, "prompt": str | messages, "answer": ...}`. The
+whole line is the `example` dict given to the reward function, so a user reward may read any
+other key. Ids are "<file>:<line>" unless the line has an "id". Every bad line is reported at
+once, with its line number.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sdcli.config import RewardsSignal
+from sdcli.data import as_messages, last_user_text, read_jsonl, with_last_user_text
+from sdcli.errors import DataError
+from sdcli.rewards import BUILTIN_REWARDS, call_reward, check_answer, load_reward
+from sdcli.signals.base import Example, LoadReport, TeacherView
+
+log = logging.getLogger(__name__)
+
+SKIPPED_SUCCESSFUL = "skipped_successful"
+NO_SUCCESSFUL_SIBLING = "no_successful_sibling"
+REWARD_ERROR = "reward_error"
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared with the feedback signal
+
+
+def example_id(path: Path, line: int, record: dict) -> str:
+    given = record.get("id")
+    return str(given) if isinstance(given, (str, int)) and not isinstance(given, bool) and str(given) else f"{path.name}:{line}"
+
+
+def load_examples(path: Path, signal: str, check: Callable[[dict], list[str]], hint: str) -> LoadReport:
+    """Read a JSONL file into examples; `check(record)` lists what else is wrong with a line.
+
+    Raises DataError listing every bad line as file:line: problem. `fields` is the whole line.
+    """
+    path = Path(path)
+    problems: list[str] = []
+    examples: list[Example] = []
+    first_line: dict[str, int] = {}
+    warnings: list[str] = []
+    for line, record in read_jsonl(path):
+        line_problems = []
+        try:
+            prompt = as_messages(record.get("prompt"), "prompt")
+        except ValueError as e:
+            line_problems.append(str(e) if "prompt" in record else "missing 'prompt'")
+        given = record.get("id")
+        if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int)) or str(given) == ""):
+            line_problems.append(f"'id' must be a non-empty string or an integer, got {given!r}")
+        line_problems += check(record)
+        if line_problems:
+            problems += [f"{path}:{line}: {p}" for p in line_problems]
+            continue
+        ex_id = example_id(path, line, record)
+        if ex_id in first_line:
+            warnings.append(f"{path}:{line}: id {ex_id!r} was already used on line {first_line[ex_id]}")
+        first_line.setdefault(ex_id, line)
+        examples.append(Example(id=ex_id, prompt=prompt, fields=dict(record)))
+    if problems:
+        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+        raise DataError(f"{path}: {len(problems)} problem(s) for signal '{signal}':", shown, hint=hint)
+    return LoadReport(examples, warnings=warnings)
+
+
+def strip_thinking(text: str) -> str:
+    """Remove <think>...</think> blocks; also an unclosed one (to the end) and a dangling </think>
+    (everything before it: the opening tag may have been part of the prompt)."""
+    text = _THINK_BLOCK.sub("", text)
+    close = text.lower().rfind("</think>")
+    if close != -1:
+        text = text[close + len("</think>") :]
+    start = text.lower().find("<think>")
+    if start != -1:
+        text = text[:start]
+    return text.strip()
+
+
+def sibling_solution(
+    i: int, responses: Sequence[str], rewards: Sequence[float | None], success: Sequence[bool], strip: bool
+) -> str | None:
+    """The text of sample i's best successful sibling (never i itself), or None."""
+    order = sorted((j for j in range(len(responses)) if j != i and success[j]), key=lambda j: (-rewards[j], j))
+    for j in order:
+        text = strip_thinking(responses[j]) if strip else responses[j].strip()
+        if text:
+            return text
+    return None
+
+
+def render_solution(template: str, prompt_text: str, solution: str) -> str:
+    return template.format(prompt=prompt_text, solution=solution)
+
+
+def masked(reason: str, **kw: Any) -> TeacherView:
+    return TeacherView(messages=None, masked_reason=reason, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class RewardsBuilder:
+    def __init__(self, cfg: RewardsSignal, search_dirs: Sequence[Path] = ()):
+        """search_dirs: folders to import a user reward module from (the current folder is always one)."""
+        self.cfg = cfg
+        self.reward_fn = load_reward(cfg.reward, cfg, search_dirs)
+
+    def load(self, path: Path) -> LoadReport:
+        name = self.cfg.reward
+        if name in BUILTIN_REWARDS:
+
+            def check(record: dict) -> list[str]:
+                problem = check_answer(name, self.cfg, record)
+                return [problem] if problem else []
+
+            hint = f'Each line needs {{"prompt": "..." or [messages], "answer": ...}} for reward \'{name}\'.'
+        else:
+
+            def check(record: dict) -> list[str]:
+                return []
+
+            hint = f'Each line needs {{"prompt": "..." or [messages]}} plus whatever {name} reads.'
+        return load_examples(path, "rewards", check, hint)
+
+    def teacher_views(self, example: Example, responses: list[str]) -> list[TeacherView]:
+        cfg = self.cfg
+        scored = [call_reward(self.reward_fn, r, example.fields, example.id) for r in responses]
+        rewards = [reward for reward, _ in scored]
+        success = [r is not None and r >= cfg.success_threshold for r in rewards]
+        prompt_text = last_user_text(example.prompt)
+        views = []
+        for i, (reward, error) in enumerate(scored):
+            if error is not None:
+                log.warning(error)
+                views.append(masked(REWARD_ERROR, feedback=error))
+                continue
+            if success[i] and cfg.skip_successful:
+                views.append(masked(SKIPPED_SUCCESSFUL, reward=reward, success=True))
+                continue
+            solution = sibling_solution(i, responses, rewards, success, cfg.strip_thinking)
+            if solution is None:
+                views.append(masked(NO_SUCCESSFUL_SIBLING, reward=reward, success=success[i]))
+                continue
+            text = render_solution(cfg.solution_template, prompt_text, solution)
+            views.append(TeacherView(messages=with_last_user_text(example.prompt, text), reward=reward, success=success[i]))
+        return views

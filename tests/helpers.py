@@ -1,0 +1,24 @@
+"""Independent reference computations for tests (plain transformers + peft, no sdcli code)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def response_logprobs(model, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
+    """[T, V] log-probabilities the model assigns at each response position."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    logits = model(input_ids=ids).logits[0].float()
+    start = len(prompt_ids) - 1
+    return logits[start : start + len(response_ids)].log_softmax(-1)
+
+
+def mean_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> float:
+    """Mean over positions of KL(student || teacher)."""
+    return float((student_logp.exp() * (student_logp - teacher_logp)).sum(-1).mean())
