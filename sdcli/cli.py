@@ -137,17 +137,25 @@ def validate(
         raise UserError("\n".join(problems))
 
 
-def main() -> None:
-    import click
+def _click_module():
+    """Typer vendors its own copy of click in recent versions; catch that one's exceptions."""
+    try:
+        from typer import _click as click  # type: ignore[attr-defined]
+    except ImportError:
+        import click
+    return click
 
+
+def main() -> None:
+    click = _click_module()
     try:
         app(standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except click.exceptions.ClickException as e:
         e.show()
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         console.print("aborted")
         sys.exit(130)
     except UserError as e:

@@ -273,6 +273,13 @@ class Recipe(_Strict):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_signal_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("signal"), dict) and "kind" not in data["signal"]:
+            data = {**data, "signal": {"kind": "demonstrations", **data["signal"]}}
+        return data
+
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -46,11 +46,12 @@ import functools
 import json
 import re
 import secrets
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sdcli.config import SandboxLimits
-from sdcli.rewards import as_reward, check_callable
+from sdcli.rewards import as_reward, callable_name, check_callable, show_value
 from sdcli.sandbox import SandboxResult, run_python
 
 EnvFn = Callable[[str, dict], tuple]
@@ -85,35 +86,29 @@ def call_environment(
     fn: Callable, response: str, example: dict, example_id: str, max_feedback_chars: int
 ) -> tuple[float | None, str | None, str | None]:
     """(reward, feedback, None), or (None, None, message) when the function raised or returned junk."""
-    name = _name(fn)
+    name = callable_name(fn)
     try:
         value = fn(response, example)
     except (Exception, SystemExit) as e:  # SystemExit too: a stray sys.exit() must not end training
         return None, None, f"{example_id}: environment {name} raised {type(e).__name__}: {e}"
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        return None, None, f"{example_id}: environment {name} returned {_show(value)}; expected (reward, feedback)"
+        return None, None, f"{example_id}: environment {name} returned {show_value(value)}; expected (reward, feedback)"
     reward, error = as_reward(value[0], fn, example_id)
     if error is not None:
         return None, None, error
     feedback = value[1]
     if feedback is not None and not isinstance(feedback, str):
-        return None, None, f"{example_id}: environment {name} returned feedback {_show(feedback)}; expected a string or None"
+        return (
+            None,
+            None,
+            f"{example_id}: environment {name} returned feedback {show_value(feedback)}; expected a string or None",
+        )
     return reward, cap(feedback or "", max_feedback_chars), None
 
 
 def cap(text: str, limit: int) -> str:
     marker = "\n[... feedback truncated ...]"
     return text if len(text) <= limit else text[: max(limit - len(marker), 0)] + marker
-
-
-def _name(fn: Callable) -> str:
-    fn = getattr(fn, "func", fn)
-    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{text[:80]}{'...' if len(text) > 80 else ''} ({type(value).__name__})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +120,9 @@ def check_python_tests(example: dict) -> list[str]:
     problems = []
     tests, test_code = example.get("tests"), example.get("test_code")
     if tests is None and test_code is None:
-        return ["needs 'tests' (a list of {\"input\": ..., \"expected\": ...}) or 'test_code' (Python statements), or both"]
+        return [
+            "needs 'tests' (a list of {\"input\": ..., \"expected\": ...}) or 'test_code' (Python statements), or both"
+        ]
     if tests is not None:
         if not isinstance(tests, list) or not tests:
             problems.append(f"'tests' must be a non-empty list of objects, got {_type(tests)}")
@@ -153,7 +150,7 @@ def _check_test(i: int, test: Any) -> list[str]:
         return [f"{where} must be an object with 'input' and 'expected', got {found}"]
     problems = []
     if not isinstance(test["input"], str) or not test["input"].strip():
-        problems.append(f"{where}.input must be a Python expression as a string, e.g. \"add(1, 2)\"")
+        problems.append(f'{where}.input must be a Python expression as a string, e.g. "add(1, 2)"')
     else:
         try:
             ast.parse(test["input"].strip(), mode="eval")
@@ -180,15 +177,16 @@ def _type(value: Any) -> str:
 
 
 def python_tests(
-    response: str, example: dict, *, limits: SandboxLimits = SandboxLimits(), max_feedback_chars: int = 1500
+    response: str, example: dict, *, limits: SandboxLimits | None = None, max_feedback_chars: int = 1500
 ) -> tuple[float, str]:
     """Run the response's code against the example's tests; (fraction passed, feedback or "")."""
+    limits = limits or SandboxLimits()
     code = extract_code(response, example.get("entry_point"))
     if code is None:
         return 0.0, NO_CODE
+    # `expected` travels as literal source; a JSON value becomes its Python repr.
     tests = [
-        {"input": t["input"].strip(), "expected": t["expected"].strip() if isinstance(t["expected"], str) else repr(t["expected"])}
-        for t in example.get("tests") or []
+        {"input": t["input"].strip(), "expected": _literal_source(t["expected"])} for t in example.get("tests") or []
     ]
     spec = {"tests": tests, "test_code": example.get("test_code"), "entry_point": example.get("entry_point")}
     total = len(tests) + (1 if spec["test_code"] else 0)
@@ -202,12 +200,20 @@ def python_tests(
     return reward, cap(feedback, max_feedback_chars)
 
 
+def _literal_source(expected: Any) -> str:
+    return expected.strip() if isinstance(expected, str) else repr(expected)
+
+
 def extract_code(response: str, entry_point: str | None = None) -> str | None:
     """The code to run from a response, or None (see the module docstring for the order)."""
     blocks = [(tag.lower(), body) for tag, body in _FENCE.findall(response)]
     python = [body for tag, body in blocks if tag in _PYTHON_TAGS]
     if entry_point:
-        defining = [body for body in python or [b for _, b in blocks] if re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", body)]
+        defining = [
+            body
+            for body in python or [b for _, b in blocks]
+            if re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", body)
+        ]
         if defining:
             return defining[-1]
     if python:

@@ -17,8 +17,8 @@ dict (the `answer` key holds the reference):
 
 A user reward is `package.module:function`, called as `function(response, example)`, returning a
 real number (any scale; `success_threshold` decides what counts as a success). The module is
-imported from sys.path, to which the folders given as `search_dirs` (the current folder by default)
-are added. `check_callable` is what `sd validate` runs; `call_reward` is what the training loop
+imported from sys.path, to which the current folder and any `search_dirs` (e.g. the recipe's
+folder) are appended. `check_callable` is what `sd validate` runs; `call_reward` is what the training loop
 runs: it never raises for the user's code, so a crashing reward masks one sample instead of
 ending the run.
 """
@@ -34,9 +34,10 @@ import numbers
 import re
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sdcli.errors import RecipeError
 
@@ -147,7 +148,9 @@ def load_reward(spec: str, cfg, search_dirs: Sequence[Path] = ()) -> RewardFn:
     """A built-in name or `package.module:function` -> a callable (response, example) -> float."""
     if spec in BUILTIN_REWARDS:
         return builtin_reward(spec, cfg)
-    return check_callable(spec, "signal.reward", "(response: str, example: dict) -> float", BUILTIN_REWARDS, search_dirs)
+    return check_callable(
+        spec, "signal.reward", "(response: str, example: dict) -> float", BUILTIN_REWARDS, search_dirs
+    )
 
 
 def check_callable(
@@ -194,13 +197,19 @@ def check_callable(
     if fn is None:
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
         close = difflib.get_close_matches(attr, names, n=1)
-        hint = f"did you mean '{module_name}:{close[0]}'?" if close else f"functions there: {', '.join(sorted(names)[:12]) or 'none'}"
+        hint = (
+            f"did you mean '{module_name}:{close[0]}'?"
+            if close
+            else f"functions there: {', '.join(sorted(names)[:12]) or 'none'}"
+        )
         raise RecipeError(
             f"{where}: module '{module_name}' ({getattr(module, '__file__', '?')}) has no '{attr}'; {hint}",
             hint=expect,
         )
     if not callable(fn):
-        raise RecipeError(f"{where}: '{attr}' in '{module_name}' is a {type(fn).__name__}, not a function.", hint=expect)
+        raise RecipeError(
+            f"{where}: '{attr}' in '{module_name}' is a {type(fn).__name__}, not a function.", hint=expect
+        )
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -221,7 +230,7 @@ def call_reward(fn: Callable, response: str, example: dict, example_id: str) -> 
     try:
         value = fn(response, example)
     except (Exception, SystemExit) as e:  # SystemExit too: a stray sys.exit() must not end training
-        return None, f"{example_id}: reward function {_name(fn)} raised {type(e).__name__}: {e}"
+        return None, f"{example_id}: reward function {callable_name(fn)} raised {type(e).__name__}: {e}"
     return as_reward(value, fn, example_id)
 
 
@@ -231,18 +240,18 @@ def as_reward(value: Any, fn: Callable, example_id: str) -> tuple[float | None, 
         try:
             number = float(value)
         except (TypeError, ValueError) as e:
-            return None, f"{example_id}: {_name(fn)} returned {_show(value)}, which is not a number ({e})"
+            return None, f"{example_id}: {callable_name(fn)} returned {show_value(value)}, which is not a number ({e})"
         if math.isfinite(number):
             return number, None
-        return None, f"{example_id}: {_name(fn)} returned {number}; a reward must be a finite number"
-    return None, f"{example_id}: {_name(fn)} returned {_show(value)}; a reward must be a number"
+        return None, f"{example_id}: {callable_name(fn)} returned {number}; a reward must be a finite number"
+    return None, f"{example_id}: {callable_name(fn)} returned {show_value(value)}; a reward must be a number"
 
 
-def _name(fn: Callable) -> str:
+def callable_name(fn: Callable) -> str:
     fn = getattr(fn, "func", fn)  # functools.partial of a built-in
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     text = repr(value)
     return f"{text[:80]}{'...' if len(text) > 80 else ''} ({type(value).__name__})"

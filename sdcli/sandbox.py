@@ -45,9 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from sdcli.config import SandboxLimits
 from sdcli.errors import UserError
@@ -67,7 +67,9 @@ class SandboxResult:
     timed_out: bool  # the wall-clock limit was reached
     killed_reason: str | None  # wall_time | cpu_time | memory | output_limit | signal:NAME | None
     duration: float  # seconds, wall clock
-    isolation: list[str] = field(default_factory=list)  # what took effect, e.g. ["network_namespace", "separate_uid", ...]
+    isolation: list[str] = field(
+        default_factory=list
+    )  # what took effect, e.g. ["network_namespace", "separate_uid", ...]
     notes: list[str] = field(default_factory=list)  # isolation steps that were tried and failed, and why
 
     @property
@@ -77,21 +79,26 @@ class SandboxResult:
 
 def run_python(
     code: str,
-    limits: SandboxLimits = SandboxLimits(),
+    limits: SandboxLimits | None = None,
     *,
     files: Mapping[str, str] | None = None,
     args: Sequence[str] = (),
     guards: bool = True,
 ) -> SandboxResult:
-    """Run `code` as `main.py` in a fresh folder under `limits`; never raises for what the code does.
+    """Run `code` as `main.py` in a fresh folder under `limits` (default: SandboxLimits()).
+
+    Never raises for what the code does: every outcome is a SandboxResult.
 
     files: extra text files written next to main.py (plain names, no folders).
     args: sys.argv[1:] for the code.
     guards: install the Python-level guard (see the module docstring). Off only to test what the
         process-level limits hold on their own.
     """
+    limits = limits or SandboxLimits()
     if os.name != "posix":
-        raise UserError("The code sandbox needs Linux or macOS.", hint="Run `sd` under Linux (or WSL) to use signal.kind: feedback.")
+        raise UserError(
+            "The code sandbox needs Linux or macOS.", hint="Run `sd` under Linux (or WSL) to use signal.kind: feedback."
+        )
     workdir = Path(tempfile.mkdtemp(prefix="sd-sandbox-"))
     try:
         (workdir / "main.py").write_text(code, encoding="utf-8")
@@ -149,10 +156,14 @@ def _run(workdir: Path, limits: SandboxLimits, args: list[str], guards: bool, ui
     finally:
         os.close(status_w)
 
+    uid_killed = False
+
     def kill() -> None:
+        nonlocal uid_killed
         _kill_group(proc.pid)
-        if uid is not None:
+        if uid is not None and not uid_killed:
             _kill_uid(uid)
+            uid_killed = True  # once every process of the uid is gone, none can start again
 
     try:
         out, err, reason = _collect(proc, limits, start, kill)
@@ -244,6 +255,12 @@ def _collect(proc: subprocess.Popen, limits: SandboxLimits, start: float, kill) 
 
 def _exited(pid: int) -> bool:
     """Has the child exited? (Looks without reaping, so its pid cannot be reused under us.)"""
+    if not hasattr(os, "waitid"):  # some platforms lack it: a zombie still shows up as a process
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+        except OSError:
+            return False  # no /proc: rely on the pipes closing and on the deadline
     try:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
@@ -287,6 +304,7 @@ def _kill_uid(uid: int) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         pass
@@ -353,7 +371,7 @@ def _diagnose(returncode: int, cpu_used: float | None, stderr: str, limits: Sand
 def _rmtree(path: Path) -> None:
     """Delete the folder even where the code made parts of it read-only."""
 
-    def retry(func, p, _exc):
+    def retry(func, p, _exc):  # same arguments for onerror (<= 3.11) and onexc
         try:
             os.chmod(os.path.dirname(p), 0o700)
             os.chmod(p, 0o700)
@@ -361,7 +379,10 @@ def _rmtree(path: Path) -> None:
         except OSError:
             pass
 
-    shutil.rmtree(path, onerror=retry)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:
+        shutil.rmtree(path, onerror=retry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +391,7 @@ def _rmtree(path: Path) -> None:
 # effect on the status pipe, installs the Python-level guard and then runs main.py. Kept free of
 # imports from sdcli: the child has no access to the package.
 
-_BOOTSTRAP = r'''
+_BOOTSTRAP = r"""
 import json, os, resource, sys, traceback, types
 C = json.loads(sys.argv[1])
 sys.dont_write_bytecode = True  # no __pycache__ writes outside the folder
@@ -539,4 +560,4 @@ except SystemExit:
 except BaseException as e:
     traceback.print_exception(type(e), e, e.__traceback__.tb_next)
     sys.exit(1)
-''' % {"NEWNET": _CLONE_NEWNET, "NEWUSER": _CLONE_NEWUSER}
+""" % {"NEWNET": _CLONE_NEWNET, "NEWUSER": _CLONE_NEWUSER}

@@ -34,14 +34,27 @@ from __future__ import annotations
 
 import logging
 import string
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from sdcli.config import FeedbackSignal
 from sdcli.data import last_user_text, with_last_user_text
-from sdcli.environments import call_environment, check_python_tests, load_environment
+from sdcli.environments import (
+    EnvFn,
+    call_environment,
+    check_python_tests,
+    load_environment,
+)
+from sdcli.errors import UserError
+from sdcli.sandbox import run_python
 from sdcli.signals.base import Example, LoadReport, TeacherView
-from sdcli.signals.rewards import SKIPPED_SUCCESSFUL, load_examples, masked, render_solution, sibling_solution
+from sdcli.signals.rewards import (
+    SKIPPED_SUCCESSFUL,
+    load_examples,
+    masked,
+    render_solution,
+    sibling_solution,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +87,31 @@ class FeedbackBuilder:
     def __init__(self, cfg: FeedbackSignal, search_dirs: Sequence[Path] = ()):
         """search_dirs: folders to import a user environment module from (the current folder is always one)."""
         self.cfg = cfg
-        self.environment = load_environment(cfg.environment, cfg, search_dirs)
+        self.search_dirs = list(search_dirs)
+        self._environment: EnvFn | None = None
+
+    @property
+    def environment(self) -> EnvFn:
+        """The environment function; a user one is imported on first use (or by `check()`)."""
+        if self._environment is None:
+            self._environment = load_environment(self.cfg.environment, self.cfg, self.search_dirs)
+        return self._environment
+
+    @environment.setter
+    def environment(self, fn: EnvFn) -> None:
+        self._environment = fn
+
+    def check(self) -> None:
+        """For `sd validate`: import a user environment, or run a trivial program in the sandbox."""
+        _ = self.environment
+        if self.cfg.environment == "python_tests":
+            result = run_python("print('ok')", self.cfg.sandbox)
+            if result.stdout != "ok\n":
+                tail = "\n".join((result.stderr or result.killed_reason or "").strip().splitlines()[-5:])
+                raise UserError(
+                    f"signal.environment: python_tests cannot run Python in the sandbox here ({tail or 'no output'}).",
+                    hint="Check signal.sandbox (memory_mb, wall_seconds); the sandbox needs Linux or macOS.",
+                )
 
     def load(self, path: Path) -> LoadReport:
         if self.cfg.environment == "python_tests":
@@ -109,12 +146,14 @@ class FeedbackBuilder:
                 views.append(masked(ENVIRONMENT_ERROR, feedback=error))
                 continue
             feedback = (feedback or "").strip() or None
-            info = dict(reward=reward, success=success[i], feedback=feedback)
+            info = {"reward": reward, "success": success[i], "feedback": feedback}
             if success[i] and cfg.skip_successful:
                 views.append(masked(SKIPPED_SUCCESSFUL, **info))
                 continue
             solution = (
-                sibling_solution(i, responses, rewards, success, cfg.strip_thinking) if cfg.use_successful_sibling else None
+                sibling_solution(i, responses, rewards, success, cfg.strip_thinking)
+                if cfg.use_successful_sibling
+                else None
             )
             if feedback is not None:
                 text = render_feedback(cfg, prompt_text, feedback, solution)

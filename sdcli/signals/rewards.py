@@ -28,13 +28,20 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sdcli.config import RewardsSignal
 from sdcli.data import as_messages, last_user_text, read_jsonl, with_last_user_text
 from sdcli.errors import DataError
-from sdcli.rewards import BUILTIN_REWARDS, call_reward, check_answer, load_reward
+from sdcli.rewards import (
+    BUILTIN_REWARDS,
+    RewardFn,
+    call_reward,
+    check_answer,
+    load_reward,
+)
 from sdcli.signals.base import Example, LoadReport, TeacherView
 
 log = logging.getLogger(__name__)
@@ -52,7 +59,11 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 
 def example_id(path: Path, line: int, record: dict) -> str:
     given = record.get("id")
-    return str(given) if isinstance(given, (str, int)) and not isinstance(given, bool) and str(given) else f"{path.name}:{line}"
+    return (
+        str(given)
+        if isinstance(given, (str, int)) and not isinstance(given, bool) and str(given)
+        else f"{path.name}:{line}"
+    )
 
 
 def load_examples(path: Path, signal: str, check: Callable[[dict], list[str]], hint: str) -> LoadReport:
@@ -127,9 +138,27 @@ def masked(reason: str, **kw: Any) -> TeacherView:
 
 class RewardsBuilder:
     def __init__(self, cfg: RewardsSignal, search_dirs: Sequence[Path] = ()):
-        """search_dirs: folders to import a user reward module from (the current folder is always one)."""
+        """search_dirs: folders to import a user reward module from (the current folder is always one).
+
+        A user reward is imported on first use, or by `check()`, which `sd validate` calls.
+        """
         self.cfg = cfg
-        self.reward_fn = load_reward(cfg.reward, cfg, search_dirs)
+        self.search_dirs = list(search_dirs)
+        self._reward_fn: RewardFn | None = None
+
+    @property
+    def reward_fn(self) -> RewardFn:
+        if self._reward_fn is None:
+            self._reward_fn = load_reward(self.cfg.reward, self.cfg, self.search_dirs)
+        return self._reward_fn
+
+    @reward_fn.setter
+    def reward_fn(self, fn: RewardFn) -> None:
+        self._reward_fn = fn
+
+    def check(self) -> None:
+        """Import the reward function and check its signature; raise RecipeError saying how to fix it."""
+        _ = self.reward_fn
 
     def load(self, path: Path) -> LoadReport:
         name = self.cfg.reward
@@ -168,5 +197,7 @@ class RewardsBuilder:
                 views.append(masked(NO_SUCCESSFUL_SIBLING, reward=reward, success=success[i]))
                 continue
             text = render_solution(cfg.solution_template, prompt_text, solution)
-            views.append(TeacherView(messages=with_last_user_text(example.prompt, text), reward=reward, success=success[i]))
+            views.append(
+                TeacherView(messages=with_last_user_text(example.prompt, text), reward=reward, success=success[i])
+            )
         return views

@@ -1,0 +1,168 @@
+"""`sd train` end to end on a tiny model: through the real CLI and in-process."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import chat_ids, mean_kl, response_logprobs
+from sdcli.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+
+FACTS = [
+    {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},
+    {"prompt": "Who wrote the Book of Vells?", "demonstration": "It was written by Maro Tiln."},
+]
+
+
+def make_recipe(tmp_path: Path, model_dir: Path, steps: int = 20, extra: str = "") -> Path:
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in FACTS))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"""name: facts
+run_dir: {tmp_path / 'run'}
+model:
+  name_or_path: {model_dir}
+lora:
+  r: 8
+  alpha: 16
+data:
+  path: facts.jsonl
+rollout:
+  max_new_tokens: 12
+train:
+  max_steps: {steps}
+  prompts_per_step: 2
+  lr: 0.01
+{extra}"""
+    )
+    return recipe
+
+
+def sd(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def context_kl(student, base, tokenizer) -> float:
+    """KL(student(x) || base(x, c)) on the demonstration tokens, averaged over the facts."""
+    kls = []
+    for row in FACTS:
+        response = tokenizer(row["demonstration"], add_special_tokens=False)["input_ids"]
+        s = response_logprobs(student, chat_ids(tokenizer, row["prompt"]), response)
+        teacher_prompt = DEFAULT_DEMONSTRATION_TEMPLATE.format(prompt=row["prompt"], demonstration=row["demonstration"])
+        t = response_logprobs(base, chat_ids(tokenizer, teacher_prompt), response)
+        kls.append(mean_kl(s, t))
+    return sum(kls) / len(kls)
+
+
+def test_train_cli_learns_and_writes_a_loadable_episode(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir)
+    weights_before = load_file(tiny_model_dir / "model.safetensors")
+    done = sd("train", str(recipe), "--quiet")
+    assert done.returncode == 0, done.stderr
+    episode = tmp_path / "run" / "episodes" / "001-facts"
+    assert sorted(p.name for p in episode.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "episode.json", "metrics.jsonl", "recipe.yaml"
+    ]
+    metrics = [json.loads(line) for line in (episode / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 20
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["kl"]) for m in metrics)
+    assert {"time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s", "tokens_per_s"} <= set(metrics[0])
+    meta = json.loads((episode / "episode.json").read_text())
+    assert meta["number"] == 1 and meta["parents"] == [] and meta["steps"] == 20
+    assert len(meta["base_model"]["sha256"]) == 64 and len(meta["data"]["sha256"]) == 64
+    assert load_recipe(episode / "recipe.yaml", check_files=False).train.max_steps == 20
+
+    adapter = load_file(episode / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())  # B starts at zero
+    weights_after = load_file(tiny_model_dir / "model.safetensors")
+    assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), episode).eval()
+    before, after = context_kl(base, base, tokenizer), context_kl(student, base, tokenizer)
+    # a real learning signal: the student without context moved toward the teacher with context
+    assert after < 0.85 * before, (before, after)
+
+
+def test_in_training_model_equals_reloaded_adapter_and_base_is_untouched(tmp_path, tiny_model_dir, monkeypatch):
+    import sdcli.train as train_module
+
+    captured = {}
+    real_load_base = train_module.load_base
+
+    def capture(cfg):
+        loaded = real_load_base(cfg)
+        captured["model"] = loaded.model
+        captured["base"] = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+        return loaded
+
+    monkeypatch.setattr(train_module, "load_base", capture)
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, steps=4))
+    result = train_module.train_episode(recipe)
+
+    trained = captured["model"]  # peft wraps the same modules in place
+    base_now = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trained.named_parameters() if "lora_" not in n}
+    for name, before in captured["base"].items():
+        assert torch.equal(base_now[name], before), f"base weight {name} changed during training"
+
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2, 50, 51]])
+    trained.eval()
+    with torch.no_grad():
+        in_training = trained(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.path).eval()(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(input_ids=ids).logits
+    torch.testing.assert_close(reloaded, in_training, rtol=1e-5, atol=1e-5)
+    assert (reloaded - plain).abs().max() > 1e-4
+
+
+def test_bad_recipe_exits_2_without_traceback(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, extra="loss:\n  divergence: kl\n  suport: full\n")
+    done = sd("train", str(recipe), "train.max_steps=-1")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "3 problem(s)" in done.stderr
+    assert "did you mean 'loss.support'" in done.stderr
+    assert "command line: 'train.max_steps'" in done.stderr
+
+
+def test_bad_data_line_exits_2_with_line_number(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir)
+    with open(tmp_path / "facts.jsonl", "a") as f:
+        f.write('{"prompt": "q"}\n')
+    done = sd("train", str(recipe))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "facts.jsonl:3: 'demonstration'" in done.stderr
+    assert not (tmp_path / "run" / "episodes").exists() or not any((tmp_path / "run" / "episodes").iterdir())
+
+
+def test_long_prompts_are_truncated_with_a_count_not_a_crash(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, steps=1, extra="")
+    done = sd("train", str(recipe), "model.max_prompt_tokens=8", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "prompt(s) were longer than model.max_prompt_tokens" in done.stderr
+    meta = json.loads((tmp_path / "run" / "episodes" / "001-facts" / "episode.json").read_text())
+    assert meta["prompts_truncated"] > 0
+
+
+@pytest.mark.parametrize("divergence,support", [("reverse_kl", "sampled"), ("jsd", "topk")])
+def test_other_losses_and_teachers_run(tmp_path, tiny_model_dir, divergence, support):
+    from sdcli.train import train_episode
+
+    recipe = load_recipe(
+        make_recipe(tmp_path, tiny_model_dir, steps=2),
+        [f"loss.divergence={divergence}", f"loss.support={support}", "teacher=ema", "rollout.num_samples=2",
+         "loss.skip_first_tokens=1"],
+    )
+    result = train_episode(recipe)
+    assert math.isfinite(result.final["loss"])

@@ -1,0 +1,95 @@
+"""Recipe loading: strict keys, every problem at once with file:line, overrides and precedence."""
+
+import pytest
+
+from sdcli.config import Divergence, TeacherKind, load_recipe, parse_override
+from sdcli.errors import RecipeError
+
+
+def write(tmp_path, text, data=True):
+    if data:
+        (tmp_path / "d.jsonl").write_text('{"prompt": "q", "demonstration": "a"}\n')
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_relative_data_path(tmp_path):
+    r = load_recipe(write(tmp_path, "data:\n  path: d.jsonl\n"))
+    assert r.data.path == tmp_path / "d.jsonl"
+    assert r.loss.divergence is Divergence.forward_kl
+    assert r.teacher is TeacherKind.base
+    assert r.signal.kind == "demonstrations"
+
+
+def test_every_problem_reported_at_once_with_lines(tmp_path):
+    path = write(tmp_path, "data:\n  path: d.jsonl\ntrain:\n  max_stepz: 3\n  lr: -1\nloss:\n  divergence: kl\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    text = e.value.render()
+    assert "3 problem(s)" in text
+    assert f"{path}:4: unknown key 'train.max_stepz' (did you mean 'train.max_steps'?)" in text
+    assert f"{path}:5: 'train.lr'" in text
+    assert f"{path}:7: 'loss.divergence' is 'kl'; expected one of" in text
+
+
+def test_missing_files_are_reported(tmp_path):
+    path = write(tmp_path, "data:\n  path: nope.jsonl\nmodel:\n  name_or_path: /no/such/model\n", data=False)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert "nope.jsonl" in e.value.render() and "/no/such/model" in e.value.render()
+    assert "2 problem(s)" in e.value.render()
+
+
+def test_command_line_beats_yaml_beats_defaults(tmp_path):
+    path = write(tmp_path, "data:\n  path: d.jsonl\ntrain:\n  max_steps: 7\n  lr: 0.001\n")
+    r = load_recipe(path, ["train.max_steps=3", "loss.divergence=reverse_kl"])
+    assert r.train.max_steps == 3  # command line over YAML
+    assert r.train.lr == 0.001  # YAML over default
+    assert r.loss.divergence is Divergence.reverse_kl  # command line over default
+    assert r.train.prompts_per_step == 4  # default
+
+
+def test_override_errors_say_command_line(tmp_path):
+    path = write(tmp_path, "data:\n  path: d.jsonl\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, ["rollout.temperature=99", "trian.lr=1"])
+    text = e.value.render()
+    assert "command line: 'rollout.temperature'" in text
+    assert "unknown key 'trian'" in text
+
+
+def test_signal_fields_are_checked_per_kind(tmp_path):
+    path = write(tmp_path, "data:\n  path: d.jsonl\nsignal:\n  kind: demonstrations\n  reward: exact_match\n")
+    with pytest.raises(RecipeError, match="unknown key 'signal.reward'"):
+        load_recipe(path)
+    path = write(tmp_path, "data:\n  path: d.jsonl\nsignal:\n  kind: vibes\n")
+    with pytest.raises(RecipeError, match="'vibes'"):
+        load_recipe(path)
+
+
+def test_template_fields_are_checked(tmp_path):
+    path = write(tmp_path, "data:\n  path: d.jsonl\nsignal:\n  teacher_template: '{prompt} {answer}'\n")
+    with pytest.raises(RecipeError, match=r"unknown field\(s\) \['answer'\]"):
+        load_recipe(path)
+
+
+def test_sampled_support_needs_reverse_kl(tmp_path):
+    path = write(tmp_path, "data:\n  path: d.jsonl\nloss:\n  support: sampled\n")
+    with pytest.raises(RecipeError, match="reverse_kl"):
+        load_recipe(path)
+    assert load_recipe(path, ["loss.divergence=reverse_kl"]).loss.support.value == "sampled"
+
+
+def test_bad_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(RecipeError, match=r"r.yaml:\d+: not valid YAML"):
+        load_recipe(write(tmp_path, "data:\n  path: [unclosed\n"))
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+def test_parse_override():
+    assert parse_override("train.max_steps=10") == (["train", "max_steps"], 10)
+    assert parse_override("name=x=y") == (["name"], "x=y")
+    with pytest.raises(RecipeError):
+        parse_override("no_equals_sign")

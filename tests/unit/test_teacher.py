@@ -1,0 +1,90 @@
+"""The teacher is the base model (episode adapter off); sampling with folded weights changes nothing."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sdcli.config import LoraSettings, ModelConfig, TeacherKind
+from sdcli.model import add_trainable_adapter, load_base, merged_for_sampling
+from sdcli.sequences import response_hidden, score_batch
+from sdcli.teacher import EMA_ADAPTER, add_ema_adapter, teacher_adapters, teacher_hidden, update_ema
+
+
+def randomize_lora(model, name, scale=0.5):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f".{name}." in n and "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture()
+def student(tiny_model_dir):
+    loaded = load_base(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = add_trainable_adapter(loaded.model, "ep001", LoraSettings(r=4, alpha=8))
+    randomize_lora(model, "ep001")
+    return model
+
+
+def batch():
+    return score_batch([[1, 5, 9, 12], [1, 7]], [[20, 21, 22], [30, 2]], pad_id=0, device="cpu")
+
+
+def logits_of(model, hidden):
+    return model.get_base_model().get_output_embeddings()(hidden)
+
+
+def test_teacher_logits_equal_plain_base_model(student, tiny_model_dir):
+    b = batch()
+    decoder = student.get_base_model().get_decoder()
+    teacher = logits_of(student, teacher_hidden(student, decoder, b, teacher_adapters(TeacherKind.base, [], "ep001")))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        full = plain(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    want = full.gather(1, b.predict_positions.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+    mask = b.response_mask
+    torch.testing.assert_close(teacher[mask], want[mask], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        s = logits_of(student, response_hidden(decoder, b))
+    assert (s[mask] - want[mask]).abs().max() > 1e-2  # the adapter really changes the student
+
+
+def test_live_teacher_is_the_student_and_flags_survive(student):
+    b = batch()
+    decoder = student.get_base_model().get_decoder()
+    live = teacher_hidden(student, decoder, b, teacher_adapters(TeacherKind.live, [], "ep001"))
+    with torch.no_grad():
+        s = response_hidden(decoder, b)
+    torch.testing.assert_close(live, s)
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all(".ep001." in n and "lora_" in n for n in trainable)
+
+
+def test_folded_sampling_weights_match_and_restore_bit_for_bit(student):
+    b = batch()
+    decoder = student.get_base_model().get_decoder()
+    before = {n: p.detach().clone() for n, p in student.named_parameters() if "lora_" not in n}
+    with torch.no_grad():
+        unfolded = response_hidden(decoder, b)
+        with merged_for_sampling(student, True):
+            folded = response_hidden(decoder, b)
+    torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-5)
+    for n, p in student.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n
+    assert any(p.requires_grad for p in student.parameters())
+
+
+def test_ema_teacher_starts_as_episode_adapter_and_moves_by_decay(student):
+    add_ema_adapter(student, "ep001", LoraSettings(r=4, alpha=8))
+    params = dict(student.named_parameters())
+    key = next(n for n in params if ".ep001." in n and "lora_B" in n)
+    ema_key = key.replace(".ep001.", f".{EMA_ADAPTER}.")
+    assert torch.equal(params[key], params[ema_key]) and not params[ema_key].requires_grad
+    assert params[key].requires_grad
+    old_ema = params[ema_key].detach().clone()
+    with torch.no_grad():
+        params[key].add_(1.0)
+    update_ema(student, "ep001", decay=0.9)
+    torch.testing.assert_close(params[ema_key], 0.9 * old_ema + 0.1 * params[key])
+    assert student.base_model.active_adapters == ["ep001"]  # the EMA adapter is never in the student
