@@ -29,6 +29,8 @@ VARIANTS = {
     "sd default (folded sampling)": [],
     "sampling with adapter unfolded": ["rollout.merge_for_generation=never"],
     "gradient checkpointing on": ["train.gradient_checkpointing=true"],
+    "checkpointing half the layers": ["train.gradient_checkpointing=0.5"],
+    "unfolded + half checkpointing": ["rollout.merge_for_generation=never", "train.gradient_checkpointing=0.5"],
     "logit chunks of 256 positions": ["loss.chunk_tokens=256"],
 }
 

@@ -254,7 +254,10 @@ class TrainConfig(_Strict):
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     grad_clip: float = Field(1.0, ge=0.0, description="0 = off")
     seed: int = 0
-    gradient_checkpointing: bool = Field(False, description="Trades speed for memory; off is faster")
+    gradient_checkpointing: Union[bool, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        False,
+        description="Recompute activations in backward: false, true, or the fraction of layers (0.5 = every other)",
+    )
     checkpoint_every: int = Field(0, ge=0, description="Steps between resumable checkpoints; 0 = off")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="teacher: ema, decay per step")

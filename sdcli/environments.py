@@ -26,12 +26,14 @@ printed too much; at most `max_feedback_chars` long.
 Where the code comes from: the last ```python block in the response (if `entry_point` is given,
 the last one that defines it), else the last ``` block of any kind (an unclosed final block
 counts: generation may stop early), else the response itself if it parses as Python, else the
-part of it from the first `def`/`class`/`import` line that does. All tests run in ONE sandboxed
-process (one interpreter start per response); the harness reports each test on its own line,
-marked with a random token, from a copy of stdout taken before the code runs, so whatever the
-code prints cannot be mistaken for a result. Loading the code and each test have their own time
-budget, wall_seconds / (tests + 2); after a test times out the rest are not run (they count as
-failed): an endless loop usually repeats, and each sample's time is the training run's time.
+part of it from the first `def`/`class`/`import` line that does.
+
+All tests run in ONE sandboxed process (one interpreter start per response). The harness reports
+each test on its own line, marked with a random token, through a copy of stdout taken before the
+code runs; what the code prints is discarded, so it cannot pass for a result (the report itself
+counts toward `output_bytes`: at most about 1 KB per test). Loading the code and each test have
+their own time budget, wall_seconds / (tests + 2); after a test times out the rest are not run
+(they count as failed): an endless loop usually repeats, and each sample's time is training time.
 
 A user environment is `package.module:function(response, example) -> (reward, feedback)`,
 loaded and checked like a user reward (see rewards.py). It runs in the training process: it is
@@ -190,6 +192,8 @@ def python_tests(
     ]
     spec = {"tests": tests, "test_code": example.get("test_code"), "entry_point": example.get("entry_point")}
     total = len(tests) + (1 if spec["test_code"] else 0)
+    if total == 0:
+        raise ValueError("the example has no 'tests' and no 'test_code'")  # load() rejects such lines
     per_test = limits.wall_seconds / (total + 2)
     token = secrets.token_hex(8)
     result = run_python(
@@ -352,7 +356,7 @@ def describe(e):
     text = "".join(head + traceback.format_exception_only(type(e), e)).rstrip()
     if isinstance(e, EOFError):
         text += "\n(The code called input(); the tests call the function directly instead.)"
-    return text[-1500:]
+    return text[-1000:]  # the report counts toward output_bytes: at most ~1 KB per test
 
 def run(fn):
     """(value, error text, timed out)"""

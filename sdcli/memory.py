@@ -54,10 +54,36 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
             peak = max(self._current, current_rss_bytes())
+            trim_heap()
         self.peaks_mb[name] = max(self.peaks_mb.get(name, 0.0), peak / 2**20)
 
     def close(self) -> None:
         self._stop.set()
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.mallopt, _LIBC.malloc_trim  # noqa: B018  (glibc only)
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS creeps up by
+    hundreds of MB over the first steps from fragmentation alone). Costs about a millisecond."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def return_freed_memory_to_os() -> bool:
@@ -69,13 +95,8 @@ def return_freed_memory_to_os() -> bool:
     each of them is its own mapping and peak RSS tracks what is really live. Returns False where
     this is not glibc.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    if not libc:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 20))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 20))

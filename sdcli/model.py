@@ -191,3 +191,24 @@ def merged_for_sampling(model, enabled: bool):
     finally:
         for param, original in swapped:
             param.data = original
+
+
+def enable_activation_checkpointing(model, fraction: float) -> int:
+    """Recompute the activations of `fraction` of the decoder layers in backward, spread evenly.
+
+    Checkpointing every layer saves the most memory and costs about one more forward; a fraction
+    trades the two smoothly. Returns how many layers are checkpointed.
+    """
+    if fraction <= 0:
+        return 0
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = 0
+    for i, layer in enumerate(layers):
+        on = int((i + 1) * fraction) > int(i * fraction)
+        layer.gradient_checkpointing = on
+        chosen += on
+    return chosen

@@ -10,11 +10,12 @@ What holds at the process level (the kernel enforces it; code cannot undo it):
 - CPU time (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE), no core files;
 - output: stdout and stderr are read in chunks and the child is killed once together they pass
   `output_bytes`, so a huge print never reaches the parent's memory;
-- Linux, started as root (the case here): the child unshares a network namespace (it has only a
+- Linux, started as root (as in a typical container): the child unshares a network namespace (it has only a
   loopback device that is down, so nothing is reachable, not even the parent's 127.0.0.1), then
   switches to a fresh random uid, drops every capability except CAP_DAC_READ_SEARCH (kept only
   when the Python install is unreadable to other users, e.g. under /root; it lets the child *read*
-  any file) and sets no_new_privs. Because the uid is not root, RLIMIT_NPROC now counts and stops
+  any file, which root could anyway, so this is still strictly less than root) and sets
+  no_new_privs. Because the uid is not root, RLIMIT_NPROC now counts and stops
   fork bombs (it is ignored for root); the child cannot write files it does not own (it can still
   write to world-writable places such as /tmp); and afterwards every process of that uid is killed,
   even one that left the process group.
@@ -54,10 +55,6 @@ from sdcli.errors import UserError
 
 TRUNCATED = "\n[... output truncated: the sandbox keeps at most {n} bytes ...]\n"
 
-# Linux constants, used only inside the child (see _BOOTSTRAP).
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWUSER = 0x10000000
-
 
 @dataclass
 class SandboxResult:
@@ -67,10 +64,10 @@ class SandboxResult:
     timed_out: bool  # the wall-clock limit was reached
     killed_reason: str | None  # wall_time | cpu_time | memory | output_limit | signal:NAME | None
     duration: float  # seconds, wall clock
-    isolation: list[str] = field(
-        default_factory=list
-    )  # what took effect, e.g. ["network_namespace", "separate_uid", ...]
-    notes: list[str] = field(default_factory=list)  # isolation steps that were tried and failed, and why
+    # What took effect, e.g. ["network_namespace", "separate_uid", "process_count", ...], and which
+    # isolation steps were tried and failed, and why.
+    isolation: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -156,14 +153,10 @@ def _run(workdir: Path, limits: SandboxLimits, args: list[str], guards: bool, ui
     finally:
         os.close(status_w)
 
-    uid_killed = False
-
-    def kill() -> None:
-        nonlocal uid_killed
+    def kill() -> None:  # cheap (a few ms), so called again at the end to catch any racing fork
         _kill_group(proc.pid)
-        if uid is not None and not uid_killed:
+        if uid is not None:
             _kill_uid(uid)
-            uid_killed = True  # once every process of the uid is gone, none can start again
 
     try:
         out, err, reason = _collect(proc, limits, start, kill)
@@ -401,6 +394,7 @@ libc = None
 if linux:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
 
 def _fail(what):
     err = ctypes.get_errno() if libc is not None else 0
@@ -420,7 +414,7 @@ def _tasks_of(uid):
         if pid.isdigit():
             try:
                 if os.stat("/proc/" + pid).st_uid == uid:
-                    n += len(os.listdir("/proc/%%s/task" %% pid))
+                    n += len(os.listdir("/proc/" + pid + "/task"))
             except OSError:
                 pass
     return n
@@ -434,7 +428,7 @@ if linux and os.geteuid() != 0:
 
 # 1. Network: a new, empty network namespace (as root; otherwise inside a new user namespace).
 if linux:
-    flags = %(NEWNET)d if os.geteuid() == 0 else (%(NEWNET)d | %(NEWUSER)d)
+    flags = CLONE_NEWNET if os.geteuid() == 0 else (CLONE_NEWNET | CLONE_NEWUSER)
     if libc.unshare(flags) == 0:
         done.append("network_namespace")
     else:
@@ -560,4 +554,4 @@ except SystemExit:
 except BaseException as e:
     traceback.print_exception(type(e), e, e.__traceback__.tb_next)
     sys.exit(1)
-""" % {"NEWNET": _CLONE_NEWNET, "NEWUSER": _CLONE_NEWUSER}
+"""

@@ -44,7 +44,7 @@ from sdcli.episodes import (
 from sdcli.errors import UserError
 from sdcli.memory import PeakMemory, return_freed_memory_to_os
 from sdcli.losses import DivergenceSpec, chunked_token_divergence, chunked_token_nll, masked_sequence_mean
-from sdcli.model import add_trainable_adapter, load_base, trainable_parameters
+from sdcli.model import add_trainable_adapter, enable_activation_checkpointing, load_base, trainable_parameters
 from sdcli.rollout import SamplingSettings, sample_responses
 from sdcli.sequences import PromptEncoder, eos_ids, response_hidden, score_batch
 from sdcli.signals import build_signal
@@ -184,9 +184,7 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
     model = add_trainable_adapter(model, episode, recipe.lora)
     if recipe.teacher is TeacherKind.ema:
         add_ema_adapter(model, episode, recipe.lora)
-    if cfg.gradient_checkpointing:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    checkpointed = enable_activation_checkpointing(model, float(cfg.gradient_checkpointing))
     decoder = model.get_base_model().get_decoder()
     lm_head = model.get_base_model().get_output_embeddings()
     params = trainable_parameters(model)
@@ -194,7 +192,8 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
     ema_params = {n: p for n, p in model.named_parameters() if f".{EMA_ADAPTER}." in n}
     log(
         f"model: {loaded.path} ({loaded.dtype}, {recipe.model.quantization.value}, {device.type}); "
-        f"{len(earlier)} earlier adapter(s); {sum(p.numel() for p in params):,} trainable parameters"
+        f"{len(earlier)} earlier adapter(s); {sum(p.numel() for p in params):,} trainable parameters; "
+        f"{checkpointed} layer(s) with activation checkpointing"
     )
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

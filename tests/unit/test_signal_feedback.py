@@ -233,3 +233,12 @@ def test_python_tests_end_to_end(tmp_path):
     teacher = views[0].messages[-1]["content"]
     assert "Expected: 3\nGot: -1" in teacher and "return a + b" in teacher
     assert views[1].masked_reason == "no_context"  # the only success: nothing to show it
+
+
+def test_check_imports_a_user_environment_and_tries_the_sandbox():
+    from sdcli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="signal.environment"):
+        FeedbackBuilder(FeedbackSignal(environment="no_such_module_xyz:judge")).check()
+    if os.name == "posix":
+        FeedbackBuilder(FeedbackSignal()).check()  # python_tests: runs print('ok') in the sandbox

@@ -204,3 +204,12 @@ def test_braces_in_prompts_and_answers_are_kept_verbatim():
     b = builder(reward="contains")
     views = b.teacher_views(example("Format {x} please", answer="{y}"), ["{y}", "nope"])
     assert views[1].messages[-1]["content"] == "Q: Format {x} please\nA correct answer: {y}"
+
+
+def test_a_bad_user_reward_is_reported_by_check_not_by_construction():
+    from sdcli.errors import RecipeError
+
+    b = RewardsBuilder(RewardsSignal(reward="no_such_module_xyz:score"))  # `sd validate` builds it first
+    with pytest.raises(RecipeError, match="module 'no_such_module_xyz' not found"):
+        b.check()
+    RewardsBuilder(RewardsSignal(reward="numeric")).check()  # built-ins are always fine
