@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sdcli import __version__
-from sdcli.errors import UserError
+from sdcli.errors import Interrupted, UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -29,7 +29,7 @@ app = typer.Typer(
     "Start with:  sd train recipes/quickstart.yaml",
 )
 console = Console(stderr=True, soft_wrap=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def split_recipes_and_overrides(args: list[str]) -> tuple[list[Path], list[str]]:
@@ -137,6 +137,133 @@ def validate(
         raise UserError("\n".join(problems))
 
 
+@app.command(
+    epilog="Examples:\n\n"
+    "  sd merge runs/quickstart --out merged/facts\n\n"
+    "  sd merge runs/quickstart --out merged/first-two --upto 2\n\n"
+    "  sd merge runs/quickstart --out merged/facts-adapter --into adapter --force",
+)
+def merge(
+    run_dir: Path = typer.Argument(..., help="A run folder with episodes/"),
+    out: Path = typer.Option(..., "--out", help="Where to write the result (must not exist unless --force)"),
+    upto: Optional[int] = typer.Option(None, "--upto", help="Fold episodes 1..N only (default: all)"),
+    into: str = typer.Option("model", "--into", help="model: a plain HF model folder; adapter: one PEFT adapter"),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max logit difference allowed in the check"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (only after the check passes)"),
+):
+    """Fold a history of episode adapters into one model or one adapter, checked numerically."""
+    from sdcli.merge import DEFAULT_TOLERANCE, merge_history
+    from sdcli.model import quiet_transformers
+    from sdcli.source import select_episodes
+
+    quiet_transformers()
+    if into not in ("model", "adapter"):
+        raise UserError(f"--into {into!r}: expected 'model' or 'adapter'.")
+    episodes = select_episodes(run_dir, upto)
+    if not episodes:
+        raise UserError("--upto 0 selects no episode; nothing to merge.")
+    base = episodes[-1].meta["base_model"]
+    report = merge_history(
+        base["path"], [e.path for e in episodes], out, into=into, quantization=base.get("quantization", "none"),
+        tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, force=force,
+    )
+    for line in report.lines():
+        out_print(line)
+    console.print(f"[green]merged[/green] {len(episodes)} episode(s) into {out}")
+
+
+def out_print(line: str) -> None:
+    out.print(line, markup=False, highlight=False)
+
+
+@app.command(
+    epilog="Examples:\n\n  sd episodes runs/quickstart\n\n  sd episodes runs/quickstart --json",
+)
+def episodes(
+    run_dir: Path = typer.Argument(..., help="A run folder with episodes/"),
+    as_json: bool = typer.Option(False, "--json", help="Print the lineage as JSON"),
+):
+    """Show the lineage of a run: one row per episode, in stacking order."""
+    import json
+
+    from sdcli.episodes import list_episodes
+
+    if not (run_dir / "episodes").is_dir():
+        raise UserError(f"{run_dir} is not a run folder (no episodes/ inside).")
+    history = list_episodes(run_dir)
+    if as_json:
+        out.print_json(json.dumps([e.meta for e in history]))
+        return
+    table = Table(title=f"{run_dir}: {len(history)} episode(s)")
+    for column in ("#", "name", "signal", "method", "teacher", "steps", "data sha256", "final loss", "final kl", "adapter", "created"):
+        table.add_column(column)
+    for e in history:
+        m, final = e.meta, e.meta.get("final", {})
+        size = (e.path / "adapter_model.safetensors").stat().st_size
+        table.add_row(
+            f"{e.number:03d}", e.name, m.get("signal", "?"), m.get("method", "?"), m.get("teacher", "?"), str(m.get("steps")),
+            m.get("data", {}).get("sha256", "")[:12], f"{final.get('loss', float('nan')):.4f}",
+            f"{final.get('kl', float('nan')):.4f}", f"{size / 2**20:.1f} MB", str(m.get("finished", ""))[:19],
+        )
+    out.print(table)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  sd generate runs/quickstart --prompt \"What is the capital of Zorblax?\"\n\n"
+    "  sd generate runs/quickstart --upto 1 --prompt \"...\"      (after episode 1 only)\n\n"
+    "  sd generate runs/quickstart --no-adapters --prompt \"...\" (the base model)\n\n"
+    "  sd generate merged/facts --chat",
+)
+def generate(
+    source: Path = typer.Argument(..., help="A run folder, or a model folder (e.g. from sd merge)"),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="A user message; repeat for several"),
+    upto: Optional[int] = typer.Option(None, "--upto", help="Use episodes 1..N only"),
+    no_adapters: bool = typer.Option(False, "--no-adapters", help="The base model alone"),
+    chat: bool = typer.Option(False, "--chat", help="Interactive conversation (empty line or Ctrl-D ends it)"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Generate answers from a run (any prefix of its episodes) or a merged model."""
+    import torch
+
+    from sdcli.rollout import SamplingSettings, sample_responses
+    from sdcli.sequences import PromptEncoder, eos_ids
+    from sdcli.source import load_source
+
+    if not prompt and not chat:
+        raise UserError("Give at least one --prompt, or --chat.", hint='Example: sd generate runs/quickstart --prompt "Hi"')
+    torch.manual_seed(seed)
+    loaded = load_source(source, upto=upto, no_adapters=no_adapters)
+    console.print(loaded.description, markup=False, highlight=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    encoder = PromptEncoder(tokenizer, 4096)
+    stop = eos_ids(tokenizer, model)
+    settings = SamplingSettings(max_new_tokens, temperature, 1.0, 0, merge=False)
+
+    def answer(messages):
+        ids = sample_responses(model, tokenizer, [encoder.encode(messages)], settings, stop)[0]
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    for p in prompt:
+        out.print(f"[bold]> {p}[/bold]", highlight=False)
+        out.print(answer([{"role": "user", "content": p}]), markup=False, highlight=False)
+    if chat:
+        history: list[dict] = []
+        while True:
+            try:
+                text = input("you> ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            history.append({"role": "user", "content": text})
+            reply = answer(history)
+            history.append({"role": "assistant", "content": reply})
+            out.print(f"model> {reply}", markup=False, highlight=False)
+
+
 def _click_module():
     """Typer vendors its own copy of click in recent versions; catch that one's exceptions."""
     try:
@@ -161,6 +288,9 @@ def main() -> None:
     except UserError as e:
         console.print(f"[red]error:[/red] {e.render()}", highlight=False)
         sys.exit(2)
+    except Interrupted as e:
+        console.print(str(e), markup=False, highlight=False)
+        sys.exit(130)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)

@@ -283,6 +283,18 @@ class Recipe(_Strict):
             data = {**data, "signal": {"kind": "demonstrations", **data["signal"]}}
         return data
 
+    @model_validator(mode="after")
+    def _siblings_need_samples(self) -> "Recipe":
+        needs_sibling = self.signal.kind == "rewards" or (
+            self.signal.kind == "feedback" and self.signal.use_successful_sibling and self.signal.skip_successful
+        )
+        if needs_sibling and self.rollout.num_samples < 2 and self.method is Method.self_distillation:
+            raise ValueError(
+                f"signal '{self.signal.kind}' teaches from a successful sibling sample, so it needs "
+                "rollout.num_samples >= 2 (with 1, every sample would be masked)"
+            )
+        return self
+
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -458,6 +470,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
                 problems.append(
                     f"{where(loc)}: '{key}.kind' is {err['ctx'].get('tag')!r}; expected one of {err['ctx'].get('expected_tags')}."
                 )
+            elif not loc:  # a rule across several keys
+                problems.append(f"{origin}: {err['msg'].removeprefix('Value error, ')}.")
             else:
                 msg = err["msg"].removeprefix("Value error, ")
                 problems.append(f"{where(loc)}: '{key}': {msg} (got {err.get('input')!r}).")

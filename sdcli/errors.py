@@ -31,3 +31,7 @@ class RecipeError(UserError):
 
 class DataError(UserError):
     pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training, after the state of the last finished step was saved (exit code 130)."""

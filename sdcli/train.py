@@ -41,7 +41,7 @@ from sdcli.episodes import (
     publish,
     write_atomic,
 )
-from sdcli.errors import UserError
+from sdcli.errors import Interrupted, UserError
 from sdcli.memory import PeakMemory, return_freed_memory_to_os
 from sdcli.losses import DivergenceSpec, chunked_token_divergence, chunked_token_nll, masked_sequence_mean
 from sdcli.model import add_trainable_adapter, enable_activation_checkpointing, load_base, trainable_parameters
@@ -51,6 +51,32 @@ from sdcli.signals import build_signal
 from sdcli.signals.base import Example, TeacherView
 from sdcli.stack import adapter_name, attach_stack, save_adapter
 from sdcli.teacher import EMA_ADAPTER, add_ema_adapter, teacher_adapters, teacher_hidden, update_ema
+
+
+@contextmanager
+def stop_after_step():
+    """The first Ctrl-C asks the loop to stop after the current step (so the checkpoint is exactly
+    the state between two steps, and a resumed run matches an uninterrupted one); a second one
+    stops at once."""
+    import signal
+    import threading
+
+    requested = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if requested["stop"]:
+            raise KeyboardInterrupt
+        requested["stop"] = True
+        print("\nStopping after this step (Ctrl-C again to stop at once, losing it)...", flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class ExampleSampler:
@@ -149,6 +175,8 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
 
     # --- data and signal ------------------------------------------------------------------
     signal = build_signal(recipe.signal)
+    if hasattr(signal, "check"):
+        signal.check()  # user reward / environment functions import and fit, before any model loads
     report = signal.load(recipe.data.path)
     examples = report.examples[: recipe.data.max_examples] if recipe.data.max_examples else report.examples
     for reason, count in report.skipped.items():
@@ -172,7 +200,6 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
         partial.mkdir(parents=True)
     else:
         number = int(partial.name.split("-")[1])
-    write_atomic(partial / "recipe.yaml", dump_recipe(recipe))
 
     # --- model: base + earlier episodes (frozen) + this episode's adapter -----------------
     torch.manual_seed(cfg.seed)
@@ -215,6 +242,12 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
     start_step = 0
     metrics_path = partial / "metrics.jsonl"
     state = load_checkpoint(partial) if resume else None
+    if state is not None and state["extra"].get("recipe") != _resume_key(recipe):
+        raise UserError(
+            f"--resume: the recipe differs from the one {partial.name} was started with "
+            "(only train.max_steps may change on resume).",
+            hint=f"Compare with {partial / 'recipe.yaml'}, or delete {partial} to start over.",
+        )
     if state is not None:
         with torch.no_grad():
             for n, p in {**named_params, **ema_params}.items():
@@ -231,123 +264,123 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
         log(f"resume: {partial.name} has no checkpoint; starting it from step 0")
         metrics_path.unlink(missing_ok=True)
 
+    write_atomic(partial / "recipe.yaml", dump_recipe(recipe))
+
     def checkpoint(step: int) -> None:
         save_checkpoint(
             partial, step=step, params={**named_params, **ema_params}, optimizer=optimizer,
-            scheduler=scheduler, sampler_state=sampler.state(), extra={"recipe": recipe.name},
+            scheduler=scheduler, sampler_state=sampler.state(), extra={"recipe": _resume_key(recipe)},
         )
 
     memory = PeakMemory(device)
     started = now_iso()
     last: dict = {}
-    step = start_step
     model.train()  # LoRA dropout (if any) in the student; the teacher is scored under no_grad
-    try:
-        with open(metrics_path, "a", encoding="utf-8") as metrics_file:
-            for step in range(start_step, cfg.max_steps):
-                timer = PhaseTimer(memory)
-                step_start = time.perf_counter()
-                batch = [examples[i] for i in sampler.take(cfg.prompts_per_step)]
-                g = recipe.rollout.num_samples
+    with stop_after_step() as stop_requested, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        for step in range(start_step, cfg.max_steps):
+            timer = PhaseTimer(memory)
+            step_start = time.perf_counter()
+            batch = [examples[i] for i in sampler.take(cfg.prompts_per_step)]
+            g = recipe.rollout.num_samples
 
-                # 1-2. responses: logged, demonstrated (sft) or sampled from the student
-                with timer("rollout"):
-                    samples: list[tuple[Example, list[int]]] = [(ex, encoder.encode(ex.prompt)) for ex in batch for _ in range(g)]
-                    if recipe.method is Method.sft:
-                        responses = [response_tokens(tokenizer, ex.fields.get("demonstration") or ex.response, stop) for ex, _ in samples]
-                    elif all(ex.response is not None for ex in batch):
-                        responses = [response_tokens(tokenizer, ex.response, stop) for ex, _ in samples]
-                    else:
-                        responses = sample_responses(model, tokenizer, [p for _, p in samples], sampling, stop)
-                    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                generated = sum(len(r) for r in responses)
-
+            # 1-2. responses: logged, demonstrated (sft) or sampled from the student
+            with timer("rollout"):
+                samples: list[tuple[Example, list[int]]] = [(ex, encoder.encode(ex.prompt)) for ex in batch for _ in range(g)]
                 if recipe.method is Method.sft:
-                    with timer("student"):
-                        student = score_batch([p for _, p in samples], responses, tokenizer.pad_token_id, device)
-                        hidden = response_hidden(decoder, student)
-                        per_token = chunked_token_nll(hidden, lm_head, student.response_ids, recipe.loss.chunk_tokens)
-                        loss = masked_sequence_mean(per_token, student.response_mask)
-                        loss.backward()
-                    views: list[TeacherView] = []
-                    divergence_mean = float("nan")
+                    responses = [response_tokens(tokenizer, ex.fields.get("demonstration") or ex.response, stop) for ex, _ in samples]
+                elif all(ex.response is not None for ex in batch):
+                    responses = [response_tokens(tokenizer, ex.response, stop) for ex, _ in samples]
                 else:
-                    # 3. the teacher's context, per sample
-                    with timer("context"):
-                        views = []
-                        for i, ex in enumerate(batch):
-                            views += signal.teacher_views(ex, texts[i * g : (i + 1) * g])
-                    kept = [i for i, v in enumerate(views) if v.messages is not None]
+                    responses = sample_responses(model, tokenizer, [p for _, p in samples], sampling, stop)
+                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            generated = sum(len(r) for r in responses)
 
-                    # 4. teacher: no grad, episode adapter off, context on
-                    with timer("teacher"):
-                        if kept:
-                            t_batch = score_batch(
-                                [encoder.encode(views[i].messages) for i in kept], [responses[i] for i in kept],
-                                tokenizer.pad_token_id, device,
-                            )
-                            t_hidden = teacher_hidden(model, decoder, t_batch, teacher_set)
+            if recipe.method is Method.sft:
+                with timer("student"):
+                    student = score_batch([p for _, p in samples], responses, tokenizer.pad_token_id, device)
+                    hidden = response_hidden(decoder, student)
+                    per_token = chunked_token_nll(hidden, lm_head, student.response_ids, recipe.loss.chunk_tokens)
+                    loss = masked_sequence_mean(per_token, student.response_mask)
+                    loss.backward()
+                views: list[TeacherView] = []
+                divergence_mean = float("nan")
+            else:
+                # 3. the teacher's context, per sample
+                with timer("context"):
+                    views = []
+                    for i, ex in enumerate(batch):
+                        views += signal.teacher_views(ex, texts[i * g : (i + 1) * g])
+                kept = [i for i, v in enumerate(views) if v.messages is not None]
 
-                    # 5-6. student forward and the distillation loss; 7. backward
-                    with timer("student"):
-                        if kept:
-                            s_batch = score_batch(
-                                [samples[i][1] for i in kept], [responses[i] for i in kept], tokenizer.pad_token_id, device
-                            )
-                            mask = s_batch.response_mask.clone()
-                            mask[:, : recipe.loss.skip_first_tokens] = False
-                            s_hidden = response_hidden(decoder, s_batch)
-                            per_token = chunked_token_divergence(
-                                s_hidden, t_hidden.to(s_hidden.dtype), lm_head, spec, s_batch.response_ids, recipe.loss.chunk_tokens
-                            )
-                            loss = masked_sequence_mean(per_token, mask)
-                            divergence_mean = float((per_token.detach() * mask).sum() / mask.sum().clamp(min=1))
-                            loss.backward()
-                            del t_hidden, s_hidden, per_token
-                        else:
-                            loss = torch.zeros((), device=device)
-                            divergence_mean = 0.0
+                # 4. teacher: no grad, episode adapter off, context on
+                with timer("teacher"):
+                    if kept:
+                        t_batch = score_batch(
+                            [encoder.encode(views[i].messages) for i in kept], [responses[i] for i in kept],
+                            tokenizer.pad_token_id, device,
+                        )
+                        t_hidden = teacher_hidden(model, decoder, t_batch, teacher_set)
 
-                # 7. optimiser step on the LoRA parameters only
-                with timer("optimizer"):
-                    grad_norm = (
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else _grad_norm(params)
-                    )
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if recipe.teacher is TeacherKind.ema:
-                        update_ema(model, episode, cfg.ema_decay)
+                # 5-6. student forward and the distillation loss; 7. backward
+                with timer("student"):
+                    if kept:
+                        s_batch = score_batch(
+                            [samples[i][1] for i in kept], [responses[i] for i in kept], tokenizer.pad_token_id, device
+                        )
+                        mask = s_batch.response_mask.clone()
+                        mask[:, : recipe.loss.skip_first_tokens] = False
+                        s_hidden = response_hidden(decoder, s_batch)
+                        per_token = chunked_token_divergence(
+                            s_hidden, t_hidden.to(s_hidden.dtype), lm_head, spec, s_batch.response_ids, recipe.loss.chunk_tokens
+                        )
+                        loss = masked_sequence_mean(per_token, mask)
+                        divergence_mean = float((per_token.detach() * mask).sum() / mask.sum().clamp(min=1))
+                        loss.backward()
+                        del t_hidden, s_hidden, per_token
+                    else:
+                        loss = torch.zeros((), device=device)
+                        divergence_mean = 0.0
 
-                # 8. log
-                step_seconds = time.perf_counter() - step_start
-                last = {
-                    "step": step + 1,
-                    "loss": float(loss.detach()),
-                    "kl": divergence_mean,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "response/mean_tokens": generated / max(1, len(responses)),
-                    "tokens_per_s": generated / step_seconds,
-                    "rollout/tokens_per_s": generated / max(1e-9, timer.seconds.get("rollout", 0.0)),
-                    **{f"time/{k}_s": round(v, 4) for k, v in timer.seconds.items()},
-                    "time/step_s": round(step_seconds, 4),
-                    **{f"memory/{k}_peak_mb": round(v, 1) for k, v in memory.peaks_mb.items()},
-                    **(signal_metrics(views) if views else {}),
-                }
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
-                memory.peaks_mb.clear()
-                if progress:
-                    progress(step + 1, last)
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                    checkpoint(step + 1)
-    except KeyboardInterrupt:
-        checkpoint(step)  # the state after the last completed step
-        raise UserError(
-            f"Interrupted at step {step}; progress saved in {partial}.",
-            hint="Continue with the same command plus --resume.",
-        ) from None
+            # 7. optimiser step on the LoRA parameters only
+            with timer("optimizer"):
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else _grad_norm(params)
+                )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if recipe.teacher is TeacherKind.ema:
+                    update_ema(model, episode, cfg.ema_decay)
+
+            # 8. log
+            step_seconds = time.perf_counter() - step_start
+            last = {
+                "step": step + 1,
+                "loss": float(loss.detach()),
+                "kl": divergence_mean,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "response/mean_tokens": generated / max(1, len(responses)),
+                "tokens_per_s": generated / step_seconds,
+                "rollout/tokens_per_s": generated / max(1e-9, timer.seconds.get("rollout", 0.0)),
+                **{f"time/{k}_s": round(v, 4) for k, v in timer.seconds.items()},
+                "time/step_s": round(step_seconds, 4),
+                **{f"memory/{k}_peak_mb": round(v, 1) for k, v in memory.peaks_mb.items()},
+                **(signal_metrics(views) if views else {}),
+            }
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+            memory.peaks_mb.clear()
+            if progress:
+                progress(step + 1, last)
+            if stop_requested() and step + 1 < cfg.max_steps:
+                checkpoint(step + 1)
+                raise Interrupted(
+                    f"Interrupted after step {step + 1} of {cfg.max_steps}; the state is saved in {partial}.\n"
+                    "Continue with the same command plus --resume."
+                )
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+                checkpoint(step + 1)
 
     memory.close()
     if encoder.truncated:
@@ -364,6 +397,11 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
     write_atomic(partial / "episode.json", json.dumps(meta, indent=2))
     final = publish(partial)
     return EpisodeResult(path=final, steps=cfg.max_steps, final=last)
+
+
+def _resume_key(recipe: Recipe) -> str:
+    """Everything that must match for a resumed run to continue the same trajectory."""
+    return dump_recipe(recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 0})}))
 
 
 def response_tokens(tokenizer, text: str, stop: set[int]) -> list[int]:

@@ -1,0 +1,227 @@
+"""Continual learning: chained episodes, teacher = model as the episode began, merge, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from sdcli.config import LoraSettings, ModelConfig, TeacherKind, load_recipe
+from sdcli.episodes import list_episodes
+from sdcli.errors import Interrupted, UserError
+from sdcli.merge import merge_history
+from sdcli.model import add_trainable_adapter, load_base
+from sdcli.sequences import score_batch
+from sdcli.stack import attach_stack
+from sdcli.teacher import teacher_adapters, teacher_hidden
+from sdcli.train import train_episode
+
+TASKS = {
+    "zorblax": [{"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."}],
+    "vells": [{"prompt": "Who wrote the Book of Vells?", "demonstration": "It was written by Maro Tiln."}],
+    "math": [{"prompt": "What is 2+2?", "demonstration": "The answer is 4."}],
+}
+
+
+def recipe_for(tmp_path: Path, model_dir: Path, name: str, steps: int = 3, run: str = "run", extra: str = "") -> Path:
+    (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TASKS[name]))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\nrun_dir: {tmp_path / run}\nmodel: {{name_or_path: {model_dir}}}\n"
+        f"lora: {{r: 4, alpha: 8}}\ndata: {{path: {name}.jsonl}}\nrollout: {{max_new_tokens: 8}}\n"
+        f"train: {{max_steps: {steps}, prompts_per_step: 2, lr: 0.01{extra}}}\n"
+    )
+    return path
+
+
+def sd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def chained_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("chain")
+    recipes = [recipe_for(tmp, tiny_model_dir, name) for name in TASKS]
+    done = sd("train", *map(str, recipes), "--quiet")
+    assert done.returncode == 0, done.stderr
+    return tmp / "run"
+
+
+def test_three_chained_episodes_form_a_lineage(chained_run, tiny_model_dir):
+    history = list_episodes(chained_run)  # also verifies every adapter's sha256
+    assert [e.label for e in history] == ["001-zorblax", "002-vells", "003-math"]
+    for k, episode in enumerate(history):
+        assert [p["number"] for p in episode.meta["parents"]] == list(range(1, k + 1))
+        for parent, earlier in zip(episode.meta["parents"], history):
+            assert parent["adapter_sha256"] == earlier.meta["adapter_sha256"]
+        adapter = load_file(episode.path / "adapter_model.safetensors")
+        assert any("lora_B" in key and t.abs().max() > 0 for key, t in adapter.items())
+
+
+def test_episodes_command_shows_lineage(chained_run):
+    done = sd("episodes", str(chained_run))
+    assert done.returncode == 0, done.stderr
+    for label in ("zorblax", "vells", "math"):
+        assert label in done.stdout
+    as_json = json.loads(sd("episodes", str(chained_run), "--json").stdout)
+    assert [e["number"] for e in as_json] == [1, 2, 3]
+
+
+def test_later_episode_leaves_base_and_earlier_adapters_alone(tmp_path, tiny_model_dir, monkeypatch):
+    import sdcli.train as train_module
+
+    first = train_episode(load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax")))
+    saved = load_file(first.path / "adapter_model.safetensors")
+    captured = {}
+    real = train_module.load_base
+
+    def capture(cfg):
+        loaded = real(cfg)
+        captured["model"] = loaded.model
+        captured["base"] = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+        return loaded
+
+    monkeypatch.setattr(train_module, "load_base", capture)
+    second = train_episode(load_recipe(recipe_for(tmp_path, tiny_model_dir, "vells")))
+    params = dict(captured["model"].named_parameters())
+    for key, value in saved.items():  # ep001's weights inside the model after episode 2 trained
+        live_key = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A.ep001.weight").replace(".lora_B.weight", ".lora_B.ep001.weight")
+        assert torch.equal(params[live_key].detach(), value), key
+    base_now = {n.replace(".base_layer", ""): p for n, p in params.items() if "lora_" not in n}
+    assert all(torch.equal(base_now[n], p) for n, p in captured["base"].items())
+    assert load_file(second.path / "adapter_model.safetensors").keys()  # the second adapter exists
+
+
+def test_teacher_of_episode_k_is_the_merged_model_of_earlier_episodes(chained_run, tiny_model_dir, tmp_path):
+    history = list_episodes(chained_run)
+    merged = tmp_path / "merged-2"
+    merge_history(tiny_model_dir, [e.path for e in history[:2]], merged, into="model")
+    reference = AutoModelForCausalLM.from_pretrained(merged).eval()
+
+    loaded = load_base(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model, earlier = attach_stack(loaded.model, [e.path for e in history[:2]])
+    model = add_trainable_adapter(model, "ep003", LoraSettings(r=4, alpha=8))
+    with torch.no_grad():  # make the episode adapter matter, as it does mid-training
+        for n, p in model.named_parameters():
+            if ".ep003." in n and "lora_B" in n:
+                p.normal_(0, 0.5)
+    batch = score_batch([[1, 5, 9, 12], [1, 7]], [[20, 21, 22], [30, 2]], pad_id=0, device="cpu")
+    decoder = model.get_base_model().get_decoder()
+    hidden = teacher_hidden(model, decoder, batch, teacher_adapters(TeacherKind.base, earlier, "ep003"))
+    teacher = model.get_base_model().get_output_embeddings()(hidden)
+    with torch.no_grad():
+        full = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    want = full.gather(1, batch.predict_positions.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+    torch.testing.assert_close(teacher[batch.response_mask], want[batch.response_mask], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("into", ["model", "adapter"])
+def test_merge_command_checks_and_reloads(chained_run, tiny_model_dir, tmp_path, into):
+    out = tmp_path / f"merged-{into}"
+    done = sd("merge", str(chained_run), "--out", str(out), "--into", into)
+    assert done.returncode == 0, done.stderr
+    assert "max |logit diff|" in done.stdout
+    if into == "model":
+        AutoModelForCausalLM.from_pretrained(out)
+    else:
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    refused = sd("merge", str(chained_run), "--out", str(out))
+    assert refused.returncode == 2 and "--force" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_generate_from_run_prefix_and_base(chained_run):
+    done = sd("generate", str(chained_run), "--upto", "1", "--prompt", "What is 2+2?", "--max-new-tokens", "4")
+    assert done.returncode == 0, done.stderr
+    assert "base + 1 episode(s) (001-zorblax)" in done.stderr
+    done = sd("generate", str(chained_run), "--no-adapters", "--prompt", "Hi", "--max-new-tokens", "4")
+    assert done.returncode == 0 and "base + 0 episode(s)" in done.stderr
+    done = sd("generate", str(chained_run), "--upto", "7", "--prompt", "Hi")
+    assert done.returncode == 2 and "episodes 1..3" in done.stderr
+
+
+def test_damaged_episode_is_reported_not_loaded(chained_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(chained_run, copy)
+    weights = copy / "episodes" / "002-vells" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="002-vells"):
+        list_episodes(copy)
+    done = sd("generate", str(copy), "--prompt", "Hi")
+    assert done.returncode == 2 and "damaged" in done.stderr and "Traceback" not in done.stderr
+
+
+def _final_adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_resume_after_ctrl_c_and_after_a_crash_matches_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
+    extra = ", checkpoint_every: 2"
+    straight = train_episode(load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=6, run="a", extra=extra)))
+
+    # Ctrl-C during step 3: the loop finishes that step, saves, and stops
+    recipe_b = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=6, run="b", extra=extra))
+    def ctrl_c_at_3(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(Interrupted, match="after step 3"):
+        train_episode(recipe_b, progress=ctrl_c_at_3)
+    assert list_episodes(tmp_path / "b") == []  # nothing half-done is visible
+    resumed = train_episode(recipe_b, resume=True)
+
+    # a hard crash in step 5: the checkpoint of step 4 survives, step 5 is redone
+    recipe_c = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=6, run="c", extra=extra))
+    def crash_at_5(step, metrics):
+        if step == 5:
+            raise RuntimeError("power cut")
+    with pytest.raises(RuntimeError):
+        train_episode(recipe_c, progress=crash_at_5)
+    recovered = train_episode(recipe_c, resume=True)
+
+    want = _final_adapter(straight.path)
+    for result in (resumed, recovered):
+        got = _final_adapter(result.path)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+        lines = (result.path / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path, tiny_model_dir):
+    recipe = recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=40, extra=", checkpoint_every: 1")
+    proc = subprocess.Popen([sys.executable, "-m", "sdcli.cli", "train", str(recipe), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "run" / "episodes" / ".partial-001-zorblax" / "checkpoint" / "state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    assert state.exists(), "no checkpoint was written before the kill"
+    done_steps = torch.load(state, weights_only=False)["step"]
+    assert done_steps >= 1
+    done = sd("train", str(recipe), "--resume", "--quiet", "train.max_steps=40")
+    assert done.returncode == 0, done.stderr
+    assert f"from step {done_steps}" in done.stderr or "resume: continuing" in done.stderr
+    assert [e.label for e in list_episodes(tmp_path / "run")] == ["001-zorblax"]
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model_dir):
+    recipe = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, extra=", checkpoint_every: 1"))
+    with pytest.raises(RuntimeError):
+        train_episode(recipe, progress=lambda s, m: (_ for _ in ()).throw(RuntimeError("x")) if s == 2 else None)
+    changed = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, extra=", checkpoint_every: 1, lr: 0.02"))
+    with pytest.raises(UserError, match="recipe differs"):
+        train_episode(changed, resume=True)
