@@ -31,6 +31,7 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
 def resolve_model_path(name_or_path: str) -> Path:
