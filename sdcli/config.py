@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -101,18 +101,20 @@ class ModelConfig(_Strict):
         DType.auto, description="auto = float32 on CPU (bf16 is ~20x slower there), bfloat16 on CUDA if supported"
     )
     max_prompt_tokens: int = Field(512, ge=8, description="Longer prompts are truncated from the left, with a warning")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Run model code shipped in the model folder (only for folders you trust)")
 
 
 class LoraSettings(_Strict):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout in the student")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="all-linear, or a list of module names such as [q_proj, v_proj]"
+    )
 
 
 class DemonstrationsSignal(_Strict):
-    kind: Literal["demonstrations"] = "demonstrations"
+    kind: Literal["demonstrations"] = Field("demonstrations", description="The teacher sees an example answer")
     teacher_template: str = Field(
         DEFAULT_DEMONSTRATION_TEMPLATE, description="Teacher's user turn; fields {prompt} and {demonstration}"
     )
@@ -124,17 +126,17 @@ class DemonstrationsSignal(_Strict):
 
 
 class RewardsSignal(_Strict):
-    kind: Literal["rewards"] = "rewards"
+    kind: Literal["rewards"] = Field("rewards", description="The teacher sees a successful sibling sample")
     reward: str = Field(
         "exact_match", description="exact_match | numeric | regex | contains | package.module:function"
     )
     tolerance: float = Field(1e-6, ge=0, description="numeric: absolute tolerance")
     pattern: str | None = Field(None, description="regex: pattern the response must match (else the example's `answer`)")
-    case_sensitive: bool = False
+    case_sensitive: bool = Field(False, description="Built-in rewards compare case")
     success_threshold: float = Field(1.0, description="A sample with reward >= this is a success")
     skip_successful: bool = Field(False, description="Samples that already succeeded contribute no loss")
     strip_thinking: bool = Field(True, description="Remove <think>...</think> from sibling demonstrations")
-    solution_template: str = DEFAULT_SOLUTION_TEMPLATE
+    solution_template: str = Field(DEFAULT_SOLUTION_TEMPLATE, description="Teacher's user turn; {prompt} and {solution}")
 
     @field_validator("solution_template")
     @classmethod
@@ -143,23 +145,23 @@ class RewardsSignal(_Strict):
 
 
 class SandboxLimits(_Strict):
-    wall_seconds: float = Field(10.0, gt=0, le=600)
-    cpu_seconds: int = Field(10, ge=1, le=600)
-    memory_mb: int = Field(512, ge=32)
-    output_bytes: int = Field(64_000, ge=1024)
+    wall_seconds: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per run")
+    cpu_seconds: int = Field(10, ge=1, le=600, description="CPU-time limit (RLIMIT_CPU)")
+    memory_mb: int = Field(512, ge=32, description="Address-space limit (RLIMIT_AS)")
+    output_bytes: int = Field(64_000, ge=1024, description="stdout + stderr kept; more kills the run")
     max_processes: int = Field(16, ge=1, description="Per sandbox; stops fork bombs")
 
 
 class FeedbackSignal(_Strict):
-    kind: Literal["feedback"] = "feedback"
+    kind: Literal["feedback"] = Field("feedback", description="The teacher sees the environment's feedback on the sample")
     environment: str = Field("python_tests", description="python_tests | package.module:function")
-    success_threshold: float = 1.0
+    success_threshold: float = Field(1.0, description="A sample with reward >= this passed")
     use_successful_sibling: bool = Field(True, description="Also show a successful sibling's answer")
-    skip_successful: bool = False
-    strip_thinking: bool = True
-    feedback_template: str = DEFAULT_FEEDBACK_TEMPLATE
-    solution_template: str = DEFAULT_SOLUTION_TEMPLATE
-    max_feedback_chars: int = Field(1500, ge=100)
+    skip_successful: bool = Field(False, description="Samples that passed contribute no loss")
+    strip_thinking: bool = Field(True, description="Remove <think>...</think> from a sibling's answer")
+    feedback_template: str = Field(DEFAULT_FEEDBACK_TEMPLATE, description="{prompt}, {feedback}, optional {solution}")
+    solution_template: str = Field(DEFAULT_SOLUTION_TEMPLATE, description="Used for a passing sibling")
+    max_feedback_chars: int = Field(1500, ge=100, description="Feedback text is cut to this length")
     sandbox: SandboxLimits = SandboxLimits()
 
     @field_validator("feedback_template")
@@ -174,12 +176,12 @@ class FeedbackSignal(_Strict):
 
 
 class InteractionsSignal(_Strict):
-    kind: Literal["interactions"] = "interactions"
+    kind: Literal["interactions"] = Field("interactions", description="The teacher sees the user's next message")
     mode: Literal["offline", "online"] = Field(
         "online", description="offline: the logged reply is y (off-policy); online: y is sampled from the student"
     )
-    hindsight_template: str = DEFAULT_HINDSIGHT_TEMPLATE
-    min_followup_chars: int = Field(0, ge=0)
+    hindsight_template: str = Field(DEFAULT_HINDSIGHT_TEMPLATE, description="{prompt}, {followup}, optional {response}")
+    min_followup_chars: int = Field(0, ge=0, description="Shorter follow-ups are skipped (counted)")
     max_history_messages: int | None = Field(
         None, ge=1, description="Keep at most this many messages before the prompt (oldest dropped; system kept)"
     )
@@ -211,15 +213,15 @@ SignalConfig = Annotated[
 
 class DataConfig(_Strict):
     path: Path = Field(..., description="JSONL file, one example per line")
-    shuffle: bool = True
-    max_examples: int | None = Field(None, ge=1)
+    shuffle: bool = Field(True, description="A fresh order every pass over the data")
+    max_examples: int | None = Field(None, ge=1, description="Use only the first N examples")
 
 
 class RolloutConfig(_Strict):
     num_samples: int = Field(1, ge=1, le=64, description="Responses sampled per prompt")
-    max_new_tokens: int = Field(48, ge=1, le=8192)
+    max_new_tokens: int = Field(48, ge=1, le=8192, description="Longest sampled response")
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling; 1 = off")
     top_k: int = Field(0, ge=0, description="0 = off")
     merge_for_generation: Literal["auto", "always", "never"] = Field(
         "auto",
@@ -228,9 +230,9 @@ class RolloutConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    divergence: Divergence = Divergence.forward_kl
+    divergence: Divergence = Field(Divergence.forward_kl, description="forward_kl = KL(teacher || student)")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="jsd: 0 = forward KL, 1 = reverse KL")
-    support: Support = Support.full
+    support: Support = Field(Support.full, description="Vocabulary the divergence runs over")
     topk: int = Field(20, ge=1, description="topk: tokens taken from the student's top-k")
     tail_bucket: bool = Field(True, description="topk: add one bucket for the probability outside the top-k")
     skip_first_tokens: int = Field(0, ge=0, description="Response tokens at the start that carry no loss")
@@ -246,14 +248,14 @@ class LossConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    max_steps: int = Field(50, ge=1)
-    prompts_per_step: int = Field(4, ge=1)
-    lr: float = Field(5e-4, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    max_steps: int = Field(50, ge=1, description="Optimizer steps in the episode")
+    prompts_per_step: int = Field(4, ge=1, description="Prompts per step (each sampled rollout.num_samples times)")
+    lr: float = Field(5e-4, gt=0.0, le=1.0, description="AdamW learning rate of the LoRA parameters")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up of the learning rate")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="After warm-up")
     grad_clip: float = Field(1.0, ge=0.0, description="0 = off")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds sampling, data order and LoRA initialisation")
     gradient_checkpointing: Union[bool, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         False,
         description="Recompute activations in backward: false, true, or the fraction of layers (0.5 = every other)",
@@ -263,18 +265,59 @@ class TrainConfig(_Strict):
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="teacher: ema, decay per step")
 
 
+class EvalConfig(_Strict):
+    """Held-out evaluation run at the end of the episode; results go into episode.json (see evaluate.py)."""
+
+    path: Path | None = Field(
+        None, description="JSONL held-out set for this episode's task: {prompt, answer, demonstration?, reward?}"
+    )
+    retain: list[Path] = Field(
+        default_factory=list, description="More held-out sets scored after the episode: earlier tasks, general prompts"
+    )
+    reward: str = Field(
+        "contains",
+        description="Scorer for lines without their own 'reward': exact_match | numeric | regex | contains | package.module:function",
+    )
+    drift_path: Path | None = Field(
+        None, description='JSONL of {"text": ...}: mean per-token KL from the base model, and perplexity'
+    )
+    max_new_tokens: int = Field(48, ge=1, le=8192, description="Greedy answer length")
+    teacher: bool = Field(True, description="Also score with each line's demonstration in context (the ceiling)")
+    baselines: bool = Field(
+        True, description="Also score `path` with the model as the episode began and with the bare base (forward transfer)"
+    )
+    drift_max_tokens: int = Field(256, ge=2, description="Drift texts are cut to this many tokens")
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "EvalConfig":
+        if self.path is None and not self.retain and self.drift_path is None:
+            raise ValueError("give at least one of eval.path, eval.retain or eval.drift_path")
+        return self
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(recipe key, path) for every file this section reads."""
+        found = [("path", self.path)] if self.path is not None else []
+        found += [(f"retain.{i}", p) for i, p in enumerate(self.retain)]
+        return found + ([("drift_path", self.drift_path)] if self.drift_path is not None else [])
+
+
 class Recipe(_Strict):
-    name: str = Field("episode", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
-    run_dir: Path = Path("runs/default")
-    method: Method = Method.self_distillation
+    name: str = Field(
+        "episode", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64, description="Episode name: the folder is NNN-name"
+    )
+    run_dir: Path = Field(Path("runs/default"), description="Episodes stack up in run_dir/episodes (relative to the current folder)")
+    method: Method = Field(Method.self_distillation, description="sft = supervised baseline on the demonstrations")
     model: ModelConfig = ModelConfig()
     lora: LoraSettings = LoraSettings()
     signal: SignalConfig = DemonstrationsSignal()
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
-    teacher: TeacherKind = TeacherKind.base
+    teacher: TeacherKind = Field(
+        TeacherKind.base, description="base: the model as the episode began; live: the student; ema: EMA of the adapter"
+    )
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -383,7 +426,8 @@ def _known_keys(model: type[BaseModel], path: list[str], data: dict) -> list[str
                 "feedback": FeedbackSignal,
                 "interactions": InteractionsSignal,
             }.get(kind, DemonstrationsSignal)
-        cls = ann
+        models = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        cls = models[0] if len(models) == 1 else ann  # `EvalConfig | None` -> EvalConfig
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
             return []
     return list(cls.model_fields)
@@ -421,6 +465,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
                 for k, v in list(section.items()):
                     if isinstance(v, str) and (k == "path" or k.endswith("_path")) and not Path(v).is_absolute():
                         section[k] = str(base_dir / v)
+                    elif isinstance(v, list) and k == "retain":
+                        section[k] = [str(base_dir / p) if isinstance(p, str) and not Path(p).is_absolute() else p for p in v]
         if isinstance(data.get("model"), dict):
             nop = data["model"].get("name_or_path")
             if isinstance(nop, str) and nop.startswith((".", "/")) is False and not nop.startswith("builtin:"):
@@ -488,6 +534,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
             )
         elif nop.startswith("builtin:") and nop != BUILTIN_MODEL:
             problems.append(f"{where(('model', 'name_or_path'))}: unknown built-in model {nop!r}; the one built-in is {BUILTIN_MODEL}")
+        for key, file in recipe.eval.files() if recipe.eval is not None else []:
+            if not file.is_file():
+                problems.append(f"{where(('eval', *key.split('.')))}: 'eval.{key}': file not found: {file}")
         if problems:
             raise RecipeError(f"{origin}: {len(problems)} problem(s) in the recipe:", problems)
     return recipe
@@ -495,3 +544,54 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _type_name(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if args:  # a Union, written X | Y
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " | ".join(names) + (" | null" if type(None) in args else "")
+    return getattr(ann, "__name__", str(ann))
+
+
+def recipe_reference_markdown() -> str:
+    """The recipe reference table in README.md, generated from the schema (a test keeps them equal)."""
+
+    def describe(model: type[BaseModel], prefix: str) -> list[str]:
+        rows = []
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = field.annotation
+            nested = [a for a in (get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if nested and name != "signal":
+                rows += describe(nested[0], f"{key}.")
+                continue
+            if name == "signal":
+                continue
+            default = field.default
+            if isinstance(default, enum.Enum):
+                default = default.value
+            if isinstance(ann, type) and issubclass(ann, enum.Enum):
+                kind = " \\| ".join(m.value for m in ann)
+            else:
+                kind = _type_name(ann).replace("|", "\\|")
+            if field.default_factory is not None:
+                default = field.default_factory()
+            shown = "required" if field.is_required() else f"`{default!s}`".replace("\n", "\\n")
+            if isinstance(default, str) and len(default) > 40:
+                shown = "(see `sd validate`)" if "{" in default else f"`{default[:37]}...`"
+            doc = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{key}` | {kind} | {shown} | {doc} |")
+        return rows
+
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += describe(Recipe, "")
+    for signal in (DemonstrationsSignal, RewardsSignal, FeedbackSignal, InteractionsSignal):
+        lines += describe(signal, "signal.")
+    return "\n".join(lines)
