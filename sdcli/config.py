@@ -433,6 +433,18 @@ def _known_keys(model: type[BaseModel], path: list[str], data: dict) -> list[str
     return list(cls.model_fields)
 
 
+def _raw_file_problems(data: dict, where) -> list[str]:
+    """Missing data file / model folder, read from the raw mapping (used when validation failed)."""
+    problems = []
+    data_path = (data.get("data") or {}).get("path") if isinstance(data.get("data"), dict) else None
+    if isinstance(data_path, str) and not Path(data_path).is_file():
+        problems.append(f"{where(('data', 'path'))}: 'data.path': file not found: {data_path}")
+    model_path = (data.get("model") or {}).get("name_or_path") if isinstance(data.get("model"), dict) else None
+    if isinstance(model_path, str) and not model_path.startswith("builtin:") and not Path(model_path).is_dir():
+        problems.append(f"{where(('model', 'name_or_path'))}: 'model.name_or_path': not a local model folder: {model_path}")
+    return problems
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files: bool = True) -> Recipe:
     """Read, merge and validate a recipe. Raises RecipeError listing every problem."""
     problems: list[str] = []
@@ -521,6 +533,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
             else:
                 msg = err["msg"].removeprefix("Value error, ")
                 problems.append(f"{where(loc)}: '{key}': {msg} (got {err.get('input')!r}).")
+        if check_files:  # files too, so that one run shows every problem
+            problems += _raw_file_problems(data, where)
         raise RecipeError(f"{origin}: {len(problems)} problem(s) in the recipe:", problems) from None
 
     if check_files:

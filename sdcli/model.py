@@ -110,6 +110,14 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMod
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        if device.type == "cpu":
+            import warnings
+
+            warnings.warn(
+                f"model.quantization={cfg.quantization.value} on a CPU: bitsandbytes runs it with its CPU kernels, "
+                "which saves memory but is several times slower than float32 here. It is meant for CUDA.",
+                stacklevel=2,
+            )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not quantized:
         model.to(device)

@@ -225,3 +225,12 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model_dir):
     changed = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, extra=", checkpoint_every: 1, lr: 0.02"))
     with pytest.raises(UserError, match="recipe differs"):
         train_episode(changed, resume=True)
+
+
+def test_generate_chat_keeps_the_conversation(chained_run):
+    done = subprocess.run(
+        [sys.executable, "-m", "sdcli.cli", "generate", str(chained_run), "--chat", "--max-new-tokens", "4"],
+        input="Hello\nAnd again\n\n", capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("model>") == 2

@@ -93,3 +93,11 @@ def test_parse_override():
     assert parse_override("name=x=y") == (["name"], "x=y")
     with pytest.raises(RecipeError):
         parse_override("no_equals_sign")
+
+
+def test_missing_files_are_reported_with_schema_problems(tmp_path):
+    path = write(tmp_path, "data:\n  path: nope.jsonl\ntrain:\n  max_stepz: 1\n", data=False)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    text = e.value.render()
+    assert "2 problem(s)" in text and "max_stepz" in text and "nope.jsonl" in text
