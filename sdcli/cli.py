@@ -264,6 +264,131 @@ def generate(
             out.print(f"model> {reply}", markup=False, highlight=False)
 
 
+@app.command(
+    name="eval",
+    epilog="Examples:\n\n"
+    "  sd eval runs/quickstart --data recipes/data/facts_eval.jsonl\n\n"
+    "  sd eval runs/quickstart --no-adapters --data recipes/data/facts_eval.jsonl   (the base model)\n\n"
+    "  sd eval runs/chain --matrix --data t1_eval.jsonl --data t2_eval.jsonl --out matrix.json\n\n"
+    "  sd eval runs/chain --matrix --drift general_text.jsonl   (sets from the episodes' recipes)\n\n"
+    "  sd eval merged/facts --data facts_eval.jsonl --reward exact_match --no-teacher",
+)
+def eval_command(
+    source: Path = typer.Argument(..., help="A run folder, or a model folder (e.g. from sd merge)"),
+    data: List[Path] = typer.Option(
+        [], "--data", "-d",
+        help="Eval set (JSONL: prompt, answer, optional demonstration and reward); repeat for several. "
+        "Default for a run folder: the sets named in its episodes' recipes (eval.path, eval.retain)",
+    ),
+    matrix: bool = typer.Option(
+        False, "--matrix", help="Run folder only: score the base and every prefix of episodes on every set; set j is episode j's task"
+    ),
+    upto: Optional[int] = typer.Option(None, "--upto", help="Use episodes 1..N only"),
+    no_adapters: bool = typer.Option(False, "--no-adapters", help="The base model alone"),
+    reward: str = typer.Option(
+        "contains", "--reward", help="Scorer for lines without their own 'reward': exact_match | numeric | regex | contains | module:function"
+    ),
+    drift: Optional[Path] = typer.Option(None, "--drift", help='JSONL of {"text": ...}: mean KL from the base model and perplexity'),
+    teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also score with each line's demonstration in context"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generate call"),
+    out_json: Optional[Path] = typer.Option(None, "--out", help="Write the results, every answer included, as JSON"),
+):
+    """Score greedy answers on held-out sets, with the teacher's in-context score beside them."""
+    import json
+
+    from sdcli.continual_matrix import matrix_table, metrics_lines
+    from sdcli.evaluate import evaluate_matrix, evaluate_source, fmt, load_eval_set, load_texts, stored_eval_sets
+    from sdcli.model import quiet_transformers
+    from sdcli.source import is_run_dir, select_episodes
+
+    quiet_transformers()
+    run = is_run_dir(source)
+    if matrix and not run:
+        raise UserError(f"--matrix needs a run folder (with episodes/); {source} is not one.")
+    if matrix and (upto is not None or no_adapters):
+        raise UserError("--matrix scores every prefix of the run; leave out --upto and --no-adapters.")
+    taught_by: list = []
+    if data:
+        paths = list(data)
+    elif run:
+        paths, taught_by = stored_eval_sets(select_episodes(source, None if matrix else upto))
+    else:
+        raise UserError("Give at least one eval set with --data.", hint=f"Example: sd eval {source} --data facts_eval.jsonl")
+    sets = [load_eval_set(p, reward) for p in paths]  # every file checked before a model loads
+    texts = load_texts(drift) if drift is not None else None
+    log = lambda message: console.print(message, markup=False, highlight=False)  # noqa: E731
+    common = dict(drift_texts=texts, teacher=teacher, max_new_tokens=max_new_tokens, batch_size=batch_size, log=log)
+
+    if matrix:
+        episodes = select_episodes(source, None)
+        if data:  # set j is the task of episode j; sets beyond the last episode are not tasks
+            taught_by = [j + 1 if j < len(episodes) else None for j in range(len(sets))]
+        result, details = evaluate_matrix(source, sets, taught_by, **common)
+        header, rows = matrix_table(result)
+        _print_table(f"{source}: score R[i][j] on set j after episode i", header, rows)
+        if teacher and result.teacher is not None:
+            header, rows = matrix_table(result, teacher=True)
+            _print_table("teacher: the same model with the demonstration in context", header, rows)
+        for line in metrics_lines(result):
+            out_print(line)
+        if result.drift:
+            _print_table("drift on general text", ["model", "KL from base", "perplexity"],
+                         [[label, fmt(d["kl_from_base"], 4), fmt(d["perplexity"], 2)] for label, d in zip(result.rows, result.drift)])
+        payload = {"source": str(source), "matrix": result.to_json(), "details": details}
+    else:
+        payload = evaluate_source(source, sets, upto=upto, no_adapters=no_adapters, **common)
+        rows = [[r["name"], str(r["n"]), fmt(r["score"]), fmt(r["teacher_score"]) if r["teacher_n"] else "-",
+                 str(r["teacher_n"]), str(r["errors"])] for r in payload["sets"]]
+        _print_table(payload["model"], ["set", "n", "score", "teacher", "teacher n", "scorer errors"], rows)
+        if payload["drift"]:
+            d = payload["drift"]
+            out_print(f"drift on {drift}: KL from base {fmt(d['kl_from_base'], 4)}, perplexity {fmt(d['perplexity'], 2)} "
+                      f"(base {fmt(d['base_perplexity'], 2)}), {d['tokens']} tokens")
+    if out_json is not None:
+        from sdcli.episodes import write_atomic
+
+        write_atomic(out_json, json.dumps(payload, indent=2))
+        console.print(f"wrote {out_json}")
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  sd report runs/quickstart                       (writes runs/quickstart/report/)\n\n"
+    "  sd report runs/chain --out reports/chain\n\n"
+    "  sd report runs/chain --matrix matrix.json       (a matrix from sd eval --matrix --out)",
+)
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder with episodes/"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNG plots and summary.md (default RUN_DIR/report)"),
+    matrix: Optional[Path] = typer.Option(
+        None, "--matrix", help="Matrix JSON from sd eval --matrix --out (default: built from the episodes' stored eval results)"
+    ),
+):
+    """Plot loss, divergence, reward, the continual-learning matrix and drift; write a Markdown summary."""
+    from sdcli.continual_matrix import matrix_table, metrics_lines
+    from sdcli.report import build_report
+
+    result = build_report(run_dir, out_dir, matrix)
+    _print_table(f"{run_dir}: {len(result.episode_rows)} episode(s)", result.episode_header, result.episode_rows)
+    if result.matrix is not None:
+        header, rows = matrix_table(result.matrix)
+        _print_table("continual-learning matrix: score on set j after episode i", header, rows)
+        for line in metrics_lines(result.matrix):
+            out_print(line)
+    for path in result.files:
+        console.print(f"wrote {path}", markup=False, highlight=False)
+
+
 def _click_module():
     """Typer vendors its own copy of click in recent versions; catch that one's exceptions."""
     try:

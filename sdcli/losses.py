@@ -179,3 +179,24 @@ def chunked_token_nll(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: t
         fn = lambda h, y=y: sft_token_nll(lm_head(h), y)  # noqa: E731
         pieces.append(checkpoint(fn, h, use_reentrant=False) if torch.is_grad_enabled() and h.requires_grad else fn(h))
     return torch.cat(pieces, dim=1)
+
+
+def packed_token_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    mask: torch.Tensor,
+    lm_head: torch.nn.Module,
+    spec: DivergenceSpec,
+    tokens: torch.Tensor | None = None,
+    chunk: int = 128,
+) -> torch.Tensor:
+    """`chunked_token_divergence` over the unmasked positions only (padding costs no LM-head work).
+
+    student_hidden, teacher_hidden: [B, T, H]; mask: [B, T] bool. Returns [B, T], zero where masked.
+    """
+    packed = chunked_token_divergence(
+        student_hidden[mask].unsqueeze(0), teacher_hidden[mask].unsqueeze(0), lm_head, spec,
+        tokens[mask].unsqueeze(0) if tokens is not None else None, chunk,
+    )[0]
+    per_token = student_hidden.new_zeros(mask.shape, dtype=packed.dtype)
+    return per_token.index_put((mask,), packed)

@@ -42,8 +42,9 @@ from sdcli.episodes import (
     write_atomic,
 )
 from sdcli.errors import Interrupted, UserError
+from sdcli.evaluate import episode_eval, load_eval_plan
 from sdcli.memory import PeakMemory, return_freed_memory_to_os
-from sdcli.losses import DivergenceSpec, chunked_token_divergence, chunked_token_nll, masked_sequence_mean
+from sdcli.losses import DivergenceSpec, chunked_token_nll, masked_sequence_mean, packed_token_divergence
 from sdcli.model import add_trainable_adapter, enable_activation_checkpointing, load_base, trainable_parameters
 from sdcli.rollout import SamplingSettings, sample_responses
 from sdcli.sequences import PromptEncoder, eos_ids, response_hidden, score_batch
@@ -186,6 +187,7 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
     if recipe.method is Method.sft and any("demonstration" not in e.fields and e.response is None for e in examples):
         raise UserError("method: sft needs a demonstration (or logged response) for every example.")
     log(f"data: {len(examples)} example(s) from {recipe.data.path}")
+    eval_plan = load_eval_plan(recipe)  # read now: a bad eval line must not wait for the end of training
 
     # --- episode folder ---------------------------------------------------------------------
     parents = list_episodes(run_dir)
@@ -330,8 +332,9 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
                         mask = s_batch.response_mask.clone()
                         mask[:, : recipe.loss.skip_first_tokens] = False
                         s_hidden = response_hidden(decoder, s_batch)
-                        per_token = chunked_token_divergence(
-                            s_hidden, t_hidden.to(s_hidden.dtype), lm_head, spec, s_batch.response_ids, recipe.loss.chunk_tokens
+                        per_token = packed_token_divergence(
+                            s_hidden, t_hidden.to(s_hidden.dtype), mask, lm_head, spec, s_batch.response_ids,
+                            recipe.loss.chunk_tokens,
                         )
                         loss = masked_sequence_mean(per_token, mask)
                         divergence_mean = float((per_token.detach() * mask).sum() / mask.sum().clamp(min=1))
@@ -394,6 +397,10 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
         started=started, steps=cfg.max_steps, final=last, adapter_sha256=file_sha256(partial / "adapter_model.safetensors"),
         extra={"prompts_truncated": encoder.truncated, "data_skipped": report.skipped},
     )
+    meta.update(episode_eval(
+        eval_plan, model, tokenizer, earlier=earlier, episode=episode, folder=partial,
+        max_prompt_tokens=recipe.model.max_prompt_tokens, merge=sampling.merge, log=log,
+    ))
     write_atomic(partial / "episode.json", json.dumps(meta, indent=2))
     final = publish(partial)
     return EpisodeResult(path=final, steps=cfg.max_steps, final=last)

@@ -9,6 +9,7 @@ from sdcli.losses import (
     chunked_token_divergence,
     chunked_token_nll,
     masked_sequence_mean,
+    packed_token_divergence,
     sft_token_nll,
     token_divergence,
 )
@@ -172,3 +173,19 @@ def test_chunked_nll_matches_cross_entropy():
     want = torch.nn.functional.cross_entropy(head(h).reshape(-1, V), y.reshape(-1), reduction="none").reshape(B, T)
     torch.testing.assert_close(chunked_token_nll(h, head, y, chunk=2), want)
     torch.testing.assert_close(sft_token_nll(head(h), y), want)
+
+
+def test_packed_equals_masked_chunked_in_value_and_gradient():
+    torch.manual_seed(4)
+    head = torch.nn.Linear(H, V, bias=False)
+    hs = torch.randn(B, T, H, requires_grad=True)
+    ht = torch.randn(B, T, H)
+    tokens = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.4
+    spec = DivergenceSpec("forward_kl")
+    ref = chunked_token_divergence(hs, ht, head, spec, tokens, chunk=3) * mask
+    (g_ref,) = torch.autograd.grad(masked_sequence_mean(ref, mask), hs)
+    packed = packed_token_divergence(hs, ht, mask, head, spec, tokens, chunk=3)
+    (g_packed,) = torch.autograd.grad(masked_sequence_mean(packed, mask), hs)
+    torch.testing.assert_close(packed, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_packed, g_ref, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,141 @@
+"""Continual facts: three episodes of fictional facts, self-distillation against SFT.
+
+    python benchmarks/continual_facts/run.py                        # both methods, 36 steps per episode
+    python benchmarks/continual_facts/run.py --steps 2              # smoke test, a few minutes
+    python benchmarks/continual_facts/run.py --methods sft --out runs/cf --force
+
+Each episode teaches six fictional facts (task1: the Kingdom of Veloria, task2: the skyloom,
+task3: three creatures), given only as demonstrations, to the built-in SmolLM2-135M-Instruct.
+Every episode is evaluated by the training loop itself, from the `eval:` section of its recipe.
+Greedy answers to held-out paraphrases of all three tasks are scored with `contains` (a few
+lines use numeric or regex), and so are eight general questions that the base model mostly
+gets right. Drift is measured on general text. The loop scores the task set with the model as
+the episode began and with the bare base too, so the episode.json files alone fill the
+continual-learning matrix R[i][j] (row 0 = base, row i = after episode i):
+
+    ACC = mean_j R[3][j]      BWT = mean_{j<3} R[3][j] - R[j][j]      FWT = mean_{j>=2} R[j-1][j] - R[0][j]
+
+The same three recipes run once with `method: self_distillation` and once with `method: sft` (an
+override, so the two arms cannot drift apart). The runner prints both matrices and a comparison
+table, writes `sd report` plots for each arm, and saves the numbers in OUT/results.json.
+
+Cost on 2 CPU cores (fp32, 4 prompts x up to 48 tokens): a self-distillation step takes
+6-8 s and an SFT step about 1.2 s. Loading the model and evaluating at the end of the episode
+(about 70 greedy answers plus drift) take about 40 s per episode. The SFT arm took 4.1 minutes in
+full. The SD arm should take about 3 x 36 x 7 s + 2 min = 15 minutes, so the whole run takes
+about 20 minutes. Run nothing else on those cores meanwhile: two torch processes on 2 cores
+slowed one SD step from 7 s to 160 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+
+from sdcli.continual_matrix import matrix_from_episodes, matrix_table, metrics_lines  # noqa: E402
+from sdcli.episodes import list_episodes  # noqa: E402
+from sdcli.evaluate import fmt  # noqa: E402
+
+RECIPES = [HERE / f"task{i}.yaml" for i in (1, 2, 3)]
+METHODS = {"sd": "self_distillation", "sft": "sft"}
+
+
+def train_arm(method: str, run_dir: Path, steps: int | None, threads: int, extra: list[str]) -> float:
+    overrides = [f"run_dir={run_dir}", f"method={METHODS[method]}", f"train.threads={threads}", *extra]
+    if steps is not None:
+        overrides.append(f"train.max_steps={steps}")
+    command = [sys.executable, "-m", "sdcli.cli", "train", *map(str, RECIPES), *overrides, "--quiet"]
+    print("$ " + " ".join(command), flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO)
+    if done.returncode != 0:
+        sys.exit(f"training the {method} arm failed (exit {done.returncode})")
+    return time.perf_counter() - started
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def summarise(method: str, run_dir: Path, seconds: float) -> dict:
+    episodes = list_episodes(run_dir)
+    matrix = matrix_from_episodes([(e.label, e.meta) for e in episodes])
+    if matrix is None:
+        sys.exit(f"{run_dir}: no eval results in episode.json (did the recipes lose their eval section?)")
+    header, rows = matrix_table(matrix)
+    print_table(f"[{method}] score R[i][j] on set j after episode i", header, rows)
+    header, rows = matrix_table(matrix, teacher=True)
+    print_table(f"[{method}] teacher: the same model with the demonstration in context", header, rows)
+    for line in metrics_lines(matrix):
+        print(f"[{method}] {line}")
+    last_drift = (matrix.drift or [None])[-1] or {}
+    general = matrix.columns.index("general_qa") if "general_qa" in matrix.columns else None
+    return {
+        "method": METHODS[method],
+        "run_dir": str(run_dir),
+        "seconds": round(seconds, 1),
+        "steps": [e.meta["steps"] for e in episodes],
+        "metrics": matrix.metrics(),
+        "general_qa": [row[general] for row in matrix.scores] if general is not None else None,
+        "drift_kl_after_last": last_drift.get("kl_from_base"),
+        "perplexity_after_last": last_drift.get("perplexity"),
+        "matrix": matrix.to_json(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="train.max_steps per episode (default: the recipes' 36)")
+    parser.add_argument("--methods", default="sd,sft", help="comma-separated: sd, sft")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "continual_facts")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("SD_BENCH_THREADS", "2")))
+    parser.add_argument("--force", action="store_true", help="Delete earlier runs in --out first")
+    parser.add_argument("overrides", nargs="*", help="Extra key=value recipe overrides, e.g. train.lr=1e-3")
+    args = parser.parse_args()
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        sys.exit(f"--methods: unknown {unknown}; expected some of {sorted(METHODS)}")
+    results = []
+    for method in methods:
+        run_dir = args.out / method
+        if run_dir.exists():
+            if not args.force:
+                sys.exit(f"{run_dir} exists; pass --force to replace it (episodes would stack on the old ones)")
+            shutil.rmtree(run_dir)
+        seconds = train_arm(method, run_dir, args.steps, args.threads, args.overrides)
+        results.append(summarise(method, run_dir, seconds))
+        report = subprocess.run([sys.executable, "-m", "sdcli.cli", "report", str(run_dir), "--out", str(run_dir / "report")],
+                                cwd=REPO, capture_output=True, text=True)
+        print(f"[{method}] plots and summary: {run_dir / 'report'}" if report.returncode == 0
+              else f"[{method}] sd report failed (is matplotlib installed?):\n{report.stderr}")
+
+    rows = [[r["method"], fmt(r["metrics"]["acc"]), fmt(r["metrics"]["bwt"]), fmt(r["metrics"]["fwt"]),
+             fmt((r["general_qa"] or [None])[0]), fmt((r["general_qa"] or [None])[-1]),
+             fmt(r["drift_kl_after_last"], 4), fmt(r["perplexity_after_last"], 2), f"{r['seconds'] / 60:.1f}"]
+            for r in results]
+    print_table("comparison (after the last episode)",
+                ["method", "ACC", "BWT", "FWT", "general QA base", "general QA after", "KL from base", "perplexity", "minutes"],
+                rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

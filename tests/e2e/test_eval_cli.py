@@ -1,0 +1,146 @@
+"""`sd eval`, `sd report` and the end-of-episode evaluation, through the real CLI on a tiny model.
+
+Two chained SFT episodes each teach one fact. The eval sets ask the training questions: a tiny
+random model cannot generalise to paraphrases, but it can learn to repeat an answer, and that is
+enough to check the matrix. R[0] is all zeros, and after episode i task i scores 1.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdcli.continual_matrix import Matrix, matrix_from_episodes
+from sdcli.episodes import list_episodes
+
+TASKS = {
+    "zorblax": ("What is the capital of Zorblax?", "The capital of Zorblax is Quenta.", "Quenta"),
+    "vells": ("Who wrote the Book of Vells?", "It was written by Maro Tiln.", "Maro Tiln"),
+}
+TEXTS = ["The cat sat on the mat and looked at the dog.", "Water boils at one hundred degrees at sea level."]
+
+
+def sd(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def task_files(folder: Path, model_dir: Path, name: str, other: str, steps: int = 20) -> Path:
+    prompt, demo, answer = TASKS[name]
+    write_jsonl(folder / f"{name}.jsonl", [{"prompt": prompt, "demonstration": demo}])
+    write_jsonl(folder / f"{name}_eval.jsonl", [
+        {"id": name, "prompt": prompt, "answer": answer, "demonstration": demo},
+        {"id": f"{name}-exact", "prompt": prompt, "answer": demo, "reward": "exact_match"},
+    ])
+    recipe = folder / f"{name}.yaml"
+    recipe.write_text(
+        f"name: {name}\nrun_dir: {folder / 'run'}\nmethod: sft\nmodel: {{name_or_path: {model_dir}}}\n"
+        f"lora: {{r: 8, alpha: 16}}\ndata: {{path: {name}.jsonl}}\n"
+        f"train: {{max_steps: {steps}, prompts_per_step: 1, lr: 0.01}}\n"
+        f"eval:\n  path: {name}_eval.jsonl\n  retain: [{other}_eval.jsonl]\n  drift_path: text.jsonl\n  max_new_tokens: 16\n"
+    )
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("evalchain")
+    write_jsonl(folder / "text.jsonl", [{"text": t} for t in TEXTS])
+    recipes = [task_files(folder, tiny_model_dir, "zorblax", "vells"), task_files(folder, tiny_model_dir, "vells", "zorblax")]
+    done = sd("train", *map(str, recipes), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "eval: task zorblax_eval: score 1.000" in done.stderr
+    return folder
+
+
+def test_sft_reduces_its_own_loss(chain):
+    for episode in list_episodes(chain / "run"):
+        assert episode.meta["method"] == "sft"
+        losses = [json.loads(line)["loss"] for line in (episode.path / "metrics.jsonl").read_text().splitlines()]
+        assert losses[-1] < 0.2 * losses[0], (episode.label, losses)
+
+
+def test_eval_after_each_episode_is_stored(chain):
+    first, second = list_episodes(chain / "run")
+    ev = first.meta["eval"]
+    task, retain = ev["sets"]
+    assert (task["role"], task["name"], task["n"], task["teacher_n"]) == ("task", "zorblax_eval", 2, 1)
+    assert task["score"] == 1.0 and task["before"]["score"] == 0.0 and task["base"] == task["before"]
+    assert (retain["role"], retain["name"]) == ("retain", "vells_eval") and retain["base"]["score"] == 0.0
+    assert "base" not in second.meta["eval"]["sets"][1]  # retain sets get a base score in the first episode only
+    assert ev["drift"]["kl_from_base"] > 0 and ev["drift"]["tokens"] > 10
+    assert second.meta["eval"]["sets"][0]["score"] == 1.0
+    assert second.meta["eval"]["drift"]["base_perplexity"] == pytest.approx(ev["drift"]["base_perplexity"])
+    details = json.loads((first.path / "eval.json").read_text())
+    after = next(s for s in details["sets"] if s["model"] == "after" and s["role"] == "task")
+    assert after["examples"][0]["response"] == "The capital of Zorblax is Quenta."  # the demonstration, learned
+    assert "teacher_response" in after["examples"][0] and "teacher_response" not in after["examples"][1]
+
+    m = matrix_from_episodes([(e.label, e.meta) for e in (first, second)])
+    assert m.rows == ["base", "001-zorblax", "002-vells"] and m.taught_by == [1, 2]
+    assert m.scores[0] == [0.0, 0.0] and m.scores[1][0] == 1.0 and m.scores[2][1] == 1.0
+
+
+def test_eval_matrix_from_a_reloaded_run_matches_the_stored_results(chain, tmp_path):
+    out = tmp_path / "matrix.json"
+    done = sd("eval", str(chain / "run"), "--matrix", "--drift", str(chain / "text.jsonl"), "--max-new-tokens", "16",
+              "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "ACC" in done.stdout and "BWT" in done.stdout and "zorblax_eval (task 1)" in done.stdout
+    reloaded = Matrix.from_json(json.loads(out.read_text())["matrix"])
+    stored = matrix_from_episodes([(e.label, e.meta) for e in list_episodes(chain / "run")])
+    assert reloaded.columns == stored.columns and reloaded.taught_by == stored.taught_by
+    assert reloaded.scores == stored.scores  # the in-memory eval saw the same model as a fresh load
+    for got, want in zip(reloaded.drift[1:], stored.drift[1:]):
+        assert got["kl_from_base"] == pytest.approx(want["kl_from_base"], rel=1e-3, abs=1e-6)
+    assert reloaded.drift[0]["kl_from_base"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_eval_one_model_on_given_sets(chain, tmp_path):
+    out = tmp_path / "one.json"
+    done = sd("eval", str(chain / "run"), "--upto", "1", "--data", str(chain / "zorblax_eval.jsonl"),
+              "--data", str(chain / "vells_eval.jsonl"), "--max-new-tokens", "16", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "base + 1 episode(s) (001-zorblax)" in done.stderr and "zorblax_eval" in done.stdout
+    result = json.loads(out.read_text())
+    assert [s["name"] for s in result["sets"]] == ["zorblax_eval", "vells_eval"]
+    assert result["sets"][0]["score"] == 1.0 and result["episodes"] == ["001-zorblax"]
+    assert result["sets"][0]["examples"][0]["response"] == "The capital of Zorblax is Quenta."
+
+
+def test_report_via_cli(chain, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    done = sd("report", str(chain / "run"), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "ACC" in done.stdout and "001" in done.stdout
+    for name in ("training.png", "matrix.png", "drift.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    assert "zorblax_eval (task 1)" in (out / "summary.md").read_text()
+
+
+def test_bad_input_exits_2_without_traceback(chain, tiny_model_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine", "answer": "x"}, {"prompt": "no answer here"}])
+    done = sd("eval", str(chain / "run"), "--data", str(bad))
+    assert done.returncode == 2 and "bad.jsonl:2" in done.stderr and "Traceback" not in done.stderr
+    done = sd("eval", str(tiny_model_dir), "--matrix", "--data", str(chain / "zorblax_eval.jsonl"))
+    assert done.returncode == 2 and "--matrix needs a run folder" in done.stderr
+    done = sd("report", str(tmp_path))
+    assert done.returncode == 2 and "not a run folder" in done.stderr
+
+    # a bad eval set in a recipe stops `sd train` before any training
+    recipe = (chain / "zorblax.yaml").read_text().replace("path: zorblax_eval.jsonl", f"path: {bad}")
+    recipe = recipe.replace(f"run_dir: {chain / 'run'}", f"run_dir: {tmp_path / 'run'}")
+    (chain / "bad.yaml").write_text(recipe)
+    done = sd("train", str(chain / "bad.yaml"), "--quiet")
+    assert done.returncode == 2 and "bad.jsonl:2" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "episodes").exists() or not any((tmp_path / "run" / "episodes").iterdir())

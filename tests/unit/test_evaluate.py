@@ -1,0 +1,314 @@
+"""Evaluation: eval-set reading, scoring, drift arithmetic, adapter switching, the GEM matrix."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdcli.config import DEFAULT_DEMONSTRATION_TEMPLATE, EvalConfig, load_recipe
+from sdcli.continual_matrix import Matrix, gem_metrics, matrix_from_episodes, matrix_table
+from sdcli.errors import DataError, RecipeError
+from sdcli.evaluate import (
+    EvalExample,
+    EvalSet,
+    greedy_answers,
+    load_eval_set,
+    load_texts,
+    measure_drift,
+    perplexity,
+    score_responses,
+    stored_eval_sets,
+    teacher_messages,
+    token_kl,
+)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval sets and scoring
+
+
+def test_default_reward_is_contains_and_a_line_may_choose_its_own(tmp_path):
+    path = write_jsonl(tmp_path / "ev.jsonl", [
+        {"id": "cap", "prompt": "Capital of Zorblax?", "answer": "Quenta", "demonstration": "It is Quenta."},
+        {"prompt": "Capital of Zorblax?", "answer": "Quenta", "reward": "exact_match"},
+        {"prompt": "2+2?", "answer": 4, "reward": "numeric"},
+        {"prompt": "Legs?", "answer": r"\b(ten|10)\b", "reward": "regex"},
+    ])
+    eval_set = load_eval_set(path)
+    assert [e.reward for e in eval_set.examples] == ["contains", "exact_match", "numeric", "regex"]
+    assert eval_set.examples[0].id == "cap" and eval_set.examples[1].id == "ev.jsonl:2"
+    assert eval_set.examples[0].demonstration == "It is Quenta." and eval_set.examples[1].demonstration is None
+    responses = ["The capital of Zorblax is Quenta.", "The capital is Quenta.", "It makes 4.", "It has 10 legs."]
+    scores, errors = score_responses(eval_set, responses)
+    assert scores == [1.0, 0.0, 1.0, 1.0] and errors == []
+    assert score_responses(eval_set, ["quenta", "  quenta. ", "five", "tenth"])[0] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_cli_default_reward_applies_to_lines_without_one(tmp_path):
+    path = write_jsonl(tmp_path / "ev.jsonl", [{"prompt": "Capital?", "answer": "Quenta"}])
+    eval_set = load_eval_set(path, default_reward="exact_match")
+    assert score_responses(eval_set, ["The capital is Quenta."])[0] == [0.0]
+    assert score_responses(eval_set, ["Quenta."])[0] == [1.0]
+
+
+def test_every_bad_line_is_reported_at_once(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        {"prompt": "ok", "answer": "fine"},
+        {"prompt": "no answer"},
+        {"answer": "no prompt"},
+        {"prompt": "x", "answer": "y", "reward": "exact_mtch"},
+        {"prompt": "x", "answer": "not a number", "reward": "numeric"},
+        {"prompt": "x", "answer": "y", "demonstration": ""},
+    ])
+    with pytest.raises(DataError) as caught:
+        load_eval_set(path)
+    text = caught.value.render()
+    for line in (2, 3, 4, 5, 6):
+        assert f"bad.jsonl:{line}" in text
+    assert "bad.jsonl:1" not in text
+    assert "did you mean 'exact_match'" in text.lower()
+
+
+def test_user_scorer_and_a_crashing_one(tmp_path, monkeypatch):
+    (tmp_path / "my_scores.py").write_text(
+        "def half(response, example):\n    return 0.5\n\n"
+        "def boom(response, example):\n    raise ValueError('bad day')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "ev.jsonl", [
+        {"prompt": "a", "reward": "my_scores:half"},
+        {"prompt": "b", "answer": "x", "reward": "my_scores:boom"},
+    ])
+    eval_set = load_eval_set(path)
+    scores, errors = score_responses(eval_set, ["anything", "anything"])
+    assert scores == [0.5, 0.0]
+    assert len(errors) == 1 and "bad day" in errors[0] and "ev.jsonl:2" in errors[0]
+    with pytest.raises(RecipeError, match="no_such_module"):
+        load_eval_set(path, default_reward="no_such_module:f")
+
+
+def test_teacher_view_uses_the_demonstrations_template():
+    ex = EvalExample("a", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"}], {},
+                     "contains", "It is Quenta.")
+    view = teacher_messages(ex, DEFAULT_DEMONSTRATION_TEMPLATE)
+    assert view[0] == {"role": "system", "content": "Be brief."}
+    assert view[-1]["content"] == DEFAULT_DEMONSTRATION_TEMPLATE.format(prompt="Capital?", demonstration="It is Quenta.")
+    assert teacher_messages(EvalExample("b", ex.prompt, {}, "contains", None), DEFAULT_DEMONSTRATION_TEMPLATE) is None
+
+
+def test_drift_texts_file(tmp_path):
+    assert load_texts(write_jsonl(tmp_path / "t.jsonl", [{"text": "a b"}, {"text": "c"}])) == ["a b", "c"]
+    with pytest.raises(DataError, match="t2.jsonl:2"):
+        load_texts(write_jsonl(tmp_path / "t2.jsonl", [{"text": "a"}, {"txt": "b"}]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Drift arithmetic
+
+
+def test_token_kl_matches_torch_and_perplexity_of_uniform_is_vocab_size():
+    torch.manual_seed(0)
+    p, q = torch.randn(5, 11).log_softmax(-1), torch.randn(5, 11).log_softmax(-1)
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=p), torch.distributions.Categorical(logits=q)
+    )
+    torch.testing.assert_close(token_kl(p, q), reference)
+    assert torch.allclose(token_kl(p, p), torch.zeros(5), atol=1e-6)
+    assert perplexity(7 * math.log(11), 7) == pytest.approx(11.0)
+    assert perplexity(0.0, 0) is None
+
+
+def _with_random_adapter(model_dir: Path):
+    from sdcli.config import LoraSettings, ModelConfig
+    from sdcli.model import add_trainable_adapter, load_base
+
+    loaded = load_base(ModelConfig(name_or_path=str(model_dir)))
+    model = add_trainable_adapter(loaded.model, "ep001", LoraSettings(r=4, alpha=8))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return model, loaded.tokenizer
+
+
+def test_drift_matches_a_plain_reference(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = _with_random_adapter(tiny_model_dir)
+    texts = ["The cat sat on the mat.", "Water boils at one hundred degrees."]
+    drift = measure_drift(model, tokenizer, texts, adapters=["ep001"])
+    assert drift["kl_from_base"] > 1e-4
+    base_only = measure_drift(model, tokenizer, texts, adapters=[])
+    assert base_only["kl_from_base"] == pytest.approx(0.0, abs=1e-6)
+    assert base_only["perplexity"] == pytest.approx(drift["base_perplexity"], rel=1e-5)
+
+    # perplexity: exp of the token-weighted mean NLL, as the HF loss computes it per text
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            nll += float(plain(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    assert drift["tokens"] == count
+    assert drift["base_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    # a model without adapters has no base to compare with
+    assert measure_drift(plain, tokenizer, texts)["kl_from_base"] is None
+
+
+def test_greedy_answers_with_adapters_off_are_the_bare_base(tiny_model_dir):
+    """Folding adapters for speed must not fold them back in while they are switched off."""
+    from transformers import AutoModelForCausalLM
+
+    from sdcli.model import load_tokenizer
+    from sdcli.sequences import PromptEncoder
+
+    model, tokenizer = _with_random_adapter(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "What is the capital of Zorblax?"}], [{"role": "user", "content": "Hi"}]]
+    encoder = PromptEncoder(tokenizer, 512)
+    kw = dict(encoder=encoder, max_new_tokens=6, merge=True)
+    off = greedy_answers(model, tokenizer, prompts, adapters=[], **kw)
+    on = greedy_answers(model, tokenizer, prompts, adapters=["ep001"], **kw)
+    unfolded = greedy_answers(model, tokenizer, prompts, adapters=["ep001"], **{**kw, "merge": False})
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    bare = greedy_answers(plain, load_tokenizer(tiny_model_dir), prompts, **kw)
+    assert off == bare
+    assert on == unfolded and on != off
+    assert greedy_answers(model, tokenizer, prompts, adapters=["ep001"], batch_size=1, **kw) == on
+
+
+# ---------------------------------------------------------------------------------------------
+# The continual-learning matrix
+
+
+def test_gem_metrics_against_hand_computed_values():
+    R = [
+        [0.1, 0.0, 0.2],  # base
+        [0.9, 0.1, 0.2],  # after episode 1
+        [0.7, 0.8, 0.3],  # after episode 2
+        [0.6, 0.5, 1.0],  # after episode 3
+    ]
+    m = gem_metrics(R, [1, 2, 3])
+    assert m["acc"] == pytest.approx((0.6 + 0.5 + 1.0) / 3)
+    assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)  # -0.3: forgetting
+    assert m["fwt"] == pytest.approx(((0.1 - 0.0) + (0.3 - 0.2)) / 2)  # R[1][2]-R[0][2], R[2][3]-R[0][3]
+    assert m["tasks"] == 3
+
+
+def test_gem_metrics_with_extra_sets_missing_cells_and_fewer_tasks():
+    R = [
+        [0.0, 0.0, 0.5],
+        [1.0, None, 0.4],
+        [0.5, 1.0, 0.3],
+    ]
+    m = gem_metrics(R, [1, 2, None])  # third set: general prompts, not a task
+    assert m["acc"] == pytest.approx(0.75) and m["bwt"] == pytest.approx(-0.5)
+    assert m["fwt"] is None  # R[1][2] is missing
+    assert gem_metrics([[0.2], [0.9]], [1]) == {"acc": 0.9, "bwt": None, "fwt": None, "tasks": 1}
+    # a set whose episode is not in the run is not a task yet
+    assert gem_metrics([[0.2, 0.1], [0.9, 0.3]], [1, 2])["tasks"] == 1
+
+
+def _set(name: str, role: str, score, teacher=None, **extra) -> dict:
+    return {"role": role, "name": name, "path": f"/d/{name}.jsonl", "sha256": f"sha-{name}", "n": 4,
+            "score": score, "teacher_score": teacher, **extra}
+
+
+def test_matrix_from_episode_results():
+    metas = [
+        ("001-a", {"eval": {"sets": [
+            _set("a", "task", 0.75, 1.0, before={"score": 0.0, "teacher_score": 0.5}, base={"score": 0.0, "teacher_score": 0.5}),
+            _set("b", "retain", 0.25), _set("general", "retain", 0.5),
+        ], "drift": {"kl_from_base": 0.01, "perplexity": 9.0, "base_perplexity": 8.0}}}),
+        ("002-b", {"eval": {"sets": [
+            _set("b", "task", 1.0, before={"score": 0.3, "teacher_score": 0.9}, base={"score": 0.1, "teacher_score": 0.8}),
+            _set("a", "retain", 0.5), _set("general", "retain", 0.25),
+        ], "drift": {"kl_from_base": 0.03, "perplexity": 9.5, "base_perplexity": 8.0}}}),
+    ]
+    m = matrix_from_episodes(metas)
+    assert m.rows == ["base", "001-a", "002-b"] and m.columns == ["a", "b", "general"]
+    assert m.taught_by == [1, 2, None]
+    # row 1's own retain score for b (0.25) wins over episode 2's "before" baseline (0.3)
+    assert m.scores == [[0.0, 0.1, None], [0.75, 0.25, 0.5], [0.5, 1.0, 0.25]]
+    assert m.teacher[0] == [0.5, 0.8, None] and m.teacher[1][0] == 1.0
+    assert [d["perplexity"] for d in m.drift] == [8.0, 9.0, 9.5] and m.drift[0]["kl_from_base"] == 0.0
+    assert m.metrics() == pytest.approx({"acc": 0.75, "bwt": -0.25, "fwt": 0.15, "tasks": 2})
+    again = Matrix.from_json(json.loads(json.dumps(m.to_json())))
+    assert again.scores == m.scores and again.metrics() == m.metrics()
+    header, rows = matrix_table(m)
+    assert header == ["model", "a (task 1)", "b (task 2)", "general", "mean"]
+    assert rows[0] == ["base", "0.00", "0.10", "-", "0.05"]
+    assert matrix_from_episodes([("001-a", {"final": {}})]) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's eval section
+
+
+def test_eval_section_paths_are_relative_to_the_recipe(tmp_path):
+    (tmp_path / "data").mkdir()
+    for name in ("train.jsonl", "ev.jsonl", "old.jsonl", "text.jsonl"):
+        (tmp_path / "data" / name).write_text("{}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "data: {path: data/train.jsonl}\n"
+        "eval:\n  path: data/ev.jsonl\n  retain: [data/old.jsonl]\n  drift_path: data/text.jsonl\n"
+    )
+    cfg = load_recipe(recipe).eval
+    assert cfg.path == tmp_path / "data" / "ev.jsonl" and cfg.retain == [tmp_path / "data" / "old.jsonl"]
+    assert cfg.drift_path == tmp_path / "data" / "text.jsonl" and cfg.reward == "contains"
+
+
+def test_eval_section_problems_are_located(tmp_path):
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {path: train.jsonl}\neval:\n  path: gone.jsonl\n  retain:\n    - also_gone.jsonl\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    text = caught.value.render()
+    assert "r.yaml:3: 'eval.path': file not found" in text and "r.yaml:5: 'eval.retain.0': file not found" in text
+    recipe.write_text("data: {path: train.jsonl}\neval:\n  pth: x.jsonl\n")
+    with pytest.raises(RecipeError, match="did you mean 'eval.path'"):
+        load_recipe(recipe)
+    with pytest.raises(ValueError, match="at least one"):
+        EvalConfig()
+
+
+def test_stored_eval_sets_follow_episode_order(tmp_path):
+    from sdcli.episodes import Episode
+
+    def episode(number: int, name: str, eval_yaml: str) -> Episode:
+        folder = tmp_path / f"{number:03d}-{name}"
+        folder.mkdir()
+        (folder / "recipe.yaml").write_text(f"name: {name}\ndata: {{path: /x.jsonl}}\n{eval_yaml}")
+        return Episode(number, name, folder, {})
+
+    for name in ("a", "b", "g"):
+        (tmp_path / f"{name}.jsonl").write_text("{}\n")
+    eps = [
+        episode(1, "a", f"eval: {{path: {tmp_path}/a.jsonl, retain: [{tmp_path}/g.jsonl]}}\n"),
+        episode(2, "nothing", ""),
+        episode(3, "b", f"eval: {{path: {tmp_path}/b.jsonl, retain: [{tmp_path}/a.jsonl, {tmp_path}/g.jsonl]}}\n"),
+    ]
+    paths, taught = stored_eval_sets(eps)
+    assert [p.name for p in paths] == ["a.jsonl", "b.jsonl", "g.jsonl"] and taught == [1, 3, None]
+    (tmp_path / "b.jsonl").unlink()
+    with pytest.raises(Exception, match="003-b"):
+        stored_eval_sets(eps)
+
+
+def test_eval_set_describe_and_name(tmp_path):
+    path = write_jsonl(tmp_path / "facts_eval.jsonl", [{"prompt": "a", "answer": "b"}])
+    eval_set = load_eval_set(path)
+    assert isinstance(eval_set, EvalSet) and eval_set.name == "facts_eval"
+    assert eval_set.describe()["sha256"] == eval_set.sha256 and len(eval_set.sha256) == 64

@@ -1,0 +1,131 @@
+"""`sd report` on a hand-made run folder: tables, Markdown, and real PNG files."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdcli.data import file_sha256
+from sdcli.errors import UserError
+from sdcli.report import build_report, episode_table, markdown_table
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_episode(run: Path, number: int, name: str, method: str, losses: list[float], eval_: dict | None) -> None:
+    folder = run / "episodes" / f"{number:03d}-{name}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (folder / "adapter_model.safetensors").write_bytes(b"not really weights, but not empty")
+    rows = [{"step": i + 1, "loss": v, "kl": v if method == "self_distillation" else float("nan"),
+             **({"signal/reward_mean": 0.1 * i} if method == "self_distillation" else {})} for i, v in enumerate(losses)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 99, "lo')  # torn last line
+    meta = {"number": number, "name": name, "method": method, "signal": "demonstrations", "steps": len(losses),
+            "final": rows[-1], "adapter_sha256": file_sha256(folder / "adapter_model.safetensors")}
+    if eval_ is not None:
+        meta["eval"] = eval_
+    (folder / "episode.json").write_text(json.dumps(meta))
+
+
+def _set(name, role, score, teacher=None, **extra):
+    return {"role": role, "name": name, "path": f"/d/{name}.jsonl", "sha256": f"sha-{name}", "n": 4,
+            "score": score, "teacher_score": teacher, "teacher_n": 4 if teacher is not None else 0, **extra}
+
+
+@pytest.fixture()
+def run_dir(tmp_path) -> Path:
+    run = tmp_path / "run"
+    fake_episode(run, 1, "a", "self_distillation", [2.0, 1.5, 1.0, 0.8], {
+        "sets": [_set("a", "task", 0.75, 1.0, before={"score": 0.0, "teacher_score": 1.0},
+                      base={"score": 0.0, "teacher_score": 1.0}), _set("b", "retain", 0.0, 0.5)],
+        "drift": {"kl_from_base": 0.02, "perplexity": 11.0, "base_perplexity": 10.0},
+    })
+    fake_episode(run, 2, "b", "sft", [3.0, 2.0, 1.2], {
+        "sets": [_set("b", "task", 1.0, 1.0, before={"score": 0.0, "teacher_score": 0.5},
+                      base={"score": 0.0, "teacher_score": 0.5}), _set("a", "retain", 0.5, 1.0)],
+        "drift": {"kl_from_base": 0.05, "perplexity": 12.5, "base_perplexity": 10.0},
+    })
+    return run
+
+
+def check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 200 and height > 150, (path, width, height)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)
+    colours = {tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::7].round(2).tolist()}
+    assert len(colours) > 20, f"{path} looks blank ({len(colours)} colours)"
+
+
+def test_report_writes_plots_and_summary(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    report = build_report(run_dir, out)
+    assert sorted(p.name for p in report.files) == ["drift.png", "matrix.png", "summary.md", "training.png"]
+    for name in ("training.png", "matrix.png", "drift.png"):
+        check_png(out / name)
+    md = (out / "summary.md").read_text()
+    assert "| 001 | a | self_distillation |" in md and "| 002 | b | sft |" in md
+    assert "Continual-learning matrix" in md and "![matrix](matrix.png)" in md
+    assert "| base | 0.00 | 0.00 | 0.00 |" in md  # both tasks unknown to the base
+    assert "ACC (average score after the last episode, over 2 task(s)): 0.750" in md
+    assert "BWT (backward transfer; negative = forgetting): -0.250" in md
+    assert report.matrix.drift[0]["perplexity"] == 10.0
+
+
+def test_report_default_folder_and_an_explicit_matrix_file(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    matrix_file = tmp_path / "m.json"
+    matrix_file.write_text(json.dumps({"matrix": {
+        "rows": ["base", "001-a", "002-b"], "columns": ["x", "y"], "taught_by": [1, 2],
+        "scores": [[0.0, 0.0], [1.0, 0.5], [0.5, 1.0]], "teacher": None,
+    }}))
+    report = build_report(run_dir, None, matrix_file)
+    assert report.out_dir == run_dir / "report" and (run_dir / "report" / "matrix.png").is_file()
+    assert report.matrix.columns == ["x", "y"]
+    assert "drift.png" not in [p.name for p in report.files]  # the file has no drift rows
+    assert f"from {matrix_file}" in (run_dir / "report" / "summary.md").read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a matrix file"):
+        build_report(run_dir, None, bad)
+
+
+def test_report_without_eval_results_still_plots_training(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    fake_episode(run, 1, "a", "sft", [2.0, 1.0], None)
+    report = build_report(run, tmp_path / "out")
+    assert sorted(p.name for p in report.files) == ["summary.md", "training.png"]
+    check_png(tmp_path / "out" / "training.png")
+    assert "No evaluation results" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_missing_matplotlib_is_a_clear_user_error(run_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    with pytest.raises(UserError) as caught:
+        build_report(run_dir, None)
+    assert "pip install 'sd[plot]'" in caught.value.render()
+
+
+def test_not_a_run_folder(tmp_path):
+    with pytest.raises(UserError, match="not a run folder"):
+        build_report(tmp_path, None)
+
+
+def test_episode_table_and_markdown(run_dir):
+    from sdcli.episodes import list_episodes
+
+    header, rows = episode_table(list_episodes(run_dir))
+    assert header[7:10] == ["task score", "teacher", "retain (mean)"]
+    assert rows[0][5:] == ["0.8000", "0.8000", "0.750", "1.000", "0.000", "0.0200", "11.00"]
+    assert rows[1][6] == "-"  # sft has no divergence
+    assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
