@@ -66,7 +66,7 @@ def check_png(path: Path) -> None:
 
 
 def test_report_writes_plots_and_summary(run_dir, tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (the plot extra; CI installs it, so a missing one fails)
     out = tmp_path / "report"
     report = build_report(run_dir, out)
     assert sorted(p.name for p in report.files) == ["drift.png", "matrix.png", "summary.md", "training.png"]
@@ -82,7 +82,7 @@ def test_report_writes_plots_and_summary(run_dir, tmp_path):
 
 
 def test_report_default_folder_and_an_explicit_matrix_file(run_dir, tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (the plot extra; CI installs it, so a missing one fails)
     matrix_file = tmp_path / "m.json"
     matrix_file.write_text(json.dumps({"matrix": {
         "rows": ["base", "001-a", "002-b"], "columns": ["x", "y"], "taught_by": [1, 2],
@@ -100,7 +100,7 @@ def test_report_default_folder_and_an_explicit_matrix_file(run_dir, tmp_path):
 
 
 def test_report_without_eval_results_still_plots_training(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (the plot extra; CI installs it, so a missing one fails)
     run = tmp_path / "run"
     fake_episode(run, 1, "a", "sft", [2.0, 1.0], None)
     report = build_report(run, tmp_path / "out")
