@@ -70,7 +70,7 @@ def train(
 
     for path, recipe in zip(recipe_paths, recipes):
         console.print(f"[bold]episode[/bold] '{recipe.name}' from {path} -> {recipe.run_dir}")
-        result = _run_with_progress(recipe, quiet=quiet, resume=resume)
+        result = _run_with_progress(recipe, quiet=quiet, resume=resume, recipe_file=path)
         final = result.final
         console.print(
             f"[green]done[/green] {result.path}  steps={result.steps}  loss={final.get('loss', float('nan')):.4f}  "
@@ -78,7 +78,7 @@ def train(
         )
 
 
-def _run_with_progress(recipe, quiet: bool, resume: bool):
+def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | None = None):
     from sdcli.train import train_episode
 
     log = lambda message: console.print(message, markup=False, highlight=False)  # noqa: E731
@@ -89,7 +89,7 @@ def _run_with_progress(recipe, quiet: bool, resume: bool):
                 f"len={m['response/mean_tokens']:.1f} tok/s={m['tokens_per_s']:.1f} step_s={m['time/step_s']:.2f}",
                 markup=False, highlight=False,
             )
-        return train_episode(recipe, resume=resume, log=log, progress=progress)
+        return train_episode(recipe, resume=resume, log=log, progress=progress, recipe_file=recipe_file)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -105,7 +105,10 @@ def _run_with_progress(recipe, quiet: bool, resume: bool):
                 stats=f"loss {m['loss']:.4f}  kl {m['kl']:.4f}  {m['tokens_per_s']:.0f} tok/s  {m['time/step_s']:.1f} s/step",
             )
 
-        return train_episode(recipe, resume=resume, log=lambda s: bar.console.print(s, markup=False, highlight=False), progress=progress)
+        return train_episode(
+            recipe, resume=resume, log=lambda s: bar.console.print(s, markup=False, highlight=False), progress=progress,
+            recipe_file=recipe_file,
+        )
 
 
 @app.command(
@@ -172,6 +175,13 @@ def merge(
     console.print(f"[green]merged[/green] {len(episodes)} episode(s) into {out}")
 
 
+def _eval_cell(meta: dict) -> str:
+    """The task score after the episode, from episode.json, if the recipe had an eval: section."""
+    sets = (meta.get("eval") or {}).get("sets") or []
+    scores = [s.get("score") for s in sets if isinstance(s, dict) and s.get("role") == "task"]
+    return f"{scores[0]:.2f}" if scores and isinstance(scores[0], (int, float)) else "-"
+
+
 def out_print(line: str) -> None:
     out.print(line, markup=False, highlight=False)
 
@@ -195,15 +205,18 @@ def episodes(
         out.print_json(json.dumps([e.meta for e in history]))
         return
     table = Table(title=f"{run_dir}: {len(history)} episode(s)")
-    for column in ("#", "name", "signal", "method", "teacher", "steps", "data sha256", "final loss", "final kl", "adapter", "created"):
-        table.add_column(column)
+    for column in ("#", "name", "recipe", "signal", "method", "teacher", "steps", "data sha256", "final loss", "final kl",
+                   "eval", "adapter", "created"):
+        table.add_column(column, overflow="fold")
     for e in history:
         m, final = e.meta, e.meta.get("final", {})
         size = (e.path / "adapter_model.safetensors").stat().st_size
         table.add_row(
-            f"{e.number:03d}", e.name, m.get("signal", "?"), m.get("method", "?"), m.get("teacher", "?"), str(m.get("steps")),
-            m.get("data", {}).get("sha256", "")[:12], f"{final.get('loss', float('nan')):.4f}",
-            f"{final.get('kl', float('nan')):.4f}", f"{size / 2**20:.1f} MB", str(m.get("finished", ""))[:19],
+            f"{e.number:03d}", e.name, Path(m["recipe_file"]).name if m.get("recipe_file") else "-",
+            m.get("signal", "?"), m.get("method", "?"),
+            m.get("teacher", "?"), str(m.get("steps")), m.get("data", {}).get("sha256", "")[:12],
+            f"{final.get('loss', float('nan')):.4f}", f"{final.get('kl', float('nan')):.4f}", _eval_cell(m),
+            f"{size / 2**20:.1f} MB", str(m.get("finished", ""))[:19],
         )
     out.print(table)
 

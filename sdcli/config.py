@@ -265,6 +265,12 @@ class TrainConfig(_Strict):
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="teacher: ema, decay per step")
 
 
+class LoggingConfig(_Strict):
+    tensorboard: bool = Field(
+        False, description="Also write every step's metrics as TensorBoard events into the episode's tensorboard/ folder"
+    )
+
+
 class EvalConfig(_Strict):
     """Held-out evaluation run at the end of the episode; results go into episode.json (see evaluate.py)."""
 
@@ -318,6 +324,7 @@ class Recipe(_Strict):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig | None = None
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="before")
     @classmethod

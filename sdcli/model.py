@@ -177,20 +177,20 @@ def merged_for_sampling(model, enabled: bool):
     if not enabled:
         yield
         return
+    layers = [(layer, layer.get_base_layer()) for layer in lora_layers(model)]
+    active = [(layer, base, [a for a in layer.active_adapters if a in layer.lora_A]) for layer, base in layers]
+    active = [(layer, base, names) for layer, base, names in active if names]
+    # quantized weights (int8 / packed 4-bit) cannot take a float delta; then fold nothing, since
+    # the adapters are switched off while folded and an unfolded layer would lose its adapter
+    if not all(getattr(base, "weight", None) is not None and base.weight.dtype.is_floating_point for _, base, _ in active):
+        yield
+        return
     swapped: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for layer in lora_layers(model):
-                base = layer.get_base_layer()
-                active = [a for a in layer.active_adapters if a in layer.lora_A]
-                weight = getattr(base, "weight", None)
-                # quantized weights (int8 / packed 4-bit) cannot take a float delta
-                if not active or weight is None or not weight.dtype.is_floating_point:
-                    continue
-                delta = sum(layer.get_delta_weight(a) for a in active)
-                if delta.shape != weight.shape:
-                    continue
+            for layer, base, names in active:
                 original = base.weight.data
+                delta = sum(layer.get_delta_weight(a) for a in names)
                 swapped.append((base.weight, original))
                 base.weight.data = original + delta.to(original.dtype)
         from sdcli.stack import active_adapters

@@ -51,6 +51,7 @@ from sdcli.sequences import PromptEncoder, eos_ids, response_hidden, score_batch
 from sdcli.signals import build_signal
 from sdcli.signals.base import Example, TeacherView
 from sdcli.stack import adapter_name, attach_stack, save_adapter
+from sdcli.tensorboard import TensorBoardLog
 from sdcli.teacher import EMA_ADAPTER, add_ema_adapter, teacher_adapters, teacher_hidden, update_ema
 
 
@@ -164,7 +165,9 @@ class EpisodeResult:
     final: dict
 
 
-def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=None) -> EpisodeResult:
+def train_episode(
+    recipe: Recipe, *, resume: bool = False, log=None, progress=None, recipe_file: Path | None = None
+) -> EpisodeResult:
     """Run one episode described by `recipe`. `log(str)` gets human lines; `progress(step, metrics)`
     is called after every step."""
     log = log or (lambda message: None)
@@ -275,6 +278,7 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
         )
 
     memory = PeakMemory(device)
+    board = TensorBoardLog(partial / "tensorboard") if recipe.logging.tensorboard else None
     started = now_iso()
     last: dict = {}
     model.train()  # LoRA dropout (if any) in the student; the teacher is scored under no_grad
@@ -373,6 +377,8 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
             }
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
+            if board:
+                board.write(step + 1, last)
             memory.peaks_mb.clear()
             if progress:
                 progress(step + 1, last)
@@ -386,6 +392,8 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
                 checkpoint(step + 1)
 
     memory.close()
+    if board:
+        board.close()
     if encoder.truncated:
         log(f"warning: {encoder.truncated} prompt(s) were longer than model.max_prompt_tokens and were cut from the left")
 
@@ -395,7 +403,8 @@ def train_episode(recipe: Recipe, *, resume: bool = False, log=None, progress=No
         number=number, name=recipe.name, recipe=recipe, base_path=loaded.path,
         base_hash=model_content_hash(loaded.path, run_dir), data_hash=file_sha256(recipe.data.path), parents=parents,
         started=started, steps=cfg.max_steps, final=last, adapter_sha256=file_sha256(partial / "adapter_model.safetensors"),
-        extra={"prompts_truncated": encoder.truncated, "data_skipped": report.skipped},
+        extra={"prompts_truncated": encoder.truncated, "data_skipped": report.skipped,
+               "recipe_file": str(recipe_file) if recipe_file else None},
     )
     meta.update(episode_eval(
         eval_plan, model, tokenizer, earlier=earlier, episode=episode, folder=partial,

@@ -42,6 +42,14 @@ def check_recipe(recipe: Recipe) -> dict[str, object]:
         summary["model"] = check_model_folder(recipe.model.name_or_path)
     except UserError as e:
         problems.append(e.render())
+    if recipe.eval is not None:
+        from sdcli.evaluate import load_eval_plan
+
+        try:
+            plan = load_eval_plan(recipe)
+            summary["eval sets"] = len(plan.retain) + (plan.task is not None)
+        except UserError as e:
+            problems.append(e.render())
     checker = getattr(build_signal(recipe.signal), "check", None)
     if checker is not None:
         try:

@@ -72,3 +72,21 @@ def facts_jsonl(tmp_path) -> Path:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.fixture()
+def captured_model(monkeypatch) -> dict:
+    """Records the model the next train_episode loads, and a copy of its base weights as loaded."""
+    import sdcli.train as train_module
+
+    captured: dict = {}
+    real = train_module.load_base
+
+    def capture(cfg, *args, **kwargs):
+        loaded = real(cfg, *args, **kwargs)
+        captured["model"] = loaded.model
+        captured["base"] = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+        return loaded
+
+    monkeypatch.setattr(train_module, "load_base", capture)
+    return captured

@@ -73,25 +73,15 @@ def test_episodes_command_shows_lineage(chained_run):
     assert done.returncode == 0, done.stderr
     for label in ("zorblax", "vells", "math"):
         assert label in done.stdout
+        assert f"{label}.yaml" in done.stdout  # the recipe each episode came from
     as_json = json.loads(sd("episodes", str(chained_run), "--json").stdout)
     assert [e["number"] for e in as_json] == [1, 2, 3]
 
 
-def test_later_episode_leaves_base_and_earlier_adapters_alone(tmp_path, tiny_model_dir, monkeypatch):
-    import sdcli.train as train_module
-
+def test_later_episode_leaves_base_and_earlier_adapters_alone(tmp_path, tiny_model_dir, captured_model):
     first = train_episode(load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax")))
     saved = load_file(first.path / "adapter_model.safetensors")
-    captured = {}
-    real = train_module.load_base
-
-    def capture(cfg):
-        loaded = real(cfg)
-        captured["model"] = loaded.model
-        captured["base"] = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-        return loaded
-
-    monkeypatch.setattr(train_module, "load_base", capture)
+    captured = captured_model  # from here on: the model of the second episode
     second = train_episode(load_recipe(recipe_for(tmp_path, tiny_model_dir, "vells")))
     params = dict(captured["model"].named_parameters())
     for key, value in saved.items():  # ep001's weights inside the model after episode 2 trained

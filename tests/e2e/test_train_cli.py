@@ -95,19 +95,10 @@ def test_train_cli_learns_and_writes_a_loadable_episode(tmp_path, tiny_model_dir
     assert after < 0.85 * before, (before, after)
 
 
-def test_in_training_model_equals_reloaded_adapter_and_base_is_untouched(tmp_path, tiny_model_dir, monkeypatch):
+def test_in_training_model_equals_reloaded_adapter_and_base_is_untouched(tmp_path, tiny_model_dir, captured_model):
     import sdcli.train as train_module
 
-    captured = {}
-    real_load_base = train_module.load_base
-
-    def capture(cfg):
-        loaded = real_load_base(cfg)
-        captured["model"] = loaded.model
-        captured["base"] = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-        return loaded
-
-    monkeypatch.setattr(train_module, "load_base", capture)
+    captured = captured_model
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, steps=4))
     result = train_module.train_episode(recipe)
 
@@ -166,3 +157,29 @@ def test_other_losses_and_teachers_run(tmp_path, tiny_model_dir, divergence, sup
     )
     result = train_episode(recipe)
     assert math.isfinite(result.final["loss"])
+
+
+def test_tensorboard_logging_mirrors_the_metrics(tmp_path, tiny_model_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sdcli.train import train_episode
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, steps=2), ["logging.tensorboard=true"])
+    result = train_episode(recipe)
+    events = EventAccumulator(str(result.path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "kl", "time/rollout_s"} <= set(tags)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    metrics = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
+    assert events.Scalars("loss")[1].value == pytest.approx(metrics[1]["loss"], rel=1e-6)
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
+    from sdcli.errors import UserError
+    from sdcli.train import train_episode
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, steps=1), ["logging.tensorboard=true"])
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        train_episode(recipe)

@@ -88,3 +88,21 @@ def test_ema_teacher_starts_as_episode_adapter_and_moves_by_decay(student):
     update_ema(student, "ep001", decay=0.9)
     torch.testing.assert_close(params[ema_key], 0.9 * old_ema + 0.1 * params[key])
     assert student.base_model.active_adapters == ["ep001"]  # the EMA adapter is never in the student
+
+
+def test_folding_is_skipped_for_a_quantized_base_and_the_adapter_still_counts(tiny_model_dir):
+    from sdcli.config import Quantization
+
+    loaded = load_base(ModelConfig(name_or_path=str(tiny_model_dir), quantization=Quantization.four_bit))
+    model = add_trainable_adapter(loaded.model, "ep001", LoraSettings(r=4, alpha=8))
+    randomize_lora(model, "ep001")
+    b = batch()
+    decoder = model.get_base_model().get_decoder()
+    with torch.no_grad():
+        unfolded = response_hidden(decoder, b)
+        with merged_for_sampling(model, True):
+            inside = response_hidden(decoder, b)
+        with model.disable_adapter():
+            bare = response_hidden(decoder, b)
+    torch.testing.assert_close(inside, unfolded)
+    assert (inside - bare).abs().max() > 1e-3
