@@ -115,7 +115,6 @@ def check(name: str, tmp: Path, model_dir: Path, overrides: list[str], device: s
 
 def teacher_equals_base(model_dir: Path, quantization: str, device: str) -> dict:
     """Teacher logits (episode adapter off) against the plain quantized base model's logits."""
-    from transformers import AutoModelForCausalLM
 
     from sdcli.config import LoraSettings, ModelConfig, Quantization, DType
     from sdcli.model import add_trainable_adapter, load_base

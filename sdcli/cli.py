@@ -66,7 +66,6 @@ def train(
 
     recipe_paths, overrides = split_recipes_and_overrides(args)
     recipes = [load_recipe(p, overrides) for p in recipe_paths]  # validate all before training any
-    from sdcli.train import train_episode
 
     for path, recipe in zip(recipe_paths, recipes):
         console.print(f"[bold]episode[/bold] '{recipe.name}' from {path} -> {recipe.run_dir}")

@@ -1,6 +1,5 @@
 """The decoding loop against transformers' generate, and the sampler against its distribution."""
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
