@@ -165,6 +165,38 @@ class EpisodeResult:
     final: dict
 
 
+def load_examples(recipe: Recipe, log) -> tuple:
+    """The signal's context builder and its examples; every data problem is raised before a model loads."""
+    signal = build_signal(recipe.signal)
+    if hasattr(signal, "check"):
+        signal.check()  # user reward / environment functions import and fit
+    report = signal.load(recipe.data.path)
+    examples = report.examples[: recipe.data.max_examples] if recipe.data.max_examples else report.examples
+    for reason, count in report.skipped.items():
+        log(f"data: skipped {count} example(s): {reason}")
+    for warning in report.warnings:
+        log(f"data: {warning}")
+    if recipe.method is Method.sft and any("demonstration" not in e.fields and e.response is None for e in examples):
+        raise UserError("method: sft needs a demonstration (or logged response) for every example.")
+    log(f"data: {len(examples)} example(s) from {recipe.data.path}")
+    return signal, report, examples
+
+
+def open_episode_folder(run_dir: Path, name: str, resume: bool) -> tuple[Path, int]:
+    """The `.partial-NNN-name` folder this episode writes into: a new one, or the interrupted one."""
+    partial = find_partial(run_dir, name) if resume else None
+    if resume and partial is None:
+        raise UserError(f"--resume: no interrupted episode named '{name}' in {run_dir}/episodes.")
+    if partial is not None:
+        return partial, int(partial.name.split("-")[1])
+    number = next_number(run_dir)
+    partial = partial_dir(run_dir, number, name)
+    if partial.exists():
+        raise UserError(f"{partial} exists from an interrupted run.", hint="Add --resume to continue it, or delete it.")
+    partial.mkdir(parents=True)
+    return partial, number
+
+
 def train_episode(
     recipe: Recipe, *, resume: bool = False, log=None, progress=None, recipe_file: Path | None = None
 ) -> EpisodeResult:
@@ -177,34 +209,10 @@ def train_episode(
     return_freed_memory_to_os()
     run_dir = Path(recipe.run_dir)
 
-    # --- data and signal ------------------------------------------------------------------
-    signal = build_signal(recipe.signal)
-    if hasattr(signal, "check"):
-        signal.check()  # user reward / environment functions import and fit, before any model loads
-    report = signal.load(recipe.data.path)
-    examples = report.examples[: recipe.data.max_examples] if recipe.data.max_examples else report.examples
-    for reason, count in report.skipped.items():
-        log(f"data: skipped {count} example(s): {reason}")
-    for warning in report.warnings:
-        log(f"data: {warning}")
-    if recipe.method is Method.sft and any("demonstration" not in e.fields and e.response is None for e in examples):
-        raise UserError("method: sft needs a demonstration (or logged response) for every example.")
-    log(f"data: {len(examples)} example(s) from {recipe.data.path}")
+    signal, report, examples = load_examples(recipe, log)
     eval_plan = load_eval_plan(recipe)  # read now: a bad eval line must not wait for the end of training
-
-    # --- episode folder ---------------------------------------------------------------------
     parents = list_episodes(run_dir)
-    partial = find_partial(run_dir, recipe.name) if resume else None
-    if resume and partial is None:
-        raise UserError(f"--resume: no interrupted episode named '{recipe.name}' in {run_dir}/episodes.")
-    if partial is None:
-        number = next_number(run_dir)
-        partial = partial_dir(run_dir, number, recipe.name)
-        if partial.exists():
-            raise UserError(f"{partial} exists from an interrupted run.", hint="Add --resume to continue it, or delete it.")
-        partial.mkdir(parents=True)
-    else:
-        number = int(partial.name.split("-")[1])
+    partial, number = open_episode_folder(run_dir, recipe.name, resume)
 
     # --- model: base + earlier episodes (frozen) + this episode's adapter -----------------
     torch.manual_seed(cfg.seed)
@@ -244,30 +252,12 @@ def train_episode(
     spec = DivergenceSpec.from_config(recipe.loss)
     teacher_set = teacher_adapters(recipe.teacher, earlier, episode)
 
-    start_step = 0
     metrics_path = partial / "metrics.jsonl"
-    state = load_checkpoint(partial) if resume else None
-    if state is not None and state["extra"].get("recipe") != _resume_key(recipe):
-        raise UserError(
-            f"--resume: the recipe differs from the one {partial.name} was started with "
-            "(only train.max_steps may change on resume).",
-            hint=f"Compare with {partial / 'recipe.yaml'}, or delete {partial} to start over.",
+    start_step = 0
+    if resume:
+        start_step = restore_checkpoint(
+            partial, recipe, {**named_params, **ema_params}, optimizer, scheduler, sampler, metrics_path, log
         )
-    if state is not None:
-        with torch.no_grad():
-            for n, p in {**named_params, **ema_params}.items():
-                p.copy_(state["params"][n])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.restore(state["sampler"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        lines = metrics_path.read_text().splitlines()[:start_step] if metrics_path.exists() else []
-        write_atomic(metrics_path, "".join(line + "\n" for line in lines))
-        log(f"resume: continuing {partial.name} from step {start_step}")
-    elif resume:
-        log(f"resume: {partial.name} has no checkpoint; starting it from step 0")
-        metrics_path.unlink(missing_ok=True)
 
     write_atomic(partial / "recipe.yaml", dump_recipe(recipe))
 
@@ -413,6 +403,33 @@ def train_episode(
     write_atomic(partial / "episode.json", json.dumps(meta, indent=2))
     final = publish(partial)
     return EpisodeResult(path=final, steps=cfg.max_steps, final=last)
+
+
+def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, scheduler, sampler, metrics_path: Path, log) -> int:
+    """Put the interrupted episode's state back; returns the step to continue from."""
+    state = load_checkpoint(partial)
+    if state is None:
+        log(f"resume: {partial.name} has no checkpoint; starting it from step 0")
+        metrics_path.unlink(missing_ok=True)
+        return 0
+    if state["extra"].get("recipe") != _resume_key(recipe):
+        raise UserError(
+            f"--resume: the recipe differs from the one {partial.name} was started with "
+            "(only train.max_steps may change on resume).",
+            hint=f"Compare with {partial / 'recipe.yaml'}, or delete {partial} to start over.",
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state["params"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.restore(state["sampler"])
+    set_rng_state(state["rng"])
+    step = state["step"]
+    lines = metrics_path.read_text().splitlines()[:step] if metrics_path.exists() else []
+    write_atomic(metrics_path, "".join(line + "\n" for line in lines))
+    log(f"resume: continuing {partial.name} from step {step}")
+    return step
 
 
 def _resume_key(recipe: Recipe) -> str:
