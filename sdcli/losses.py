@@ -132,22 +132,28 @@ def chunked_token_divergence(
     student_hidden: [B, T, H] (requires grad), teacher_hidden: [B, T, H] (no grad).
     Returns [B, T] float32, differentiable with respect to student_hidden.
     """
+
+    def piece(s_h: torch.Tensor, t_h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = lm_head(t_h)
+        return token_divergence(lm_head(s_h), t_logits, spec, y)
+
+    return _over_chunks(piece, student_hidden, teacher_hidden, tokens, chunk=chunk)
+
+
+def _over_chunks(fn, grad_input: torch.Tensor, *others: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """fn(grad_input[:, c], *others[:, c]) -> [B, c] for each chunk c of positions, concatenated.
+
+    While gradients are on, each chunk is checkpointed: its logits are recomputed in backward
+    instead of being kept, so at most one chunk of [B, chunk, V] logits is alive at a time.
+    """
     pieces = []
-    for start in range(0, student_hidden.shape[1], chunk):
-        end = start + chunk
-        s_h = student_hidden[:, start:end]
-        t_h = teacher_hidden[:, start:end]
-        y = tokens[:, start:end] if tokens is not None else None
-
-        def piece(s_h: torch.Tensor, t_h: torch.Tensor, y=y) -> torch.Tensor:
-            with torch.no_grad():
-                t_logits = lm_head(t_h)
-            return token_divergence(lm_head(s_h), t_logits, spec, y)
-
-        if torch.is_grad_enabled() and s_h.requires_grad:
-            pieces.append(checkpoint(piece, s_h, t_h, use_reentrant=False))
+    for start in range(0, grad_input.shape[1], chunk):
+        args = [t[:, start : start + chunk] if t is not None else None for t in (grad_input, *others)]
+        if torch.is_grad_enabled() and grad_input.requires_grad:
+            pieces.append(checkpoint(fn, *args, use_reentrant=False))
         else:
-            pieces.append(piece(s_h, t_h))
+            pieces.append(fn(*args))
     return torch.cat(pieces, dim=1)
 
 
@@ -173,12 +179,7 @@ def sft_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def chunked_token_nll(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """`sft_token_nll(lm_head(hidden), targets)` computed a chunk of positions at a time. [B,T,H] -> [B,T]"""
-    pieces = []
-    for start in range(0, hidden.shape[1], chunk):
-        h, y = hidden[:, start : start + chunk], targets[:, start : start + chunk]
-        fn = lambda h, y=y: sft_token_nll(lm_head(h), y)  # noqa: E731
-        pieces.append(checkpoint(fn, h, use_reentrant=False) if torch.is_grad_enabled() and h.requires_grad else fn(h))
-    return torch.cat(pieces, dim=1)
+    return _over_chunks(lambda h, y: sft_token_nll(lm_head(h), y), hidden, targets, chunk=chunk)
 
 
 def packed_token_divergence(

@@ -30,9 +30,10 @@ def check_model_folder(name_or_path: str) -> str:
 def check_recipe(recipe: Recipe) -> dict[str, object]:
     """Raise UserError listing every problem; return a short summary otherwise."""
     problems: list[str] = []
+    signal = build_signal(recipe.signal)
     summary: dict[str, object] = {"name": recipe.name, "method": recipe.method.value, "signal": recipe.signal.kind}
     try:
-        report = build_signal(recipe.signal).load(recipe.data.path)
+        report = signal.load(recipe.data.path)
         summary["examples"] = len(report.examples)
         if report.skipped:
             summary["skipped"] = ", ".join(f"{k}: {v}" for k, v in report.skipped.items())
@@ -50,7 +51,7 @@ def check_recipe(recipe: Recipe) -> dict[str, object]:
             summary["eval sets"] = len(plan.retain) + (plan.task is not None)
         except UserError as e:
             problems.append(e.render())
-    checker = getattr(build_signal(recipe.signal), "check", None)
+    checker = getattr(signal, "check", None)
     if checker is not None:
         try:
             checker()
