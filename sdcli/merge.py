@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from sdcli.errors import UserError
+from sdcli.quantization import QUANTIZATIONS
 from sdcli.stack import WEIGHTS_FILE, adapter_dir_problems, attach_stack
 
 DEFAULT_TOLERANCE = 1e-3
@@ -57,7 +58,7 @@ DEFAULT_PROBE_PROMPTS = [
 MAX_PROBE_TOKENS = 256
 META_FILE = "sd_merge.json"
 INTO_CHOICES = ("model", "adapter")
-QUANTIZATION_CHOICES = ("none", "4bit", "8bit")
+QUANTIZATION_CHOICES = QUANTIZATIONS
 
 LoadBase = Callable[[Path, str], torch.nn.Module]
 
@@ -125,22 +126,16 @@ class MergeReport:
 
 
 def load_base_model(path: Path, quantization: str):
-    """The base as `sd` loads it: float32 compute; bitsandbytes NF4 for 4bit, LLM.int8 for 8bit.
+    """The base as `sd` trains on it (`sdcli.quantization`: NF4 with double quantization for 4bit,
+    LLM.int8 for 8bit), computing in float32, the dtype the merge and its check run in.
 
-    The quantized settings must match training for `quantized_stack_diff` to mean anything; pass
-    the training loader as `merge_history(load_base=...)` if it differs.
+    The quantized weights are those training used, so `quantized_stack_diff` compares against the
+    stack as trained; a run trained in bfloat16 on CUDA computed in bfloat16 there.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from sdcli.quantization import load_model
 
-    kwargs: dict = {"dtype": torch.float32}
-    if quantization == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        )
-    elif quantization == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return load_model(path, quantization, torch.float32)
     except OSError as e:  # no config.json / weights in the folder
         raise UserError(f"Cannot load the base model from {path}:", [str(e).strip().splitlines()[0]]) from e
 

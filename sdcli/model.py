@@ -86,29 +86,20 @@ def load_tokenizer(path: Path, require_chat_template: bool = True):
 
 def load_base(cfg: ModelConfig, device: torch.device | None = None) -> LoadedModel:
     """Load the base model frozen, in eval mode (no dropout in either role)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from sdcli.quantization import load_model
 
     quiet_transformers()
     device = device or default_device()
     path = resolve_model_path(cfg.name_or_path).resolve()
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(path)
-    kwargs: dict = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    kwargs: dict = dict(trust_remote_code=cfg.trust_remote_code)
     quantized = cfg.quantization is not Quantization.none
     if quantized:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
             raise UserError(f"model.quantization={cfg.quantization.value} needs bitsandbytes: {e}", hint="pip install bitsandbytes") from None
-        if cfg.quantization is Quantization.four_bit:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-            )
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
         if device.type == "cpu":
             import warnings
@@ -118,7 +109,8 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMod
                 "which saves memory but is several times slower than float32 here. It is meant for CUDA.",
                 stacklevel=2,
             )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    # quantized exactly as `sd merge` reloads it (sdcli.quantization)
+    model = load_model(path, cfg.quantization, dtype, **kwargs)
     if not quantized:
         model.to(device)
     model.requires_grad_(False)
