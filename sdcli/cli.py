@@ -84,7 +84,7 @@ def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | No
     if quiet or not console.is_terminal:
         def progress(step, m):
             console.print(
-                f"step {step}/{recipe.train.max_steps} loss={m['loss']:.4f} kl={m['kl']:.4f} "
+                f"step {step}/{m['steps_total']} loss={m['loss']:.4f} kl={m['kl']:.4f} "
                 f"len={m['response/mean_tokens']:.1f} tok/s={m['tokens_per_s']:.1f} step_s={m['time/step_s']:.2f}",
                 markup=False, highlight=False,
             )
@@ -96,11 +96,11 @@ def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | No
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("{task.fields[stats]}"), console=console,
     ) as bar:
-        task = bar.add_task(recipe.name, total=recipe.train.max_steps, stats="loading...")
+        task = bar.add_task(recipe.name, total=None, stats="loading...")
 
         def progress(step, m):
             bar.update(
-                task, completed=step,
+                task, completed=step, total=m["steps_total"],
                 stats=f"loss {m['loss']:.4f}  kl {m['kl']:.4f}  {m['tokens_per_s']:.0f} tok/s  {m['time/step_s']:.1f} s/step",
             )
 

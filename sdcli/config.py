@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -227,14 +228,25 @@ class RolloutConfig(_Strict):
         "auto",
         description="Fold the adapter into the weights while sampling (much faster). auto: when the base is not quantized",
     )
+    off_policy_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Share of each step's prompts trained on the example's own good response (a demonstration) "
+        "scored by the teacher, instead of on a sample; 0 = all on-policy, 1 = no sampling",
+    )
 
 
 class LossConfig(_Strict):
     divergence: Divergence = Field(Divergence.forward_kl, description="forward_kl = KL(teacher || student)")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="jsd: 0 = forward KL, 1 = reverse KL")
     support: Support = Field(Support.full, description="Vocabulary the divergence runs over")
-    topk: int = Field(20, ge=1, description="topk: tokens taken from the student's top-k")
-    tail_bucket: bool = Field(True, description="topk: add one bucket for the probability outside the top-k")
+    topk: int = Field(20, ge=1, description="topk: tokens per position in the support")
+    topk_from: Literal["auto", "teacher", "student", "union"] = Field(
+        "auto", description="topk: whose top-k; auto = teacher for forward_kl, student for reverse_kl, union for jsd"
+    )
+    tail_bucket: bool = Field(True, description="topk: add one bucket for the (exact) probability outside the top-k")
+    clip_ratio: float = Field(
+        0.2, gt=0.0, lt=1.0, description="sampled, with train.updates_per_rollout > 1: PPO clip of the importance ratio"
+    )
     skip_first_tokens: int = Field(0, ge=0, description="Response tokens at the start that carry no loss")
     chunk_tokens: int = Field(
         32, ge=1, description="Response positions per chunk of [batch, chunk, vocab] logits; smaller uses less memory"
@@ -247,8 +259,19 @@ class LossConfig(_Strict):
         return self
 
 
+DEFAULT_MAX_STEPS = 50
+
+
 class TrainConfig(_Strict):
-    max_steps: int = Field(50, ge=1, description="Optimizer steps in the episode")
+    max_steps: int | None = Field(
+        None, ge=1, description=f"Optimizer steps in the episode (default {DEFAULT_MAX_STEPS} unless `epochs` is given)"
+    )
+    epochs: float | None = Field(
+        None, gt=0.0, le=10_000, description="Passes over the data instead of max_steps: steps = ceil(epochs x examples / prompts_per_step)"
+    )
+    updates_per_rollout: int = Field(
+        1, ge=1, le=64, description="Optimizer steps on each batch of rollouts (each counts as a step)"
+    )
     prompts_per_step: int = Field(4, ge=1, description="Prompts per step (each sampled rollout.num_samples times)")
     lr: float = Field(5e-4, gt=0.0, le=1.0, description="AdamW learning rate of the LoRA parameters")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
@@ -263,6 +286,20 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="Steps between resumable checkpoints; 0 = off")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="teacher: ema, decay per step")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainConfig":
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give train.max_steps or train.epochs, not both")
+        return self
+
+    def total_steps(self, num_examples: int) -> int:
+        """The episode's optimizer steps, for a data set of `num_examples`."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * num_examples / self.prompts_per_step - 1e-9))
+        return DEFAULT_MAX_STEPS
 
 
 class LoggingConfig(_Strict):

@@ -12,13 +12,22 @@ prompt + context). For every response position t:
 
 Supports:
     full      the whole vocabulary.
-    topk      the student's top-k tokens; with `tail_bucket` one more category holds the
-              probability outside them, otherwise both distributions are renormalised over k.
+    topk      k tokens per position, taken from the top-k of the role whose distribution the
+              divergence weights: the teacher's for forward KL (the student's own top-k could
+              never raise a token the student does not already rank), the student's for reverse
+              KL, the union of both for JSD (`topk_from` overrides). With `tail_bucket` one more
+              category holds the probability outside them, computed exactly as the log-sum-exp
+              of the logits outside the set (no floor); otherwise both distributions are
+              renormalised over the set. With k = V it equals `full`.
     sampled   only the generated token y_t: the single-sample estimate of reverse KL,
               log p_s(y_t) - log p_t(y_t). Its value is that estimate; its gradient is the
               policy-gradient form (log p_s(y_t) - log p_t(y_t)) * grad log p_s(y_t).
               It credits each token with its own log-ratio only (no sum over later tokens),
               trading the exact sequence-level gradient for lower variance.
+              Reusing a rollout for several updates (`old_logp` given), the gradient becomes
+              PPO's clipped surrogate: advantage A = log p_t(y) - log p_old(y), ratio
+              rho = p_s(y) / p_old(y), loss -min(rho A, clip(rho, 1-eps, 1+eps) A). At the
+              first update rho = 1 and it is exactly the gradient above.
 
 Memory: full-vocabulary logits are never held for the whole sequence. `chunked_token_divergence`
 takes final hidden states and projects them through the LM head a chunk of positions at a time;
@@ -43,6 +52,8 @@ class DivergenceSpec:
     support: str = "full"  # full | topk | sampled
     topk: int = 20
     tail_bucket: bool = True
+    topk_from: str = "auto"  # auto | teacher | student | union
+    clip_ratio: float = 0.2  # sampled support with a reused rollout: PPO clip epsilon
 
     @classmethod
     def from_config(cls, loss_cfg) -> "DivergenceSpec":
@@ -52,33 +63,98 @@ class DivergenceSpec:
             support=loss_cfg.support.value,
             topk=loss_cfg.topk,
             tail_bucket=loss_cfg.tail_bucket,
+            topk_from=loss_cfg.topk_from,
+            clip_ratio=loss_cfg.clip_ratio,
         )
 
+    def topk_source(self) -> str:
+        """Whose top-k picks the support: the distribution the divergence is an expectation under."""
+        if self.topk_from != "auto":
+            return self.topk_from
+        return {"forward_kl": "teacher", "reverse_kl": "student"}.get(self.divergence, "union")
 
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dim, from log-probabilities. [..., K] -> [...]"""
-    return (logp.exp() * (logp - logq)).sum(-1)
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q) over the last dim, from log-probabilities. [..., K] -> [...]
+
+    `alive` [..., K] bool marks the categories that exist; the others (an empty tail, a token
+    counted twice in a union) contribute nothing and their entries may hold any finite value.
+    """
+    terms = logp.exp() * (logp - logq)
+    return (terms if alive is None else terms * alive).sum(-1)
 
 
-def divergence_from_logprobs(student_logp: torch.Tensor, teacher_logp: torch.Tensor, divergence: str, alpha: float) -> torch.Tensor:
+def divergence_from_logprobs(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, divergence: str, alpha: float, alive: torch.Tensor | None = None
+) -> torch.Tensor:
     """[..., K] log-probabilities of both roles over the same K categories -> [...] divergence."""
     if divergence == "forward_kl" or (divergence == "jsd" and alpha == 0.0):
-        return _kl(teacher_logp, student_logp)
+        return _kl(teacher_logp, student_logp, alive)
     if divergence == "reverse_kl" or (divergence == "jsd" and alpha == 1.0):
-        return _kl(student_logp, teacher_logp)
+        return _kl(student_logp, teacher_logp, alive)
     if divergence == "jsd":
         mixture = torch.logsumexp(
             torch.stack([teacher_logp + math.log(alpha), student_logp + math.log(1.0 - alpha)]), dim=0
         )
-        return alpha * _kl(teacher_logp, mixture) + (1.0 - alpha) * _kl(student_logp, mixture)
+        return alpha * _kl(teacher_logp, mixture, alive) + (1.0 - alpha) * _kl(student_logp, mixture, alive)
     raise ValueError(f"unknown divergence {divergence!r}; expected forward_kl, reverse_kl or jsd")
 
 
-def _with_tail(logp_k: torch.Tensor) -> torch.Tensor:
-    """Append log(1 - sum p_k) as one more category. [..., K] -> [..., K+1]"""
-    covered = torch.logsumexp(logp_k, dim=-1, keepdim=True).clamp(max=0.0)
-    tail = torch.log((-torch.expm1(covered)).clamp(min=1e-30))
-    return torch.cat([logp_k, tail], dim=-1)
+def _support_index(s: torch.Tensor, t: torch.Tensor, k: int, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the top-k support and which of them count. [..., V] x2 -> [..., K'] long, [..., K'] bool.
+
+    A union lists the teacher's k then the student's k; a student token already among the
+    teacher's is marked dead, so every token is counted once.
+    """
+    if source == "teacher":
+        index = t.detach().topk(k, dim=-1).indices
+        return index, torch.ones_like(index, dtype=torch.bool)
+    if source == "student":
+        index = s.detach().topk(k, dim=-1).indices
+        return index, torch.ones_like(index, dtype=torch.bool)
+    if source == "union":
+        t_idx, s_idx = t.detach().topk(k, dim=-1).indices, s.detach().topk(k, dim=-1).indices
+        repeated = (s_idx.unsqueeze(-1) == t_idx.unsqueeze(-2)).any(-1)
+        alive = torch.cat([torch.ones_like(t_idx, dtype=torch.bool), ~repeated], dim=-1)
+        return torch.cat([t_idx, s_idx], dim=-1), alive
+    raise ValueError(f"unknown topk_from {source!r}; expected auto, teacher, student or union")
+
+
+def _tail_logprob(logp: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log of the probability outside `index`, exactly: log-sum-exp of the log-probs outside it.
+
+    logp [..., V], index [..., K'] -> ([..., 1] log-prob, [..., 1] bool: the tail is not empty).
+    Computed from the logits, not as log(1 - covered), so a tail of 1e-40 is still 1e-40 and its
+    gradient is exact; an empty tail (k = V) is marked dead instead of being -inf.
+    """
+    inside = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, index, True)
+    exists = (~inside).any(-1, keepdim=True)
+    outside = logp.masked_fill(inside, float("-inf")).masked_fill(~exists, 0.0)
+    return torch.logsumexp(outside, dim=-1, keepdim=True).masked_fill(~exists, 0.0), exists
+
+
+def _topk_divergence(s: torch.Tensor, t: torch.Tensor, spec: "DivergenceSpec") -> torch.Tensor:
+    """The divergence over the top-k support (+ the exact tail). [..., V] log-probs -> [...]"""
+    index, alive = _support_index(s, t, min(spec.topk, s.shape[-1]), spec.topk_source())
+    # dead entries are set to 0 before anything is computed from them, so no -inf ever reaches
+    # an exp or a gradient
+    s_k = s.gather(-1, index).masked_fill(~alive, 0.0)
+    t_k = t.gather(-1, index).masked_fill(~alive, 0.0)
+    if spec.tail_bucket:
+        s_tail, exists = _tail_logprob(s, index)
+        t_tail, _ = _tail_logprob(t, index)
+        s_k, t_k = torch.cat([s_k, s_tail], -1), torch.cat([t_k, t_tail], -1)
+        alive = torch.cat([alive, exists], -1)
+    else:
+        s_k = _renormalise(s_k, alive)
+        t_k = _renormalise(t_k, alive)
+    return divergence_from_logprobs(s_k, t_k, spec.divergence, spec.alpha, alive)
+
+
+def _renormalise(logp_k: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the alive categories only; dead ones are left at 0 (masked later)."""
+    total = torch.logsumexp(logp_k.masked_fill(~alive, float("-inf")), dim=-1, keepdim=True)
+    return (logp_k - total).masked_fill(~alive, 0.0)
 
 
 def token_divergence(
@@ -86,11 +162,14 @@ def token_divergence(
     teacher_logits: torch.Tensor,
     spec: DivergenceSpec,
     tokens: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position divergence.
 
     student_logits, teacher_logits: [B, T, V] (any float dtype; computed in float32).
     tokens: [B, T] the generated response tokens (needed for support="sampled").
+    old_logp: [B, T] log p of `tokens` under the student that sampled them, for a rollout reused
+        over several updates (support="sampled" only; None = the current student, rho = 1).
     Returns: [B, T] float32.
     """
     s = F.log_softmax(student_logits.float(), dim=-1)
@@ -98,14 +177,7 @@ def token_divergence(
     if spec.support == "full":
         return divergence_from_logprobs(s, t, spec.divergence, spec.alpha)
     if spec.support == "topk":
-        k = min(spec.topk, s.shape[-1])
-        index = s.detach().topk(k, dim=-1).indices
-        s_k, t_k = s.gather(-1, index), t.gather(-1, index)
-        if spec.tail_bucket:
-            s_k, t_k = _with_tail(s_k), _with_tail(t_k)
-        else:
-            s_k, t_k = F.log_softmax(s_k, dim=-1), F.log_softmax(t_k, dim=-1)
-        return divergence_from_logprobs(s_k, t_k, spec.divergence, spec.alpha)
+        return _topk_divergence(s, t, spec)
     if spec.support == "sampled":
         if tokens is None:
             raise ValueError("support='sampled' needs the generated tokens")
@@ -113,9 +185,13 @@ def token_divergence(
             raise ValueError("support='sampled' estimates reverse KL only")
         s_y = s.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         t_y = t.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        ratio = (s_y - t_y).detach()
-        # value: the log-ratio estimate; gradient: ratio * grad log p_s(y)
-        return ratio * s_y + (ratio - ratio * s_y).detach()
+        old = s_y.detach() if old_logp is None else old_logp.to(s_y.dtype)
+        advantage = t_y - old  # > 0 where the teacher wants more of y than the sampler gave it
+        rho = torch.exp(s_y - old)
+        clipped = rho.clamp(1.0 - spec.clip_ratio, 1.0 + spec.clip_ratio)
+        surrogate = -torch.minimum(rho * advantage, clipped * advantage)
+        # value: the log-ratio estimate log p_s(y) - log p_t(y); gradient: the surrogate's
+        return surrogate + ((s_y - t_y).detach() - surrogate).detach()
     raise ValueError(f"unknown support {spec.support!r}; expected full, topk or sampled")
 
 
@@ -126,23 +202,64 @@ def chunked_token_divergence(
     spec: DivergenceSpec,
     tokens: torch.Tensor | None = None,
     chunk: int = 128,
+    old_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same as `token_divergence(lm_head(student_hidden), lm_head(teacher_hidden))`, in chunks.
 
     student_hidden: [B, T, H] (requires grad), teacher_hidden: [B, T, H] (no grad).
     Returns [B, T] float32, differentiable with respect to student_hidden.
     """
+    return chunked_divergence_and_stats(student_hidden, teacher_hidden, lm_head, spec, tokens, chunk, old_logp)[0]
 
-    def piece(s_h: torch.Tensor, t_h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+
+def chunked_divergence_and_stats(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    spec: DivergenceSpec,
+    tokens: torch.Tensor | None = None,
+    chunk: int = 128,
+    old_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`chunked_token_divergence`, plus `token_stats` of the same logits when `tokens` is given
+    (computed in the same pass over the LM head, so watching the learning costs nothing).
+
+    Returns ([B, T] divergence, [B, T, 3] stats or None).
+    """
+
+    def piece(s_h: torch.Tensor, t_h: torch.Tensor, y: torch.Tensor | None, old: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
             t_logits = lm_head(t_h)
-        return token_divergence(lm_head(s_h), t_logits, spec, y)
+        s_logits = lm_head(s_h)
+        divergence = token_divergence(s_logits, t_logits, spec, y, old).unsqueeze(-1)
+        if y is None:
+            return divergence
+        return torch.cat([divergence, token_stats(s_logits, t_logits, y)], dim=-1)
 
-    return _over_chunks(piece, student_hidden, teacher_hidden, tokens, chunk=chunk)
+    out = _over_chunks(piece, student_hidden, teacher_hidden, tokens, old_logp, chunk=chunk)
+    return out[..., 0], (out[..., 1:] if tokens is not None else None)
+
+
+STAT_STUDENT_LOGP, STAT_TEACHER_LOGP, STAT_DISAGREE = 0, 1, 2
+
+
+@torch.no_grad()
+def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """What the learning looks like per position, without gradients.
+
+    [B, T, V] x2, [B, T] -> [B, T, 3]: log p_s(y_t), log p_t(y_t), and 1.0 where the two roles'
+    most likely next tokens differ. log p_t(y_t) - log p_s(y_t) is the per-token advantage (the
+    teacher wants more of y_t where it is positive).
+    """
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    index = tokens.unsqueeze(-1)
+    disagree = (s.argmax(-1) != t.argmax(-1)).float()
+    return torch.stack([s.gather(-1, index).squeeze(-1), t.gather(-1, index).squeeze(-1), disagree], dim=-1)
 
 
 def _over_chunks(fn, grad_input: torch.Tensor, *others: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """fn(grad_input[:, c], *others[:, c]) -> [B, c] for each chunk c of positions, concatenated.
+    """fn(grad_input[:, c], *others[:, c]) -> [B, c, ...] for each chunk c of positions, concatenated.
 
     While gradients are on, each chunk is checkpointed: its logits are recomputed in backward
     instead of being kept, so at most one chunk of [B, chunk, V] logits is alive at a time.
@@ -190,14 +307,34 @@ def packed_token_divergence(
     spec: DivergenceSpec,
     tokens: torch.Tensor | None = None,
     chunk: int = 128,
+    old_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`chunked_token_divergence` over the unmasked positions only (padding costs no LM-head work).
 
     student_hidden, teacher_hidden: [B, T, H]; mask: [B, T] bool. Returns [B, T], zero where masked.
     """
-    packed = chunked_token_divergence(
-        student_hidden[mask].unsqueeze(0), teacher_hidden[mask].unsqueeze(0), lm_head, spec,
-        tokens[mask].unsqueeze(0) if tokens is not None else None, chunk,
-    )[0]
-    per_token = student_hidden.new_zeros(mask.shape, dtype=packed.dtype)
-    return per_token.index_put((mask,), packed)
+    return packed_divergence_and_stats(student_hidden, teacher_hidden, mask, lm_head, spec, tokens, chunk, old_logp)[0]
+
+
+def packed_divergence_and_stats(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    mask: torch.Tensor,
+    lm_head: torch.nn.Module,
+    spec: DivergenceSpec,
+    tokens: torch.Tensor | None = None,
+    chunk: int = 128,
+    old_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`packed_token_divergence` and, with `tokens`, its [B, T, 3] `token_stats` (zero where masked)."""
+
+    def packed(x: torch.Tensor | None) -> torch.Tensor | None:
+        return x[mask].unsqueeze(0) if x is not None else None
+
+    divergence, stats = chunked_divergence_and_stats(
+        packed(student_hidden), packed(teacher_hidden), lm_head, spec, packed(tokens), chunk, packed(old_logp)
+    )
+    per_token = student_hidden.new_zeros(mask.shape, dtype=divergence.dtype).index_put((mask,), divergence[0])
+    if stats is None:
+        return per_token, None
+    return per_token, stats.new_zeros((*mask.shape, stats.shape[-1])).index_put((mask,), stats[0])

@@ -44,7 +44,15 @@ from sdcli.episodes import (
 from sdcli.errors import Interrupted, UserError
 from sdcli.evaluate import episode_eval, load_eval_plan
 from sdcli.memory import PeakMemory, return_freed_memory_to_os
-from sdcli.losses import DivergenceSpec, chunked_token_nll, masked_sequence_mean, packed_token_divergence
+from sdcli.losses import (
+    STAT_DISAGREE,
+    STAT_STUDENT_LOGP,
+    STAT_TEACHER_LOGP,
+    DivergenceSpec,
+    chunked_token_nll,
+    masked_sequence_mean,
+    packed_divergence_and_stats,
+)
 from sdcli.model import add_trainable_adapter, enable_activation_checkpointing, load_base, trainable_parameters
 from sdcli.rollout import SamplingSettings, sample_responses
 from sdcli.sequences import PromptEncoder, eos_ids, response_hidden, score_batch
@@ -129,11 +137,11 @@ class PhaseTimer:
             self.memory.stop(name)
 
 
-def lr_lambda(cfg):
+def lr_lambda(cfg, total_steps: int):
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         if cfg.lr_schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         if cfg.lr_schedule == "linear":
@@ -156,6 +164,94 @@ def signal_metrics(views: list[TeacherView]) -> dict[str, float]:
     if successes:
         metrics["signal/success_rate"] = sum(successes) / len(successes)
     return metrics
+
+
+@dataclass
+class Sequence:
+    """One (prompt, response) pair to learn on, and what the teacher sees for it."""
+
+    prompt: list[int]
+    response: list[int]
+    view: TeacherView | None = None  # None until the context is built (and for sft)
+    off_policy: bool = False  # the example's own demonstration, not a sample
+
+
+def off_policy_count(fraction: float, prompts: int, rollout_index: int) -> int:
+    """How many of this rollout's prompts go off-policy, so that over rollouts the share is exactly
+    `fraction` even when fraction x prompts is not a whole number (0.3 x 4: 1, 1, 2, 1, 1, 2, ...)."""
+    before = math.floor(fraction * prompts * rollout_index + 1e-9)
+    return math.floor(fraction * prompts * (rollout_index + 1) + 1e-9) - before
+
+
+def off_policy_sequences(batch: list[Example], n_off: int, signal, encoder, tokenizer, stop) -> tuple[list[Sequence], list[Example]]:
+    """The first `n_off` examples of the batch that carry a demonstration, as off-policy sequences
+    (the demonstration is the response, the signal says what the teacher sees); and the rest, to sample."""
+    off, rest = [], []
+    for ex in batch:
+        found = signal.demonstration_view(ex) if len(off) < n_off else None
+        if found is None:
+            rest.append(ex)
+            continue
+        text, view = found
+        off.append(Sequence(encoder.encode(ex.prompt), response_tokens(tokenizer, text, stop), view, off_policy=True))
+    return off, rest
+
+
+def rollout_sequences(batch: list[Example], g: int, encoder, tokenizer, stop, sample) -> tuple[list[Sequence], int]:
+    """g responses per example: logged ones where every example has one (offline), else sampled
+    from the student by `sample(prompts)`. Returns the sequences and how many tokens were generated."""
+    prompts = [encoder.encode(ex.prompt) for ex in batch for _ in range(g)]
+    if not prompts:
+        return [], 0
+    if all(ex.response is not None for ex in batch):
+        responses = [response_tokens(tokenizer, ex.response, stop) for ex in batch for _ in range(g)]
+        generated = 0
+    else:
+        responses = sample(prompts)
+        generated = sum(len(r) for r in responses)
+    return [Sequence(p, r) for p, r in zip(prompts, responses)], generated
+
+
+def demonstration_text(ex: Example) -> str:
+    return ex.fields.get("demonstration") or ex.response
+
+
+def _masked_mean(values: torch.Tensor | None, mask: torch.Tensor | None) -> float:
+    if values is None or mask is None or not bool(mask.any()):
+        return float("nan")
+    return float((values.detach() * mask).sum() / mask.sum())
+
+
+def learning_metrics(per_token, stats, mask, off) -> dict[str, float]:
+    """Is the student approaching the teacher where it matters? Per step, from the loss's own pass.
+
+    loss/on_policy, loss/off_policy: each part's loss (per-sequence mean, as the loss itself).
+    learn/demo_nll_student, learn/demo_nll_teacher: per-token NLL of the demonstrations under the
+        student (no context) and the teacher (context); the first falling toward the second is
+        the knowledge moving in.
+    learn/disagreement: share of positions where the two roles' most likely tokens differ.
+    advantage/*: log p_t(y) - log p_s(y) on sampled tokens: its mean, the share of tokens where
+        |advantage| > 1 (how sparse the signal is) and the share where it is positive.
+    """
+    if per_token is None or stats is None:
+        return {}
+    on_mask, off_mask = mask & ~off[:, None], mask & off[:, None]
+    out = {"learn/disagreement": _masked_mean(stats[..., STAT_DISAGREE], mask)}
+    if bool(on_mask.any()):
+        advantage = stats[..., STAT_TEACHER_LOGP] - stats[..., STAT_STUDENT_LOGP]
+        out.update({
+            "loss/on_policy": float(masked_sequence_mean(per_token.detach(), on_mask)),
+            "advantage/mean": _masked_mean(advantage, on_mask),
+            "advantage/large_fraction": _masked_mean((advantage.abs() > 1).float(), on_mask),
+            "advantage/positive_fraction": _masked_mean((advantage > 0).float(), on_mask),
+        })
+    if bool(off_mask.any()):
+        out.update({
+            "loss/off_policy": float(masked_sequence_mean(per_token.detach(), off_mask)),
+            "learn/demo_nll_student": -_masked_mean(stats[..., STAT_STUDENT_LOGP], off_mask),
+            "learn/demo_nll_teacher": -_masked_mean(stats[..., STAT_TEACHER_LOGP], off_mask),
+        })
+    return out
 
 
 @dataclass
@@ -237,7 +333,8 @@ def train_episode(
     )
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    total_steps = cfg.total_steps(len(examples))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     sampler = ExampleSampler(len(examples), cfg.seed, recipe.data.shuffle)
     encoder = PromptEncoder(tokenizer, recipe.model.max_prompt_tokens)
     stop = eos_ids(tokenizer, model)
@@ -267,119 +364,138 @@ def train_episode(
             scheduler=scheduler, sampler_state=sampler.state(), extra={"recipe": _resume_key(recipe)},
         )
 
+    off_fraction = recipe.rollout.off_policy_fraction if recipe.method is Method.self_distillation else 0.0
+    if off_fraction > 0 and not any(signal.demonstration_view(ex) for ex in examples[:1000]):
+        log("warning: rollout.off_policy_fraction > 0, but no example carries a demonstration; every prompt is sampled")
+    log(f"train: {total_steps} step(s); {cfg.updates_per_rollout} update(s) per rollout; "
+        f"{off_fraction:.0%} of prompts off-policy")
+
     memory = PeakMemory(device)
     board = TensorBoardLog(partial / "tensorboard") if recipe.logging.tensorboard else None
     started = now_iso()
     last: dict = {}
     model.train()  # LoRA dropout (if any) in the student; the teacher is scored under no_grad
     with stop_after_step() as stop_requested, open(metrics_path, "a", encoding="utf-8") as metrics_file:
-        for step in range(start_step, cfg.max_steps):
+        step = start_step
+        while step < total_steps:
             timer = PhaseTimer(memory)
             step_start = time.perf_counter()
             batch = [examples[i] for i in sampler.take(cfg.prompts_per_step)]
-            g = recipe.rollout.num_samples
+            n_off = off_policy_count(off_fraction, cfg.prompts_per_step, step // cfg.updates_per_rollout)
 
-            # 1-2. responses: logged, demonstrated (sft) or sampled from the student
+            # 1-3. the responses to learn on, and what the teacher sees for each
             with timer("rollout"):
-                samples: list[tuple[Example, list[int]]] = [(ex, encoder.encode(ex.prompt)) for ex in batch for _ in range(g)]
                 if recipe.method is Method.sft:
-                    responses = [response_tokens(tokenizer, ex.fields.get("demonstration") or ex.response, stop) for ex, _ in samples]
-                elif all(ex.response is not None for ex in batch):
-                    responses = [response_tokens(tokenizer, ex.response, stop) for ex, _ in samples]
+                    seqs = [Sequence(encoder.encode(ex.prompt), response_tokens(tokenizer, demonstration_text(ex), stop))
+                            for ex in batch]
+                    generated = 0
                 else:
-                    responses = sample_responses(model, tokenizer, [p for _, p in samples], sampling, stop)
-                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            generated = sum(len(r) for r in responses)
-
-            if recipe.method is Method.sft:
-                with timer("student"):
-                    student = score_batch([p for _, p in samples], responses, tokenizer.pad_token_id, device)
-                    hidden = response_hidden(decoder, student)
-                    per_token = chunked_token_nll(hidden, lm_head, student.response_ids, recipe.loss.chunk_tokens)
-                    loss = masked_sequence_mean(per_token, student.response_mask)
-                    loss.backward()
-                views: list[TeacherView] = []
-                divergence_mean = float("nan")
-            else:
-                # 3. the teacher's context, per sample
+                    seqs, on_policy = off_policy_sequences(batch, n_off, signal, encoder, tokenizer, stop)
+                    seqs_on, generated = rollout_sequences(
+                        on_policy, recipe.rollout.num_samples, encoder, tokenizer, stop,
+                        lambda prompts: sample_responses(model, tokenizer, prompts, sampling, stop),
+                    )
+            if recipe.method is Method.self_distillation:
                 with timer("context"):
-                    views = []
-                    for i, ex in enumerate(batch):
-                        views += signal.teacher_views(ex, texts[i * g : (i + 1) * g])
-                kept = [i for i, v in enumerate(views) if v.messages is not None]
+                    g = recipe.rollout.num_samples
+                    texts = tokenizer.batch_decode([q.response for q in seqs_on], skip_special_tokens=True)
+                    for i, ex in enumerate(on_policy):
+                        for q, view in zip(seqs_on[i * g : (i + 1) * g], signal.teacher_views(ex, texts[i * g : (i + 1) * g])):
+                            q.view = view
+                    seqs = seqs_on + seqs
+            views = [q.view for q in seqs if q.view is not None]
+            kept = [q for q in seqs if recipe.method is Method.sft or q.view.messages is not None]
 
-                # 4. teacher: no grad, episode adapter off, context on
+            # 4. teacher: no grad, episode adapter off, context on (once per rollout)
+            t_hidden = None
+            if kept and recipe.method is Method.self_distillation:
                 with timer("teacher"):
-                    if kept:
-                        t_batch = score_batch(
-                            [encoder.encode(views[i].messages) for i in kept], [responses[i] for i in kept],
-                            tokenizer.pad_token_id, device,
-                        )
-                        t_hidden = teacher_hidden(model, decoder, t_batch, teacher_set)
+                    t_batch = score_batch([encoder.encode(q.view.messages) for q in kept], [q.response for q in kept],
+                                          tokenizer.pad_token_id, device)
+                    t_hidden = teacher_hidden(model, decoder, t_batch, teacher_set)
+                    del t_batch
+            s_batch = (score_batch([q.prompt for q in kept], [q.response for q in kept], tokenizer.pad_token_id, device)
+                       if kept else None)
+            off = torch.tensor([q.off_policy for q in kept], dtype=torch.bool, device=device)
+            old_logp = None
 
-                # 5-6. student forward and the distillation loss; 7. backward
+            for update in range(min(cfg.updates_per_rollout, total_steps - step)):
+                # 5-6. student forward and the loss; 7. backward
                 with timer("student"):
-                    if kept:
-                        s_batch = score_batch(
-                            [samples[i][1] for i in kept], [responses[i] for i in kept], tokenizer.pad_token_id, device
-                        )
+                    if s_batch is None:
+                        loss, per_token, stats, mask = torch.zeros((), device=device), None, None, None
+                    elif recipe.method is Method.sft:
+                        mask = s_batch.response_mask
+                        per_token = chunked_token_nll(response_hidden(decoder, s_batch), lm_head, s_batch.response_ids,
+                                                      recipe.loss.chunk_tokens)
+                        loss, stats = masked_sequence_mean(per_token, mask), None
+                        loss.backward()
+                    else:
                         mask = s_batch.response_mask.clone()
                         mask[:, : recipe.loss.skip_first_tokens] = False
                         s_hidden = response_hidden(decoder, s_batch)
-                        per_token = packed_token_divergence(
-                            s_hidden, t_hidden.to(s_hidden.dtype), mask, lm_head, spec, s_batch.response_ids,
-                            recipe.loss.chunk_tokens,
+                        per_token, stats = packed_divergence_and_stats(
+                            s_hidden, t_hidden.to(s_hidden.dtype), mask, lm_head, spec,
+                            s_batch.response_ids, recipe.loss.chunk_tokens, old_logp,
                         )
+                        del s_hidden
                         loss = masked_sequence_mean(per_token, mask)
-                        divergence_mean = float((per_token.detach() * mask).sum() / mask.sum().clamp(min=1))
                         loss.backward()
-                        del t_hidden, s_hidden, per_token
-                    else:
-                        loss = torch.zeros((), device=device)
-                        divergence_mean = 0.0
+                        if old_logp is None and spec.support == "sampled":
+                            old_logp = stats[..., STAT_STUDENT_LOGP].detach()  # the sampler, for later updates
 
-            # 7. optimiser step on the LoRA parameters only
-            with timer("optimizer"):
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else _grad_norm(params)
-                )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if recipe.teacher is TeacherKind.ema:
-                    update_ema(model, episode, cfg.ema_decay)
+                # 7. optimiser step on the LoRA parameters only
+                with timer("optimizer"):
+                    grad_norm = (
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else _grad_norm(params)
+                    )
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if recipe.teacher is TeacherKind.ema:
+                        update_ema(model, episode, cfg.ema_decay)
 
-            # 8. log
-            step_seconds = time.perf_counter() - step_start
-            last = {
-                "step": step + 1,
-                "loss": float(loss.detach()),
-                "kl": divergence_mean,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "response/mean_tokens": generated / max(1, len(responses)),
-                "tokens_per_s": generated / step_seconds,
-                "rollout/tokens_per_s": generated / max(1e-9, timer.seconds.get("rollout", 0.0)),
-                **{f"time/{k}_s": round(v, 4) for k, v in timer.seconds.items()},
-                "time/step_s": round(step_seconds, 4),
-                **{f"memory/{k}_peak_mb": round(v, 1) for k, v in memory.peaks_mb.items()},
-                **(signal_metrics(views) if views else {}),
-            }
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
-            if board:
-                board.write(step + 1, last)
-            memory.peaks_mb.clear()
-            if progress:
-                progress(step + 1, last)
-            if stop_requested() and step + 1 < cfg.max_steps:
-                checkpoint(step + 1)
+                # 8. log
+                step += 1
+                step_seconds = time.perf_counter() - step_start
+                last = {
+                    "step": step,
+                    "steps_total": total_steps,
+                    "loss": float(loss.detach()),
+                    "kl": _masked_mean(per_token, mask),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "response/mean_tokens": sum(len(q.response) for q in seqs) / max(1, len(seqs)),
+                    "tokens_per_s": generated / step_seconds,
+                    "rollout/tokens_per_s": generated / max(1e-9, timer.seconds.get("rollout", 0.0)),
+                    "rollout/update": update,
+                    **learning_metrics(per_token, stats, mask, off),
+                    **{f"time/{k}_s": round(v, 4) for k, v in timer.seconds.items()},
+                    "time/step_s": round(step_seconds, 4),
+                    **{f"memory/{k}_peak_mb": round(v, 1) for k, v in memory.peaks_mb.items()},
+                    **(signal_metrics(views) if views else {}),
+                }
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                if board:
+                    board.write(step, last)
+                memory.peaks_mb.clear()
+                if progress:
+                    progress(step, last)
+                del per_token, stats
+                timer, step_start, generated = PhaseTimer(memory), time.perf_counter(), 0  # the next update's phases
+
+            del t_hidden, s_batch
+            # checkpoints and Ctrl-C only between rollouts: a checkpoint holds no half-used rollout
+            if stop_requested() and step < total_steps:
+                checkpoint(step)
                 raise Interrupted(
-                    f"Interrupted after step {step + 1} of {cfg.max_steps}; the state is saved in {partial}.\n"
+                    f"Interrupted after step {step} of {total_steps}; the state is saved in {partial}.\n"
                     "Continue with the same command plus --resume."
                 )
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                checkpoint(step + 1)
+            crossed = cfg.checkpoint_every and step // cfg.checkpoint_every > (step - update - 1) // cfg.checkpoint_every
+            if crossed and step < total_steps:
+                checkpoint(step)
 
     memory.close()
     if board:
@@ -392,7 +508,7 @@ def train_episode(
     meta = episode_meta(
         number=number, name=recipe.name, recipe=recipe, base_path=loaded.path,
         base_hash=model_content_hash(loaded.path, run_dir), data_hash=file_sha256(recipe.data.path), parents=parents,
-        started=started, steps=cfg.max_steps, final=last, adapter_sha256=file_sha256(partial / "adapter_model.safetensors"),
+        started=started, steps=total_steps, final=last, adapter_sha256=file_sha256(partial / "adapter_model.safetensors"),
         extra={"prompts_truncated": encoder.truncated, "data_skipped": report.skipped,
                "recipe_file": str(recipe_file) if recipe_file else None},
     )
@@ -402,7 +518,7 @@ def train_episode(
     ))
     write_atomic(partial / "episode.json", json.dumps(meta, indent=2))
     final = publish(partial)
-    return EpisodeResult(path=final, steps=cfg.max_steps, final=last)
+    return EpisodeResult(path=final, steps=total_steps, final=last)
 
 
 def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, scheduler, sampler, metrics_path: Path, log) -> int:
@@ -415,7 +531,7 @@ def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, s
     if state["extra"].get("recipe") != _resume_key(recipe):
         raise UserError(
             f"--resume: the recipe differs from the one {partial.name} was started with "
-            "(only train.max_steps may change on resume).",
+            "(only train.max_steps or train.epochs may change on resume).",
             hint=f"Compare with {partial / 'recipe.yaml'}, or delete {partial} to start over.",
         )
     with torch.no_grad():
@@ -434,7 +550,9 @@ def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, s
 
 def _resume_key(recipe: Recipe) -> str:
     """Everything that must match for a resumed run to continue the same trajectory."""
-    return dump_recipe(recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 0})}))
+    return dump_recipe(
+        recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": None, "epochs": None})})
+    )
 
 
 def response_tokens(tokenizer, text: str, stop: set[int]) -> list[int]:

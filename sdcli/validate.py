@@ -27,6 +27,13 @@ def check_model_folder(name_or_path: str) -> str:
     return f"{path} ({config.get('model_type', '?')})"
 
 
+def _total_steps(recipe: Recipe, examples) -> object:
+    n = examples if isinstance(examples, int) else None
+    if recipe.train.epochs is not None and n is None:
+        return f"{recipe.train.epochs} epoch(s)"
+    return recipe.train.total_steps(n or 0)
+
+
 def check_recipe(recipe: Recipe) -> dict[str, object]:
     """Raise UserError listing every problem; return a short summary otherwise."""
     problems: list[str] = []
@@ -64,7 +71,9 @@ def check_recipe(recipe: Recipe) -> dict[str, object]:
             "run_dir": recipe.run_dir,
             "teacher": recipe.teacher.value,
             "loss": f"{recipe.loss.divergence.value} / {recipe.loss.support.value}",
-            "steps": f"{recipe.train.max_steps} x {recipe.train.prompts_per_step} prompts x {recipe.rollout.num_samples} samples",
+            "steps": f"{_total_steps(recipe, summary.get('examples'))} x {recipe.train.prompts_per_step} prompts "
+            f"({recipe.rollout.off_policy_fraction:.0%} off-policy) x {recipe.rollout.num_samples} samples"
+            + (f", {recipe.train.updates_per_rollout} updates per rollout" if recipe.train.updates_per_rollout > 1 else ""),
             "quantization": recipe.model.quantization.value,
         }
     )

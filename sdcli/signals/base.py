@@ -4,6 +4,10 @@ The training loop knows nothing about where a context comes from. For each promp
 responses from the student (or takes a logged response), then asks the signal, per response,
 what the teacher sees. A `TeacherView` with `messages=None` means "no context for this sample":
 it contributes no loss (it is masked), and the loop counts it.
+
+Where an example carries a good response of its own (a demonstration, a reference solution),
+`demonstration_view` hands it over with the teacher's view, and the loop can train the student on
+that response too (off-policy), scored by the same teacher.
 """
 
 from __future__ import annotations
@@ -47,4 +51,9 @@ class ContextBuilder(Protocol):
 
     def teacher_views(self, example: Example, responses: list[str]) -> list[TeacherView]:
         """One view per response, in order. May run a verifier or an environment."""
+        ...
+
+    def demonstration_view(self, example: Example) -> tuple[str, TeacherView] | None:
+        """A good response that the example itself carries, with the teacher's view of it, for
+        off-policy distillation (`rollout.off_policy_fraction`); None when it carries none."""
         ...

@@ -53,3 +53,6 @@ class DemonstrationsBuilder:
     def teacher_views(self, example: Example, responses: list[str]) -> list[TeacherView]:
         view = self.teacher_view(example)
         return [view for _ in responses]
+
+    def demonstration_view(self, example: Example) -> tuple[str, TeacherView]:
+        return example.fields["demonstration"], self.teacher_view(example)

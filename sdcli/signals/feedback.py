@@ -52,6 +52,7 @@ from sdcli.signals.rewards import (
     SKIPPED_SUCCESSFUL,
     load_examples,
     masked,
+    reference_solution_view,
     render_solution,
     sibling_solution,
 )
@@ -130,6 +131,9 @@ class FeedbackBuilder:
                 f"it will always read {NO_SOLUTION!r}."
             )
         return report
+
+    def demonstration_view(self, example: Example) -> tuple[str, TeacherView] | None:
+        return reference_solution_view(self.cfg.solution_template, example)
 
     def teacher_views(self, example: Example, responses: list[str]) -> list[TeacherView]:
         cfg = self.cfg

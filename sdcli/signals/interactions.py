@@ -207,6 +207,11 @@ class InteractionsBuilder:
             return NOT_INCLUDED_BY_REGEX
         return None
 
+    def demonstration_view(self, example: Example) -> None:
+        """None: the logged reply is the one the user asked to improve, not a good response
+        (offline mode already trains on it, under the hindsight teacher)."""
+        return None
+
     def teacher_views(self, example: Example, responses: list[str]) -> list[TeacherView]:
         """The teacher's prompt per response: the last user turn rewritten by the hindsight template.
 

@@ -18,7 +18,8 @@ that is passed over). A view is masked (messages=None, no loss) with masked_reas
 - "reward_error": the reward function raised or returned a non-number; the message, which
   starts with the example id, is in `feedback` and is logged as a warning. The run goes on.
 
-Data: one JSON object per line, `{"id"?: str, "prompt": str | messages, "answer": ...}`. The
+Data: one JSON object per line, `{"id"?: str, "prompt": str | messages, "answer": ...}`; an
+optional `"demonstration"` (a reference solution) can also be trained on off-policy. The
 whole line is the `example` dict given to the reward function, so a user reward may read any
 other key. Ids are "<file>:<line>" unless the line has an "id". Every bad line is reported at
 once, with its line number.
@@ -129,6 +130,16 @@ def render_solution(template: str, prompt_text: str, solution: str) -> str:
     return template.format(prompt=prompt_text, solution=solution)
 
 
+def reference_solution_view(template: str, example: Example) -> tuple[str, TeacherView] | None:
+    """A line's optional `"demonstration"` (a reference solution) as an off-policy response, shown
+    to the teacher through the solution template, as a successful sibling would be."""
+    solution = example.fields.get("demonstration")
+    if not isinstance(solution, str) or not solution.strip():
+        return None
+    text = render_solution(template, last_user_text(example.prompt), solution.strip())
+    return solution.strip(), TeacherView(messages=with_last_user_text(example.prompt, text))
+
+
 def masked(reason: str, **kw: Any) -> TeacherView:
     return TeacherView(messages=None, masked_reason=reason, **kw)
 
@@ -176,6 +187,9 @@ class RewardsBuilder:
 
             hint = f'Each line needs {{"prompt": "..." or [messages]}} plus whatever {name} reads.'
         return load_examples(path, "rewards", check, hint)
+
+    def demonstration_view(self, example: Example) -> tuple[str, TeacherView] | None:
+        return reference_solution_view(self.cfg.solution_template, example)
 
     def teacher_views(self, example: Example, responses: list[str]) -> list[TeacherView]:
         cfg = self.cfg

@@ -61,33 +61,88 @@ def test_divergences_are_zero_for_identical_roles(logits):
             assert got.abs().max() < 1e-5
 
 
-def test_topk_with_tail_bucket_is_kl_over_k_plus_one_categories(logits):
+def _reference_topk(s, t, index, divergence, tail):
+    """KL over the categories `index` (+ 1 - their mass) with torch.distributions."""
+    ps, pt = s.softmax(-1), t.softmax(-1)
+    ps_k, pt_k = ps.gather(-1, index), pt.gather(-1, index)
+    if tail:
+        ps_k = torch.cat([ps_k, 1 - ps_k.sum(-1, keepdim=True)], -1)
+        pt_k = torch.cat([pt_k, 1 - pt_k.sum(-1, keepdim=True)], -1)
+    p, q = (Categorical(probs=pt_k), Categorical(probs=ps_k)) if divergence == "forward_kl" else (
+        Categorical(probs=ps_k), Categorical(probs=pt_k))
+    return kl_divergence(p, q)
+
+
+@pytest.mark.parametrize("divergence,source,whose", [
+    ("forward_kl", "auto", "teacher"),     # forward KL weights by the teacher: its top-k
+    ("reverse_kl", "auto", "student"),
+    ("forward_kl", "student", "student"),  # the old behaviour, still available
+    ("reverse_kl", "teacher", "teacher"),
+])
+@pytest.mark.parametrize("tail", [True, False])
+def test_topk_is_kl_over_the_chosen_roles_top_k(logits, divergence, source, whose, tail):
     s, t = logits
     k = 4
-    got = token_divergence(s, t, DivergenceSpec("forward_kl", support="topk", topk=k, tail_bucket=True))
+    got = token_divergence(s, t, DivergenceSpec(divergence, support="topk", topk=k, tail_bucket=tail, topk_from=source))
+    index = (t if whose == "teacher" else s).topk(k, -1).indices
+    torch.testing.assert_close(got, _reference_topk(s, t, index, divergence, tail), rtol=1e-4, atol=1e-5)
+
+
+def test_topk_union_counts_each_token_once(logits):
+    s, t = logits
+    k = 3
+    spec = DivergenceSpec("jsd", alpha=0.4, support="topk", topk=k, tail_bucket=True)
+    assert spec.topk_source() == "union"
+    got = token_divergence(s, t, spec)
     ps, pt = s.softmax(-1), t.softmax(-1)
-    idx = ps.topk(k, -1).indices
-    ps_k, pt_k = ps.gather(-1, idx), pt.gather(-1, idx)
-    ps_k = torch.cat([ps_k, 1 - ps_k.sum(-1, keepdim=True)], -1)
-    pt_k = torch.cat([pt_k, 1 - pt_k.sum(-1, keepdim=True)], -1)
-    want = kl_divergence(Categorical(probs=pt_k), Categorical(probs=ps_k))
+    want = torch.zeros(B, T)
+    for b in range(B):
+        for i in range(T):
+            ids = sorted(set(ps[b, i].topk(k).indices.tolist()) | set(pt[b, i].topk(k).indices.tolist()))
+            p_s = torch.cat([ps[b, i, ids], 1 - ps[b, i, ids].sum(0, keepdim=True)])
+            p_t = torch.cat([pt[b, i, ids], 1 - pt[b, i, ids].sum(0, keepdim=True)])
+            m = 0.4 * p_t + 0.6 * p_s
+            want[b, i] = 0.4 * (p_t * (p_t / m).log()).sum() + 0.6 * (p_s * (p_s / m).log()).sum()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_topk_without_tail_renormalises(logits):
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("source", ["teacher", "student", "union"])
+@pytest.mark.parametrize("tail", [True, False])
+def test_topk_with_full_vocabulary_equals_full(logits, divergence, source, tail):
     s, t = logits
-    k = 3
-    got = token_divergence(s, t, DivergenceSpec("reverse_kl", support="topk", topk=k, tail_bucket=False))
-    idx = s.topk(k, -1).indices
-    want = kl_divergence(Categorical(logits=s.gather(-1, idx)), Categorical(logits=t.gather(-1, idx)))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-def test_topk_with_full_vocabulary_equals_full(logits):
-    s, t = logits
-    full = token_divergence(s, t, DivergenceSpec("forward_kl"))
-    topk = token_divergence(s, t, DivergenceSpec("forward_kl", support="topk", topk=V, tail_bucket=False))
+    s, t = s.clone().requires_grad_(), t.clone()
+    full = token_divergence(s, t, DivergenceSpec(divergence))
+    topk = token_divergence(s, t, DivergenceSpec(divergence, support="topk", topk=V, tail_bucket=tail, topk_from=source))
     torch.testing.assert_close(full, topk, rtol=1e-4, atol=1e-5)
+    (g_full,) = torch.autograd.grad(full.sum(), s)
+    (g_topk,) = torch.autograd.grad(topk.sum(), s)
+    assert torch.isfinite(g_topk).all()
+    torch.testing.assert_close(g_full, g_topk, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_kl_topk_pulls_toward_the_teachers_token_even_when_the_student_tail_underflows():
+    """The student is sure of token 0 (its tail underflows float32); the teacher wants token 1.
+    Forward KL over the teacher's top-k must pull token 1 up exactly as hard as the full vocabulary
+    does; the student's own top-k (the old default) does not even contain token 1."""
+    s = torch.full((1, 1, V), -60.0)
+    s[..., 0] = 60.0
+    s[..., 2] = -50.0  # the student's second choice, so its top-2 is {0, 2}
+    s.requires_grad_()
+    t = torch.zeros(1, 1, V)
+    t[..., 1] = 8.0
+    full = token_divergence(s, t, DivergenceSpec("forward_kl"))
+    teacher_k = token_divergence(s, t, DivergenceSpec("forward_kl", support="topk", topk=2))
+    student_k = token_divergence(s, t, DivergenceSpec("forward_kl", support="topk", topk=2, topk_from="student"))
+    (g_full,) = torch.autograd.grad(full.sum(), s)
+    (g_teacher,) = torch.autograd.grad(teacher_k.sum(), s)
+    (g_student,) = torch.autograd.grad(student_k.sum(), s)
+    assert g_full[0, 0, 1] < -0.9  # raise token 1: d/dlogit = p_s - p_t
+    torch.testing.assert_close(g_teacher[0, 0, 1], g_full[0, 0, 1], rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(teacher_k).all() and torch.isfinite(g_teacher).all()
+    # through the exact tail bucket the student's top-k still pulls, but only by token 1's share
+    # of the tail (1 of 9 tokens here): weaker, though no longer zero as with a floored tail
+    assert 0 < -g_student[0, 0, 1] < 0.2 * -g_full[0, 0, 1]
 
 
 def test_reverse_kl_gradient_is_the_policy_gradient_form():
@@ -127,6 +182,40 @@ def test_sampled_estimator_value_and_expected_gradient():
     (grad_full,) = torch.autograd.grad(full, theta)
     torch.testing.assert_close(expected_grad, grad_full[0, 0], rtol=1e-4, atol=1e-6)
     assert expected_value == pytest.approx(full.item(), abs=1e-5)
+
+
+def test_sampled_estimator_reusing_a_rollout_is_the_clipped_surrogate():
+    torch.manual_seed(2)
+    theta = torch.randn(1, 4, V, requires_grad=True)
+    q_logits = torch.randn(1, 4, V)
+    tokens = torch.tensor([[0, 3, 5, 7]])
+    spec = DivergenceSpec("reverse_kl", support="sampled", clip_ratio=0.2)
+    logp = theta.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    logq = q_logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    # old = current: exactly the on-policy estimator, value and gradient
+    fresh = token_divergence(theta, q_logits, spec, tokens)
+    same = token_divergence(theta, q_logits, spec, tokens, old_logp=logp.detach())
+    torch.testing.assert_close(fresh, same)
+    (g_fresh,) = torch.autograd.grad(fresh.sum(), theta)
+    (g_same,) = torch.autograd.grad(same.sum(), theta)
+    torch.testing.assert_close(g_fresh, g_same)
+
+    # a stale sampler: rho = p/p_old, advantage A = log q - log p_old; -min(rho A, clip(rho) A)
+    old = logp.detach() + torch.tensor([[0.1, -0.1, 0.5, -0.5]])  # rho = e^-0.1, e^0.1, e^-0.5, e^0.5
+    got = token_divergence(theta, q_logits, spec, tokens, old_logp=old)
+    torch.testing.assert_close(got, (logp - logq).detach())  # the value stays the log-ratio estimate
+    rho = torch.exp(logp - old)
+    advantage = logq - old
+    want = -torch.minimum(rho * advantage, rho.clamp(0.8, 1.2) * advantage)
+    (g_got,) = torch.autograd.grad(got.sum(), theta, retain_graph=True)
+    (g_want,) = torch.autograd.grad(want.sum(), theta)
+    torch.testing.assert_close(g_got, g_want)
+    # outside the clip range, in the direction the clip stops, a token gets no gradient
+    for i in (2, 3):
+        clipped_out = (rho[0, i] < 0.8 and advantage[0, i] < 0) or (rho[0, i] > 1.2 and advantage[0, i] > 0)
+        (g_i,) = torch.autograd.grad(got[0, i], theta, retain_graph=True)
+        assert (g_i.abs().max() == 0) == bool(clipped_out)
 
 
 @pytest.mark.parametrize("spec", [

@@ -1,0 +1,185 @@
+"""Off-policy distillation, several updates per rollout and epochs, in the real loop on a tiny model.
+
+The step-1 loss is checked against a hand computation with plain transformers: at step 1 the
+episode's adapter is zero (LoRA B = 0), so the student is the base model without context and the
+teacher the base model with the demonstration in context.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import chat_ids, response_logprobs
+from sdcli.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+
+FACTS = [
+    {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},
+    {"prompt": "Who wrote the Book of Vells?", "demonstration": "It was written by Maro Tiln."},
+    {"prompt": "What do the Drell eat?", "demonstration": "The Drell eat blue moss."},
+    {"prompt": "How tall is Mount Ferro?", "demonstration": "Mount Ferro is 4,120 metres tall."},
+]
+
+
+def recipe_for(tmp_path: Path, model_dir: Path, train: str, rollout: str = "", loss: str = ""):
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in FACTS))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        f"""name: facts
+run_dir: {tmp_path / 'run'}
+model:
+  name_or_path: {model_dir}
+lora:
+  r: 8
+  alpha: 16
+data:
+  path: facts.jsonl
+  shuffle: false
+rollout:
+  max_new_tokens: 10
+{rollout}
+loss:
+  chunk_tokens: 4
+{loss}
+train:
+  prompts_per_step: 2
+  lr: 0.01
+{train}
+"""
+    )
+    return load_recipe(path)
+
+
+@pytest.fixture()
+def sampled(monkeypatch) -> list:
+    """Records every call to the student sampler: (number of prompts, responses)."""
+    import sdcli.train as train_module
+
+    calls: list = []
+    real = train_module.sample_responses
+
+    def record(model, tokenizer, prompts, settings, stop):
+        responses = real(model, tokenizer, prompts, settings, stop)
+        calls.append((len(prompts), [list(r) for r in responses]))
+        return responses
+
+    monkeypatch.setattr(train_module, "sample_responses", record)
+    return calls
+
+
+def metrics_of(result) -> list[dict]:
+    return [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
+
+
+def hand_forward_kl(model_dir: Path, pairs: list[tuple[str, list[int], str]]) -> float:
+    """Mean over sequences of the mean per-token KL(teacher || student), from plain transformers.
+
+    pairs: (question, response token ids, teacher's user text)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    per_sequence = []
+    for question, response, teacher_text in pairs:
+        s = response_logprobs(base, chat_ids(tokenizer, question), response)
+        t = response_logprobs(base, chat_ids(tokenizer, teacher_text), response)
+        per_sequence.append(float((t.exp() * (t - s)).sum(-1).mean()))
+    return sum(per_sequence) / len(per_sequence)
+
+
+def demonstration_ids(model_dir: Path, text: str) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def teacher_text(row: dict) -> str:
+    return DEFAULT_DEMONSTRATION_TEMPLATE.format(prompt=row["prompt"], demonstration=row["demonstration"])
+
+
+def test_off_policy_loss_is_the_teacher_scored_demonstration_and_samples_nothing(tmp_path, tiny_model_dir, sampled):
+    from sdcli.train import train_episode
+
+    recipe = recipe_for(tmp_path, tiny_model_dir, "  max_steps: 2", "  off_policy_fraction: 1.0")
+    metrics = metrics_of(train_episode(recipe))
+    assert sampled == []  # no sampling at all
+    want = hand_forward_kl(
+        tiny_model_dir, [(r["prompt"], demonstration_ids(tiny_model_dir, r["demonstration"]), teacher_text(r)) for r in FACTS[:2]]
+    )
+    assert metrics[0]["loss"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert metrics[0]["loss/off_policy"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert "loss/on_policy" not in metrics[0]
+    # the learning view: demonstration NLL under both roles, and the roles' disagreement
+    assert metrics[0]["learn/demo_nll_student"] > metrics[0]["learn/demo_nll_teacher"] > 0
+    assert 0.0 <= metrics[0]["learn/disagreement"] <= 1.0
+    assert metrics[1]["learn/demo_nll_student"] < metrics[0]["learn/demo_nll_student"]  # it learns
+
+
+def test_on_policy_only_samples_every_prompt_and_distils_the_sample(tmp_path, tiny_model_dir, sampled):
+    """Share 0 is the on-policy loop: every prompt sampled, the teacher scoring that very sample."""
+    from sdcli.train import train_episode
+
+    recipe = recipe_for(tmp_path, tiny_model_dir, "  max_steps: 2", "  off_policy_fraction: 0.0")
+    metrics = metrics_of(train_episode(recipe))
+    assert [n for n, _ in sampled] == [2, 2]
+    first_responses = sampled[0][1]
+    want = hand_forward_kl(tiny_model_dir, [(r["prompt"], y, teacher_text(r)) for r, y in zip(FACTS[:2], first_responses)])
+    assert metrics[0]["loss"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert metrics[0]["loss/on_policy"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert "loss/off_policy" not in metrics[0]
+    assert {"advantage/mean", "advantage/large_fraction", "advantage/positive_fraction"} <= set(metrics[0])
+
+
+def test_a_mixed_step_splits_the_prompts_and_reports_both_parts(tmp_path, tiny_model_dir, sampled):
+    from sdcli.train import train_episode
+
+    recipe = recipe_for(tmp_path, tiny_model_dir, "  max_steps: 2", "  off_policy_fraction: 0.5")
+    metrics = metrics_of(train_episode(recipe))
+    assert [n for n, _ in sampled] == [1, 1]  # one prompt of two sampled per step
+    assert all("loss/on_policy" in m and "loss/off_policy" in m for m in metrics)
+    # the first prompt of the batch (shuffle off: fact 0) went off-policy, the second was sampled
+    on = hand_forward_kl(tiny_model_dir, [(FACTS[1]["prompt"], sampled[0][1][0], teacher_text(FACTS[1]))])
+    off = hand_forward_kl(
+        tiny_model_dir, [(FACTS[0]["prompt"], demonstration_ids(tiny_model_dir, FACTS[0]["demonstration"]), teacher_text(FACTS[0]))]
+    )
+    assert metrics[0]["loss"] == pytest.approx((on + off) / 2, rel=1e-4, abs=1e-5)
+
+
+def test_updates_per_rollout_reuse_one_rollout(tmp_path, tiny_model_dir, sampled):
+    from sdcli.train import train_episode
+
+    recipe = recipe_for(
+        tmp_path, tiny_model_dir, "  max_steps: 5\n  updates_per_rollout: 2", loss="  divergence: reverse_kl\n  support: sampled"
+    )
+    metrics = metrics_of(train_episode(recipe))
+    assert len(sampled) == 3  # steps 1-2, 3-4, 5
+    assert [m["rollout/update"] for m in metrics] == [0, 1, 0, 1, 0]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert "time/rollout_s" not in metrics[1] and "time/rollout_s" in metrics[0]
+
+
+def test_epochs_set_the_number_of_steps_from_the_data(tmp_path, tiny_model_dir):
+    from sdcli.train import train_episode
+
+    recipe = recipe_for(tmp_path, tiny_model_dir, "  epochs: 1.5", "  off_policy_fraction: 1.0")
+    result = train_episode(recipe)
+    assert result.steps == 3  # ceil(1.5 x 4 examples / 2 per step)
+    metrics = metrics_of(result)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[-1]["steps_total"] == 3
+
+
+def test_max_steps_and_epochs_together_are_refused(tmp_path, tiny_model_dir):
+    from sdcli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="max_steps or train.epochs"):
+        recipe_for(tmp_path, tiny_model_dir, "  epochs: 2\n  max_steps: 3")
+
+
+def test_off_policy_count_keeps_the_share_exact_over_rollouts():
+    from sdcli.train import off_policy_count
+
+    counts = [off_policy_count(0.3, 4, r) for r in range(10)]
+    assert sum(counts) == 12 and set(counts) <= {1, 2}
+    assert [off_policy_count(0.0, 4, r) for r in range(3)] == [0, 0, 0]
+    assert [off_policy_count(1.0, 4, r) for r in range(3)] == [4, 4, 4]
