@@ -212,7 +212,8 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model_dir):
     recipe = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, extra=", checkpoint_every: 1"))
     with pytest.raises(RuntimeError):
         train_episode(recipe, progress=lambda s, m: (_ for _ in ()).throw(RuntimeError("x")) if s == 2 else None)
-    changed = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, extra=", checkpoint_every: 1, lr: 0.02"))
+    changed = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, extra=", checkpoint_every: 1"),
+                          ["train.lr=0.02"])
     with pytest.raises(UserError, match="recipe differs"):
         train_episode(changed, resume=True)
 
