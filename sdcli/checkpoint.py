@@ -3,16 +3,22 @@
 A checkpoint holds everything that decides the rest of the run: the trainable adapter (and the
 EMA teacher), optimizer and scheduler state, every RNG, the data sampler's position and the step.
 Resuming from it with the same recipe gives the same adapter as an uninterrupted run.
+
+It is read with `torch.load(weights_only=True)`: a checkpoint holds only tensors and plain values,
+and a full unpickler would run whatever code a crafted `state.pt` names, just by resuming.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import torch
+
+from sdcli.errors import UserError
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.pt"
@@ -62,4 +68,31 @@ def load_checkpoint(partial: Path) -> dict | None:
         path = old if old.is_file() else None
     if path is None:
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise _unreadable(path, partial, e) from None
+
+
+def _unreadable(path: Path, partial: Path, e: BaseException) -> UserError:
+    hint = f"Delete {partial} to start the episode over."
+    if "Weights only load failed" in str(e):  # the restricted unpickler met an object it will not build
+        return UserError(
+            f"{path}: refusing to load this checkpoint; it holds objects other than tensors and plain values, "
+            "so it was not written by sd or was altered. Nothing in it was run.",
+            [_refused_object(e)], hint=hint,
+        )
+    return UserError(f"{path}: the checkpoint is damaged and cannot be read (truncated?).", [_first_line(e)], hint=hint)
+
+
+def _refused_object(e: BaseException) -> str:
+    """torch's message leads with how to load the file anyway; keep only what was refused."""
+    for line in str(e).splitlines():
+        if "Unsupported global" in line:
+            return line.strip().removeprefix("WeightsUnpickler error: ").split(" was not an allowed")[0]
+    return _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

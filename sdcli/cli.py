@@ -54,12 +54,19 @@ def split_recipes_and_overrides(args: list[str]) -> tuple[list[Path], list[str]]
     "  sd train recipes/quickstart.yaml\n\n"
     "  sd train recipes/quickstart.yaml train.max_steps=10 loss.divergence=jsd loss.alpha=0.5\n\n"
     "  sd train facts.yaml more_facts.yaml run_dir=runs/mine   (two chained episodes)\n\n"
-    "  sd train recipes/quickstart.yaml --resume               (continue an interrupted episode)",
+    "  sd train recipes/quickstart.yaml --resume               (continue an interrupted episode)\n\n"
+    "Only one sd command writes into a run_dir at a time (run_dir/.lock); another one is refused "
+    "with the holder's pid, host and command.",
 )
 def train(
     args: List[str] = typer.Argument(..., metavar="RECIPE... [KEY=VALUE]...", help="Recipe files, then overrides"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar"),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted episode of the same name"),
+    allow_mixed_base: bool = typer.Option(
+        False, "--allow-mixed-base",
+        help="Stack on earlier episodes even if they were trained on a base model with other weights "
+        "(refused by default: their adapters would not fit this base)",
+    ),
 ):
     """Train one learning episode per recipe, each on top of the episodes already in run_dir."""
     from sdcli.config import load_recipe
@@ -69,7 +76,7 @@ def train(
 
     for path, recipe in zip(recipe_paths, recipes):
         console.print(f"[bold]episode[/bold] '{recipe.name}' from {path} -> {recipe.run_dir}")
-        result = _run_with_progress(recipe, quiet=quiet, resume=resume, recipe_file=path)
+        result = _run_with_progress(recipe, quiet=quiet, resume=resume, recipe_file=path, allow_mixed_base=allow_mixed_base)
         final = result.final
         console.print(
             f"[green]done[/green] {result.path}  steps={result.steps}  loss={final.get('loss', float('nan')):.4f}  "
@@ -77,7 +84,7 @@ def train(
         )
 
 
-def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | None = None):
+def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | None = None, allow_mixed_base: bool = False):
     from sdcli.train import train_episode
 
     log = lambda message: console.print(message, markup=False, highlight=False)  # noqa: E731
@@ -88,7 +95,8 @@ def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | No
                 f"len={m['response/mean_tokens']:.1f} tok/s={m['tokens_per_s']:.1f} step_s={m['time/step_s']:.2f}",
                 markup=False, highlight=False,
             )
-        return train_episode(recipe, resume=resume, log=log, progress=progress, recipe_file=recipe_file)
+        return train_episode(recipe, resume=resume, log=log, progress=progress, recipe_file=recipe_file,
+                             allow_mixed_base=allow_mixed_base)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -106,7 +114,7 @@ def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | No
 
         return train_episode(
             recipe, resume=resume, log=lambda s: bar.console.print(s, markup=False, highlight=False), progress=progress,
-            recipe_file=recipe_file,
+            recipe_file=recipe_file, allow_mixed_base=allow_mixed_base,
         )
 
 
@@ -154,8 +162,12 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out (only after the check passes)"),
 ):
     """Fold a history of episode adapters into one model or one adapter, checked numerically."""
+    import contextlib
+
+    from sdcli.episodes import EPISODES
     from sdcli.merge import DEFAULT_TOLERANCE, merge_history
     from sdcli.model import quiet_transformers
+    from sdcli.runlock import run_lock
     from sdcli.source import select_episodes
 
     quiet_transformers()
@@ -165,13 +177,25 @@ def merge(
     if not episodes:
         raise UserError("--upto 0 selects no episode; nothing to merge.")
     base = episodes[-1].meta["base_model"]
-    report = merge_history(
-        base["path"], [e.path for e in episodes], out, into=into, quantization=base.get("quantization", "none"),
-        tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, force=force,
-    )
+    into_run = _is_within(out, run_dir)
+    if into_run and _is_within(out, run_dir / EPISODES):
+        raise UserError(f"--out {out} is inside {run_dir / EPISODES}, where it would be taken for an episode.",
+                        hint=f"Choose a folder outside it, e.g. --out {run_dir / 'merged'}.")
+    # it writes into the run, so it holds the run like every writer (two merges with --force into one
+    # --out would otherwise swap each other's folders)
+    with run_lock(run_dir, f"sd merge --out {out}") if into_run else contextlib.nullcontext():
+        report = merge_history(
+            base["path"], [e.path for e in episodes], out, into=into, quantization=base.get("quantization", "none"),
+            tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, force=force,
+        )
     for line in report.lines():
         out_print(line)
     console.print(f"[green]merged[/green] {len(episodes)} episode(s) into {out}")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def _eval_cell(meta: dict) -> str:

@@ -11,8 +11,11 @@
         checkpoint/                   the latest resumable state
 
 An episode becomes visible only by renaming its finished `.partial-*` folder, so a crash never
-leaves half an episode that later loads. `episode.json` records the adapter's sha256, which is
-checked whenever an episode is loaded.
+leaves half an episode that later loads. `episode.json` records the sha256 of the adapter's
+weights and of its config (`lora_alpha` there scales the weights' effect as much as the weights
+do), both checked whenever an episode is loaded; episodes written before the config's hash was
+recorded are checked on their weights alone. It also records the base model's hash, and a new
+episode refuses to stack on episodes trained on another base (`check_same_base`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ EPISODES = "episodes"
 PARTIAL_PREFIX = ".partial-"
 META = "episode.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# file -> the key of its sha256 in episode.json
+_HASHED = {"adapter_model.safetensors": "adapter_sha256", "adapter_config.json": "adapter_config_sha256"}
 _FOLDER = re.compile(r"^(\d{3,})-([A-Za-z0-9][A-Za-z0-9_.-]*)$")
 
 
@@ -105,6 +110,14 @@ def list_episodes(run_dir: Path, verify: bool = True) -> list[Episode]:
             hint="Move the damaged folder out of episodes/ (or delete it) and run again.",
         )
     numbers = [e.number for e in episodes]
+    twice = sorted({n for n in numbers if numbers.count(n) > 1})
+    if twice:  # two trainings ran into this run at once (before runs were locked)
+        labels = [e.label for e in episodes if e.number in twice]
+        raise UserError(
+            f"{root}: episode number(s) {', '.join(f'{n:03d}' for n in twice)} used twice ({', '.join(labels)}); "
+            "two trainings ran into this run at the same time.",
+            hint="Move all but one of each out of episodes/ (into a run_dir of its own) and run again.",
+        )
     if numbers != list(range(1, len(numbers) + 1)):
         raise UserError(f"{root}: episode numbers {numbers} have gaps; the lineage must be 001, 002, ... in order.")
     return episodes
@@ -122,11 +135,43 @@ def read_meta(folder: Path, verify: bool = True) -> dict[str, Any]:
         if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
             raise UserError(f"{folder}: {name} is missing or empty")
     if verify:
-        expected = meta.get("adapter_sha256")
-        actual = file_sha256(folder / "adapter_model.safetensors")
-        if expected != actual:
-            raise UserError(f"{folder}: adapter_model.safetensors does not match the sha256 in {META} (altered or truncated)")
+        for name, key in _HASHED.items():
+            expected = meta.get(key)
+            if expected is None and key != "adapter_sha256":
+                continue  # an episode written before this hash was recorded
+            if file_sha256(folder / name) != expected:
+                raise UserError(f"{folder}: {name} does not match the sha256 in {META} (altered or truncated)")
     return meta
+
+
+def adapter_hashes(folder: Path) -> dict[str, str]:
+    """The hashes `episode.json` records for the adapter in `folder`, under their keys."""
+    return {key: file_sha256(Path(folder) / name) for name, key in _HASHED.items()}
+
+
+def check_same_base(parents: list[Episode], base_path: Path, base_hash: str, allow: bool = False, log=None) -> None:
+    """Refuse to stack on episodes trained on another base model (a LoRA is a delta to the weights
+    it was trained on; on other weights it is noise). With `allow`, only warn."""
+    problems = []
+    for p in parents:
+        base = p.meta.get("base_model") or {}
+        recorded = base.get("sha256")
+        if recorded and recorded != base_hash:
+            problems.append(f"episode {p.label} was trained on {base.get('path', '?')} (sha256 {recorded[:12]}...)")
+    if not problems:
+        return
+    if allow:
+        if log:
+            log(f"warning: --allow-mixed-base: stacking on episodes trained on another base than {base_path} "
+                f"(sha256 {base_hash[:12]}...): " + "; ".join(problems))
+        return
+    raise UserError(
+        f"This episode's base model {base_path} (sha256 {base_hash[:12]}...) is not the one earlier episodes "
+        "in this run were trained on:",
+        problems,
+        hint="Use the run's base model (model.name_or_path), or another run_dir. If the weights are the same "
+        "(for example re-saved), pass --allow-mixed-base to stack anyway.",
+    )
 
 
 def next_number(run_dir: Path) -> int:
@@ -186,7 +231,8 @@ def model_content_hash(model_path: Path, cache_dir: Path | None = None) -> str:
 
 def episode_meta(
     *, number: int, name: str, recipe, base_path: Path, base_hash: str, data_hash: str, parents: list[Episode],
-    started: str, steps: int, final: dict, adapter_sha256: str, extra: dict | None = None,
+    started: str, steps: int, final: dict, adapter_sha256: str, adapter_config_sha256: str | None = None,
+    extra: dict | None = None,
 ) -> dict[str, Any]:
     return {
         "number": number,
@@ -198,11 +244,13 @@ def episode_meta(
         "base_model": {"path": str(base_path), "sha256": base_hash, "quantization": recipe.model.quantization.value},
         "data": {"path": str(recipe.data.path), "sha256": data_hash},
         "parents": [
-            {"number": p.number, "name": p.name, "adapter_sha256": p.meta.get("adapter_sha256")} for p in parents
+            {"number": p.number, "name": p.name, "adapter_sha256": p.meta.get("adapter_sha256"),
+             "adapter_config_sha256": p.meta.get("adapter_config_sha256")} for p in parents
         ],
         "steps": steps,
         "final": final,
         "adapter_sha256": adapter_sha256,
+        "adapter_config_sha256": adapter_config_sha256,
         "lora": recipe.lora.model_dump(mode="json"),
         "started": started,
         "finished": now_iso(),

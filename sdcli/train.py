@@ -31,6 +31,8 @@ from sdcli.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from sdcli.config import Method, Quantization, Recipe, TeacherKind, dump_recipe
 from sdcli.data import file_sha256
 from sdcli.episodes import (
+    adapter_hashes,
+    check_same_base,
     episode_meta,
     find_partial,
     list_episodes,
@@ -53,8 +55,15 @@ from sdcli.losses import (
     masked_sequence_mean,
     packed_divergence_and_stats,
 )
-from sdcli.model import add_trainable_adapter, enable_activation_checkpointing, load_base, trainable_parameters
+from sdcli.model import (
+    add_trainable_adapter,
+    enable_activation_checkpointing,
+    load_base,
+    resolve_model_path,
+    trainable_parameters,
+)
 from sdcli.rollout import SamplingSettings, sample_responses
+from sdcli.runlock import run_lock
 from sdcli.sequences import PromptEncoder, eos_ids, response_hidden, score_batch
 from sdcli.signals import build_signal
 from sdcli.signals.base import Example, TeacherView
@@ -294,10 +303,20 @@ def open_episode_folder(run_dir: Path, name: str, resume: bool) -> tuple[Path, i
 
 
 def train_episode(
-    recipe: Recipe, *, resume: bool = False, log=None, progress=None, recipe_file: Path | None = None
+    recipe: Recipe, *, resume: bool = False, log=None, progress=None, recipe_file: Path | None = None,
+    allow_mixed_base: bool = False,
 ) -> EpisodeResult:
-    """Run one episode described by `recipe`. `log(str)` gets human lines; `progress(step, metrics)`
-    is called after every step."""
+    """Run one episode described by `recipe`, holding its run_dir against other sd commands.
+    `log(str)` gets human lines; `progress(step, metrics)` is called after every step.
+    `allow_mixed_base` stacks earlier episodes even when they were trained on another base."""
+    with run_lock(recipe.run_dir, f"sd train: episode '{recipe.name}'", log):
+        return _train_episode(recipe, resume=resume, log=log, progress=progress, recipe_file=recipe_file,
+                              allow_mixed_base=allow_mixed_base)
+
+
+def _train_episode(
+    recipe: Recipe, *, resume: bool, log, progress, recipe_file: Path | None, allow_mixed_base: bool
+) -> EpisodeResult:
     log = log or (lambda message: None)
     cfg = recipe.train
     if cfg.threads:
@@ -308,6 +327,9 @@ def train_episode(
     signal, report, examples = load_examples(recipe, log)
     eval_plan = load_eval_plan(recipe)  # read now: a bad eval line must not wait for the end of training
     parents = list_episodes(run_dir)
+    base_path = resolve_model_path(recipe.model.name_or_path).resolve()
+    base_hash = model_content_hash(base_path, run_dir)
+    check_same_base(parents, base_path, base_hash, allow=allow_mixed_base, log=log)  # before any folder is made
     partial, number = open_episode_folder(run_dir, recipe.name, resume)
 
     # --- model: base + earlier episodes (frozen) + this episode's adapter -----------------
@@ -357,11 +379,12 @@ def train_episode(
         )
 
     write_atomic(partial / "recipe.yaml", dump_recipe(recipe))
+    resume_key = _resume_key(recipe)  # hashed once: the data as this run read it
 
     def checkpoint(step: int) -> None:
         save_checkpoint(
             partial, step=step, params={**named_params, **ema_params}, optimizer=optimizer,
-            scheduler=scheduler, sampler_state=sampler.state(), extra={"recipe": _resume_key(recipe)},
+            scheduler=scheduler, sampler_state=sampler.state(), extra=resume_key,
         )
 
     off_fraction = recipe.rollout.off_policy_fraction if recipe.method is Method.self_distillation else 0.0
@@ -507,8 +530,8 @@ def train_episode(
     save_adapter(model, episode, partial)
     meta = episode_meta(
         number=number, name=recipe.name, recipe=recipe, base_path=loaded.path,
-        base_hash=model_content_hash(loaded.path, run_dir), data_hash=file_sha256(recipe.data.path), parents=parents,
-        started=started, steps=total_steps, final=last, adapter_sha256=file_sha256(partial / "adapter_model.safetensors"),
+        base_hash=base_hash, data_hash=file_sha256(recipe.data.path), parents=parents,
+        started=started, steps=total_steps, final=last, **adapter_hashes(partial),
         extra={"prompts_truncated": encoder.truncated, "data_skipped": report.skipped,
                "recipe_file": str(recipe_file) if recipe_file else None},
     )
@@ -528,11 +551,20 @@ def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, s
         log(f"resume: {partial.name} has no checkpoint; starting it from step 0")
         metrics_path.unlink(missing_ok=True)
         return 0
-    if state["extra"].get("recipe") != _resume_key(recipe):
+    key = _resume_key(recipe)
+    if state["extra"].get("recipe") != key["recipe"]:
         raise UserError(
             f"--resume: the recipe differs from the one {partial.name} was started with "
             "(only train.max_steps or train.epochs may change on resume).",
             hint=f"Compare with {partial / 'recipe.yaml'}, or delete {partial} to start over.",
+        )
+    then = state["extra"].get("data_sha256")  # absent in checkpoints written before it was recorded
+    if then is not None and then != key["data_sha256"]:
+        raise UserError(
+            f"--resume: the data file {recipe.data.path} changed since {partial.name} was started "
+            f"(sha256 {then[:12]}... then, {key['data_sha256'][:12]}... now); the rest of the run would "
+            "continue on other examples than its first steps.",
+            hint=f"Put the original data file back, or delete {partial} to start over.",
         )
     with torch.no_grad():
         for name, param in params.items():
@@ -548,11 +580,13 @@ def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, s
     return step
 
 
-def _resume_key(recipe: Recipe) -> str:
-    """Everything that must match for a resumed run to continue the same trajectory."""
-    return dump_recipe(
+def _resume_key(recipe: Recipe) -> dict[str, str]:
+    """Everything that must match for a resumed run to continue the same trajectory: the recipe
+    (budget aside) and the data file's content, which the recipe names only by path."""
+    recipe_text = dump_recipe(
         recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": None, "epochs": None})})
     )
+    return {"recipe": recipe_text, "data_sha256": file_sha256(recipe.data.path)}
 
 
 def response_tokens(tokenizer, text: str, stop: set[int]) -> list[int]:
