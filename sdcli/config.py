@@ -5,7 +5,7 @@ on the command line. Every problem (unknown key, wrong type, out-of-range value,
 is collected and reported at once, each with the file and line it comes from, as a `RecipeError`
 (exit code 2).
 
-Relative paths under `data:` / `eval:` in a YAML file are resolved against the recipe's folder, so a
+Relative paths under `data:` / `eval:` / `anchor:` in a YAML file are resolved against the recipe's folder, so a
 recipe and its data travel together; paths given on the command line, and `run_dir`, are
 relative to the current directory.
 """
@@ -302,6 +302,27 @@ class TrainConfig(_Strict):
         return DEFAULT_MAX_STEPS
 
 
+BUILTIN_ANCHORS = "builtin:general"
+
+
+class AnchorConfig(_Strict):
+    """Replay against forgetting: everyday prompts on which the student is held to the model the
+    episode began with (forward KL on that model's own answers, generated once per episode)."""
+
+    path: str = Field(
+        BUILTIN_ANCHORS,
+        description=f"JSONL of {{\"prompt\": ...}} lines, or {BUILTIN_ANCHORS} (46 everyday requests shipped with sd)",
+    )
+    prompts_per_step: int = Field(0, ge=0, le=256, description="Anchor prompts added to every step; 0 = off")
+
+    @field_validator("path")
+    @classmethod
+    def _known_builtin(cls, value: str) -> str:
+        if value.startswith("builtin:") and value != BUILTIN_ANCHORS:
+            raise ValueError(f"unknown built-in anchor set {value!r}; the one built-in is {BUILTIN_ANCHORS}")
+        return value
+
+
 class LoggingConfig(_Strict):
     tensorboard: bool = Field(
         False, description="Also write every step's metrics as TensorBoard events into the episode's tensorboard/ folder"
@@ -360,6 +381,7 @@ class Recipe(_Strict):
     )
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    anchor: AnchorConfig = AnchorConfig()
     eval: EvalConfig | None = None
     logging: LoggingConfig = LoggingConfig()
 
@@ -601,11 +623,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
         if not isinstance(loaded, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping of keys to values, got {type(loaded).__name__}.")
         data = loaded
-        for key in ("data", "eval"):
+        for key in ("data", "eval", "anchor"):
             section = data.get(key)
             if isinstance(section, dict):
                 for k, v in list(section.items()):
-                    if isinstance(v, str) and (k == "path" or k.endswith("_path")) and not Path(v).is_absolute():
+                    if (isinstance(v, str) and (k == "path" or k.endswith("_path")) and not Path(v).is_absolute()
+                            and not v.startswith("builtin:")):
                         section[k] = str(base_dir / v)
                     elif isinstance(v, list) and k == "retain":
                         section[k] = [str(base_dir / p) if isinstance(p, str) and not Path(p).is_absolute() else p for p in v]
@@ -678,6 +701,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
             )
         elif nop.startswith("builtin:") and nop != BUILTIN_MODEL:
             problems.append(f"{where(('model', 'name_or_path'))}: unknown built-in model {nop!r}; the one built-in is {BUILTIN_MODEL}")
+        anchor = recipe.anchor
+        if anchor.prompts_per_step and not anchor.path.startswith("builtin:") and not Path(anchor.path).is_file():
+            problems.append(f"{where(('anchor', 'path'))}: 'anchor.path': file not found: {anchor.path}")
         for key, file in recipe.eval.files() if recipe.eval is not None else []:
             if not file.is_file():
                 problems.append(f"{where(('eval', *key.split('.')))}: 'eval.{key}': file not found: {file}")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from sdcli.anchors import load_anchor_prompts
 from sdcli.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from sdcli.config import Method, Quantization, Recipe, TeacherKind, dump_recipe
 from sdcli.data import file_sha256
@@ -175,6 +176,10 @@ def signal_metrics(views: list[TeacherView]) -> dict[str, float]:
     return metrics
 
 
+ON_POLICY, OFF_POLICY, ANCHOR = "on", "off", "anchor"
+KIND_INDEX = {ON_POLICY: 0, OFF_POLICY: 1, ANCHOR: 2}
+
+
 @dataclass
 class Sequence:
     """One (prompt, response) pair to learn on, and what the teacher sees for it."""
@@ -182,7 +187,28 @@ class Sequence:
     prompt: list[int]
     response: list[int]
     view: TeacherView | None = None  # None until the context is built (and for sft)
-    off_policy: bool = False  # the example's own demonstration, not a sample
+    kind: str = ON_POLICY  # on: a sample; off: the example's own demonstration; anchor: replay
+
+
+
+def teacher_pass(model, decoder, encoder, kept: list[Sequence], pad_id: int, device, teacher_set, anchor_set) -> torch.Tensor:
+    """[N, T, H] teacher hidden states for `kept`, in order: the episode's teacher for the task's
+    sequences, the model as the episode began for the anchors (one pass when they are the same)."""
+    groups = [[i for i, q in enumerate(kept) if q.kind != ANCHOR], [i for i, q in enumerate(kept) if q.kind == ANCHOR]]
+    if teacher_set == anchor_set:
+        groups = [list(range(len(kept))), []]
+    width = max(len(q.response) for q in kept)
+    hidden = None
+    for group, adapters in zip(groups, (teacher_set, anchor_set)):
+        if not group:
+            continue
+        batch = score_batch([encoder.encode(kept[i].view.messages) for i in group], [kept[i].response for i in group],
+                            pad_id, device)
+        part = teacher_hidden(model, decoder, batch, adapters)
+        if hidden is None:
+            hidden = part.new_zeros((len(kept), max(1, width), part.shape[-1]))
+        hidden[group, : part.shape[1]] = part
+    return hidden
 
 
 def off_policy_count(fraction: float, prompts: int, rollout_index: int) -> int:
@@ -202,7 +228,7 @@ def off_policy_sequences(batch: list[Example], n_off: int, signal, encoder, toke
             rest.append(ex)
             continue
         text, view = found
-        off.append(Sequence(encoder.encode(ex.prompt), response_tokens(tokenizer, text, stop), view, off_policy=True))
+        off.append(Sequence(encoder.encode(ex.prompt), response_tokens(tokenizer, text, stop), view, OFF_POLICY))
     return off, rest
 
 
@@ -221,6 +247,29 @@ def rollout_sequences(batch: list[Example], g: int, encoder, tokenizer, stop, sa
     return [Sequence(p, r) for p, r in zip(prompts, responses)], generated
 
 
+def answer_anchors(prompts: list, encoder, sample, seed: int, device) -> list[Sequence]:
+    """The model's own answers to the anchor prompts, sampled once as the episode begins (the
+    episode's adapter is still zero, so this is the teacher's model). The teacher scores them with
+    no context: on these prompts the student is held to the model it started from. Sampled from a
+    generator forked off the seed, so training draws the same numbers with or without anchors and
+    a resumed run regenerates the same anchors."""
+    encoded = [encoder.encode(p) for p in prompts]
+    devices = [device.index or 0] if device.type == "cuda" else []
+    responses: list[list[int]] = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 7919)
+        for start in range(0, len(encoded), 16):
+            responses += sample(encoded[start : start + 16])
+    return [Sequence(p, r, TeacherView(messages=m), ANCHOR) for p, r, m in zip(encoded, responses, prompts) if r]
+
+
+def take_anchors(anchors: list[Sequence], k: int, rollout_index: int) -> list[Sequence]:
+    """k anchors per rollout, walking the set in order (every anchor equally often)."""
+    if not anchors or k == 0:
+        return []
+    return [anchors[(rollout_index * k + j) % len(anchors)] for j in range(k)]
+
+
 def demonstration_text(ex: Example) -> str:
     return ex.fields.get("demonstration") or ex.response
 
@@ -231,10 +280,10 @@ def _masked_mean(values: torch.Tensor | None, mask: torch.Tensor | None) -> floa
     return float((values.detach() * mask).sum() / mask.sum())
 
 
-def learning_metrics(per_token, stats, mask, off) -> dict[str, float]:
+def learning_metrics(per_token, stats, mask, kinds) -> dict[str, float]:
     """Is the student approaching the teacher where it matters? Per step, from the loss's own pass.
 
-    loss/on_policy, loss/off_policy: each part's loss (per-sequence mean, as the loss itself).
+    loss/on_policy, loss/off_policy, loss/anchor: each part's loss (per-sequence mean, as the loss).
     learn/demo_nll_student, learn/demo_nll_teacher: per-token NLL of the demonstrations under the
         student (no context) and the teacher (context); the first falling toward the second is
         the knowledge moving in.
@@ -244,7 +293,7 @@ def learning_metrics(per_token, stats, mask, off) -> dict[str, float]:
     """
     if per_token is None or stats is None:
         return {}
-    on_mask, off_mask = mask & ~off[:, None], mask & off[:, None]
+    on_mask, off_mask, anchor_mask = (mask & (kinds == k)[:, None] for k in (0, 1, 2))
     out = {"learn/disagreement": _masked_mean(stats[..., STAT_DISAGREE], mask)}
     if bool(on_mask.any()):
         advantage = stats[..., STAT_TEACHER_LOGP] - stats[..., STAT_STUDENT_LOGP]
@@ -260,6 +309,8 @@ def learning_metrics(per_token, stats, mask, off) -> dict[str, float]:
             "learn/demo_nll_student": -_masked_mean(stats[..., STAT_STUDENT_LOGP], off_mask),
             "learn/demo_nll_teacher": -_masked_mean(stats[..., STAT_TEACHER_LOGP], off_mask),
         })
+    if bool(anchor_mask.any()):
+        out["loss/anchor"] = float(masked_sequence_mean(per_token.detach(), anchor_mask))
     return out
 
 
@@ -325,6 +376,10 @@ def _train_episode(
     run_dir = Path(recipe.run_dir)
 
     signal, report, examples = load_examples(recipe, log)
+    anchor_prompts = (
+        load_anchor_prompts(recipe.anchor.path)
+        if recipe.anchor.prompts_per_step and recipe.method is Method.self_distillation else []
+    )
     eval_plan = load_eval_plan(recipe)  # read now: a bad eval line must not wait for the end of training
     parents = list_episodes(run_dir)
     base_path = resolve_model_path(recipe.model.name_or_path).resolve()
@@ -370,6 +425,12 @@ def _train_episode(
     )
     spec = DivergenceSpec.from_config(recipe.loss)
     teacher_set = teacher_adapters(recipe.teacher, earlier, episode)
+    anchor_set = teacher_adapters(TeacherKind.base, earlier, episode)  # anchors hold to the start
+    anchors: list[Sequence] = []
+    if anchor_prompts:
+        anchors = answer_anchors(anchor_prompts, encoder, lambda ps: sample_responses(model, tokenizer, ps, sampling, stop),
+                                 cfg.seed, device)
+        log(f"anchor: {len(anchors)} answer(s) to {recipe.anchor.path} prompts; {recipe.anchor.prompts_per_step} per step")
 
     metrics_path = partial / "metrics.jsonl"
     start_step = 0
@@ -425,7 +486,9 @@ def _train_episode(
                     for i, ex in enumerate(on_policy):
                         for q, view in zip(seqs_on[i * g : (i + 1) * g], signal.teacher_views(ex, texts[i * g : (i + 1) * g])):
                             q.view = view
-                    seqs = seqs_on + seqs
+                    seqs = seqs_on + seqs + take_anchors(
+                        anchors, recipe.anchor.prompts_per_step, step // cfg.updates_per_rollout
+                    )
             views = [q.view for q in seqs if q.view is not None]
             kept = [q for q in seqs if recipe.method is Method.sft or q.view.messages is not None]
 
@@ -433,13 +496,11 @@ def _train_episode(
             t_hidden = None
             if kept and recipe.method is Method.self_distillation:
                 with timer("teacher"):
-                    t_batch = score_batch([encoder.encode(q.view.messages) for q in kept], [q.response for q in kept],
-                                          tokenizer.pad_token_id, device)
-                    t_hidden = teacher_hidden(model, decoder, t_batch, teacher_set)
-                    del t_batch
+                    t_hidden = teacher_pass(model, decoder, encoder, kept, tokenizer.pad_token_id, device,
+                                            teacher_set, anchor_set)
             s_batch = (score_batch([q.prompt for q in kept], [q.response for q in kept], tokenizer.pad_token_id, device)
                        if kept else None)
-            off = torch.tensor([q.off_policy for q in kept], dtype=torch.bool, device=device)
+            kinds = torch.tensor([KIND_INDEX[q.kind] for q in kept], dtype=torch.long, device=device)
             old_logp = None
 
             for update in range(min(cfg.updates_per_rollout, total_steps - step)):
@@ -492,7 +553,7 @@ def _train_episode(
                     "tokens_per_s": generated / step_seconds,
                     "rollout/tokens_per_s": generated / max(1e-9, timer.seconds.get("rollout", 0.0)),
                     "rollout/update": update,
-                    **learning_metrics(per_token, stats, mask, off),
+                    **learning_metrics(per_token, stats, mask, kinds),
                     **{f"time/{k}_s": round(v, 4) for k, v in timer.seconds.items()},
                     "time/step_s": round(step_seconds, 4),
                     **{f"memory/{k}_peak_mb": round(v, 1) for k, v in memory.peaks_mb.items()},

@@ -183,3 +183,38 @@ def test_off_policy_count_keeps_the_share_exact_over_rollouts():
     assert sum(counts) == 12 and set(counts) <= {1, 2}
     assert [off_policy_count(0.0, 4, r) for r in range(3)] == [0, 0, 0]
     assert [off_policy_count(1.0, 4, r) for r in range(3)] == [4, 4, 4]
+
+
+def test_anchors_hold_the_student_to_the_start_without_moving_the_sampler(tmp_path, tiny_model_dir, sampled):
+    """Anchor prompts: answered once by the starting model, then scored by it with no context, so
+    their loss is exactly zero at step 1 and grows only as the student drifts. Their sampling must
+    not shift the random numbers of the episode's own rollouts."""
+    from sdcli.train import train_episode
+
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a colour.", "Count to three.", "Say hello."]))
+    (tmp_path / "plain").mkdir()
+    train_episode(recipe_for(tmp_path / "plain", tiny_model_dir, "  max_steps: 3"))
+    without = [responses for _, responses in sampled]
+    sampled.clear()
+
+    (tmp_path / "anchored").mkdir()
+    anchored = recipe_for(tmp_path / "anchored", tiny_model_dir, f"  max_steps: 3\nanchor:\n  path: {anchors}\n  prompts_per_step: 2")
+    metrics = metrics_of(train_episode(anchored))
+    assert sampled[0][0] == 3  # the three anchors, answered once before training
+    # the same random numbers: identical rollouts while the weights are still identical (steps 1
+    # and 2: at step 1 the anchors' loss and gradient are zero); step 3 follows other weights
+    assert [responses for _, responses in sampled[1:3]] == without[:2]
+    assert len(sampled) == 4
+    assert metrics[0]["loss/anchor"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics[2]["loss/anchor"] > 1e-4
+
+
+def test_the_builtin_anchor_set_loads_and_is_disjoint_from_the_benchmarks_general_questions():
+    from sdcli.anchors import load_anchor_prompts
+
+    prompts = [p[-1]["content"] for p in load_anchor_prompts("builtin:general")]
+    assert len(prompts) == len(set(prompts)) >= 40
+    general = Path(__file__).resolve().parents[2] / "benchmarks" / "continual_facts" / "data" / "general_qa.jsonl"
+    questions = {json.loads(line)["prompt"] for line in general.read_text().splitlines()}
+    assert not questions & set(prompts)
