@@ -1,6 +1,8 @@
 """`sd report`: plots and a short Markdown summary of a run, written next to each other.
 
-    training.png   loss, divergence and reward (when the signal has one) per step. The x axis is
+    training.png   loss, divergence, the learning view (demonstration NLL under both roles, the
+                   roles' disagreement, how sparse the per-token advantage is, the anchor loss)
+                   and reward (when the signal has one) per step. The x axis is
                    the step counted across the whole run, one colour per episode, from each
                    episode's metrics.jsonl.
     matrix.png     the continual-learning matrix R as a heat map: the student and, when
@@ -85,7 +87,7 @@ def load_matrix_file(path: Path) -> Matrix:
 
 def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
     header = ["#", "episode", "method", "signal", "steps", "final loss", "final kl",
-              "task score", "teacher", "retain (mean)", "KL from base", "perplexity"]
+              "demo NLL student / teacher", "disagreement", "task score", "teacher", "retain (mean)", "KL from base", "perplexity"]
     rows = []
     for e in episodes:
         m, final = e.meta, e.meta.get("final", {})
@@ -97,6 +99,8 @@ def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
         rows.append([
             f"{e.number:03d}", e.name, m.get("method", "?"), m.get("signal", "?"), str(m.get("steps", "?")),
             fmt(final.get("loss"), 4), fmt(final.get("kl"), 4),
+            f"{fmt(final.get('learn/demo_nll_student'), 3)} / {fmt(final.get('learn/demo_nll_teacher'), 3)}",
+            fmt(final.get("learn/disagreement"), 3),
             fmt(task["score"]) if task else "-", fmt(task.get("teacher_score")) if task else "-",
             fmt(sum(retain) / len(retain)) if retain else "-",
             fmt(drift.get("kl_from_base"), 4), fmt(drift.get("perplexity"), 2),
@@ -125,13 +129,32 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_training(Figure, episodes: list[Episode], metrics: list[list[dict]], path: Path) -> Path | None:
-    panels = [("loss", "loss"), ("kl", "divergence (student vs teacher, per token)")]
+TRAINING_PANELS = [
+    ("loss", [("loss", "-")]),
+    ("divergence (student vs teacher, per token)", [("kl", "-")]),
+    # the knowledge moving in: the demonstrations' NLL under the student (solid) falls toward the
+    # teacher's (dashed), which sees the demonstration in its context
+    ("demonstration NLL per token: student (solid), teacher (dashed)",
+     [("learn/demo_nll_student", "-"), ("learn/demo_nll_teacher", "--")]),
+    ("share of positions where the roles' top tokens differ", [("learn/disagreement", "-")]),
+    ("sampled tokens with |log p_teacher - log p_student| > 1", [("advantage/large_fraction", "-")]),
+    ("anchor loss (drift from the starting model on everyday prompts)", [("loss/anchor", "-")]),
+]
+
+
+def training_panels(metrics: list[list[dict]]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The panels of training.png that have data: (title, [(metric key, line style)])."""
+    panels = list(TRAINING_PANELS)
     reward_key = next((k for k in ("signal/reward_mean", "signal/success_rate")
                        if any(k in r for rows in metrics for r in rows)), None)
     if reward_key:
-        panels.append((reward_key, reward_key))
-    panels = [(k, t) for k, t in panels if any(_finite([r.get(k) for r in rows]) for rows in metrics)]
+        panels.append((reward_key, [(reward_key, "-")]))
+    return [(t, keys) for t, keys in panels
+            if any(_finite([r.get(k) for r in rows]) for rows in metrics for k, _ in keys)]
+
+
+def plot_training(Figure, episodes: list[Episode], metrics: list[list[dict]], path: Path) -> Path | None:
+    panels = training_panels(metrics)
     if not panels:
         return None
     fig = Figure(figsize=(7, 2.4 * len(panels)), layout="constrained")
@@ -140,16 +163,17 @@ def plot_training(Figure, episodes: list[Episode], metrics: list[list[dict]], pa
     for index, (episode, rows) in enumerate(zip(episodes, metrics)):
         steps = [offset + r.get("step", i + 1) for i, r in enumerate(rows)]
         colour = f"C{index % 10}"
-        for ax, (key, _) in zip(axes, panels):
-            values = [r.get(key, float("nan")) for r in rows]
-            values = [float("nan") if v is None else v for v in values]
-            ax.plot(steps, values, color=colour, marker="." if len(steps) < 30 else None,
-                    label=f"{episode.label} ({episode.meta.get('method', '?')})")
+        for ax, (_, keys) in zip(axes, panels):
+            for n, (key, style) in enumerate(keys):
+                values = [r.get(key, float("nan")) for r in rows]
+                values = [float("nan") if v is None else v for v in values]
+                ax.plot(steps, values, color=colour, linestyle=style, marker="." if len(steps) < 30 else None,
+                        label=f"{episode.label} ({episode.meta.get('method', '?')})" if n == 0 else None)
         if index:
             for ax in axes:
                 ax.axvline(offset + 0.5, color="grey", linewidth=0.6, linestyle=":")
         offset += len(rows)
-    for ax, (_, title) in zip(axes, panels):
+    for ax, (title, _) in zip(axes, panels):
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step (across the run)")

@@ -125,7 +125,21 @@ def test_episode_table_and_markdown(run_dir):
     from sdcli.episodes import list_episodes
 
     header, rows = episode_table(list_episodes(run_dir))
-    assert header[7:10] == ["task score", "teacher", "retain (mean)"]
-    assert rows[0][5:] == ["0.8000", "0.8000", "0.750", "1.000", "0.000", "0.0200", "11.00"]
+    assert header[7:12] == ["demo NLL student / teacher", "disagreement", "task score", "teacher", "retain (mean)"]
+    assert rows[0][5:] == ["0.8000", "0.8000", "- / -", "-", "0.750", "1.000", "0.000", "0.0200", "11.00"]
     assert rows[1][6] == "-"  # sft has no divergence
     assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+
+
+def test_training_plot_shows_the_learning_view_when_the_metrics_have_it(run_dir, tmp_path):
+    from sdcli.episodes import list_episodes
+    from sdcli.report import plot_training, require_matplotlib, training_panels
+
+    rows = [{"step": i + 1, "loss": 1.0 / (i + 1), "kl": 0.5, "learn/demo_nll_student": 3.0 - i,
+             "learn/demo_nll_teacher": 0.4, "learn/disagreement": 0.3} for i in range(3)]
+    titles = [title for title, _ in training_panels([rows])]
+    assert any("demonstration NLL" in t for t in titles) and any("top tokens differ" in t for t in titles)
+    assert not any("anchor" in t for t in titles)  # no data, no panel
+    episodes = list_episodes(run_dir)[:1]
+    path = plot_training(require_matplotlib(), episodes, [rows], tmp_path / "training.png")
+    assert path.is_file() and path.stat().st_size > 1000
