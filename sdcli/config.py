@@ -404,6 +404,25 @@ class Recipe(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _sampled_needs_plain_sampling(self) -> "Recipe":
+        """`sampled` support weighs each token by log p_s(y) - log p_t(y) as if y were drawn from
+        p_s itself; a tempered or truncated sampler draws from another distribution, so the
+        estimate (and its gradient) would be biased, and greedy decoding draws nothing at all."""
+        if self.loss.support is not Support.sampled or self.method is not Method.self_distillation:
+            return self
+        r = self.rollout
+        changed = [f"rollout.temperature={r.temperature:g}" + (" (greedy)" if r.temperature == 0 else "")] if r.temperature != 1.0 else []
+        changed += [f"rollout.top_p={r.top_p:g}"] if r.top_p < 1.0 else []
+        changed += [f"rollout.top_k={r.top_k}"] if r.top_k > 0 else []
+        if changed:
+            raise ValueError(
+                "loss.support 'sampled' estimates reverse KL from tokens drawn from the student's own distribution, "
+                f"but {' and '.join(changed)} sample from another one, which biases the estimate: set "
+                "rollout.temperature=1, rollout.top_p=1 and rollout.top_k=0, or use loss.support=full or topk"
+            )
+        return self
+
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

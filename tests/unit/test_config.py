@@ -81,6 +81,25 @@ def test_sampled_support_needs_reverse_kl(tmp_path):
     assert load_recipe(path, ["loss.divergence=reverse_kl"]).loss.support.value == "sampled"
 
 
+@pytest.mark.parametrize("setting,named", [
+    ("rollout.temperature=0", "rollout.temperature=0 (greedy)"),
+    ("rollout.temperature=0.7", "rollout.temperature=0.7"),
+    ("rollout.top_p=0.9", "rollout.top_p=0.9"),
+    ("rollout.top_k=50", "rollout.top_k=50"),
+])
+def test_sampled_support_refuses_a_sampler_other_than_the_student(tmp_path, setting, named):
+    """The sampled estimator is unbiased only for tokens drawn from the student's own distribution."""
+    path = write(tmp_path, "data:\n  path: d.jsonl\nloss:\n  support: sampled\n  divergence: reverse_kl\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, [setting])
+    text = e.value.render()
+    assert named in text and "rollout.temperature=1, rollout.top_p=1 and rollout.top_k=0" in text
+    assert "loss.support=full or topk" in text
+    # the same sampler is fine with a support that does not estimate from the sample, and for sft
+    assert load_recipe(path, [setting, "loss.support=topk"]).rollout
+    assert load_recipe(path, [setting, "method=sft"]).rollout
+
+
 def test_bad_yaml_and_non_mapping(tmp_path):
     with pytest.raises(RecipeError, match=r"r.yaml:\d+: not valid YAML"):
         load_recipe(write(tmp_path, "data:\n  path: [unclosed\n"))
