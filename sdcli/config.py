@@ -43,6 +43,12 @@ DEFAULT_FEEDBACK_TEMPLATE = (
     "{feedback}\n\n"
     "Now solve the task correctly, avoiding that mistake."
 )
+DEFAULT_SUCCESS_FEEDBACK_TEMPLATE = (
+    "{prompt}\n\n"
+    "An earlier attempt at this task succeeded. Here is the feedback from running it:\n"
+    "{feedback}\n\n"
+    "Now solve the task correctly."
+)
 DEFAULT_HINDSIGHT_TEMPLATE = (
     "{prompt}\n\n"
     "An earlier answer to this message was not good enough. This is what the user said in "
@@ -160,12 +166,18 @@ class FeedbackSignal(_Strict):
     use_successful_sibling: bool = Field(True, description="Also show a successful sibling's answer")
     skip_successful: bool = Field(False, description="Samples that passed contribute no loss")
     strip_thinking: bool = Field(True, description="Remove <think>...</think> from a sibling's answer")
-    feedback_template: str = Field(DEFAULT_FEEDBACK_TEMPLATE, description="{prompt}, {feedback}, optional {solution}")
+    feedback_template: str = Field(
+        DEFAULT_FEEDBACK_TEMPLATE, description="For a sample that failed; {prompt}, {feedback}, optional {solution}"
+    )
+    success_template: str = Field(
+        DEFAULT_SUCCESS_FEEDBACK_TEMPLATE,
+        description="For a sample that passed and still has feedback; {prompt}, {feedback}, optional {solution}",
+    )
     solution_template: str = Field(DEFAULT_SOLUTION_TEMPLATE, description="Used for a passing sibling")
     max_feedback_chars: int = Field(1500, ge=100, description="Feedback text is cut to this length")
     sandbox: SandboxLimits = SandboxLimits()
 
-    @field_validator("feedback_template")
+    @field_validator("feedback_template", "success_template")
     @classmethod
     def _feedback_fields(cls, v: str) -> str:
         return _check_template(v, required={"feedback"}, allowed={"prompt", "feedback", "solution"})

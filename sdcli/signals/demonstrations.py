@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdcli.config import DemonstrationsSignal
-from sdcli.data import as_messages, last_user_text, read_jsonl, with_last_user_text
+from sdcli.data import as_messages, last_user_text, read_jsonl
 from sdcli.errors import DataError
-from sdcli.signals.base import Example, LoadReport, TeacherView
+from sdcli.signals.base import Example, LoadReport, TeacherView, context, context_view, fill
 
 
 def example_id(path: Path, line: int, record: dict) -> str:
@@ -45,10 +45,10 @@ class DemonstrationsBuilder:
         return LoadReport(examples)
 
     def teacher_view(self, example: Example) -> TeacherView:
-        text = self.cfg.teacher_template.format(
-            prompt=last_user_text(example.prompt), demonstration=example.fields["demonstration"]
+        pieces = fill(
+            self.cfg.teacher_template, prompt=last_user_text(example.prompt), demonstration=context(example.fields["demonstration"])
         )
-        return TeacherView(messages=with_last_user_text(example.prompt, text))
+        return context_view(example.prompt, pieces)
 
     def teacher_views(self, example: Example, responses: list[str]) -> list[TeacherView]:
         view = self.teacher_view(example)

@@ -14,11 +14,12 @@ How sample i's teacher turn is built, in order:
    with the example id, is in `feedback` and is logged as a warning; the run goes on);
 2. it succeeded (reward >= success_threshold) and skip_successful is set: masked,
    "skipped_successful";
-3. it has feedback: `feedback_template` with {prompt} and {feedback}. If a successful sibling is
-   shown as well: a template with {solution} gets it there; a template without {solution} is
-   followed by the sibling through `solution_template`, whose {prompt} is then the rendered
-   feedback text (so the prompt is not repeated). A template with {solution} and no sibling to
-   show gets NO_SOLUTION in its place;
+3. it has feedback: `feedback_template` (it failed) or `success_template` (it passed: the
+   failure template would tell the teacher it failed), with {prompt} and {feedback}. If a
+   successful sibling is shown as well: a template with {solution} gets it there; a template
+   without {solution} is followed by the sibling through `solution_template`, whose {prompt} is
+   then the rendered feedback text (so the prompt is not repeated). A template with {solution}
+   and no sibling to show gets NO_SOLUTION in its place;
 4. no feedback (usually: it succeeded) but a successful sibling: `solution_template`;
 5. otherwise masked, "no_context".
 
@@ -38,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sdcli.config import FeedbackSignal
-from sdcli.data import last_user_text, with_last_user_text
+from sdcli.data import last_user_text
 from sdcli.environments import (
     EnvFn,
     call_environment,
@@ -47,7 +48,7 @@ from sdcli.environments import (
 )
 from sdcli.errors import UserError
 from sdcli.sandbox import run_python
-from sdcli.signals.base import Example, LoadReport, TeacherView
+from sdcli.signals.base import Example, LoadReport, Pieces, TeacherView, context, context_view, fill
 from sdcli.signals.rewards import (
     SKIPPED_SUCCESSFUL,
     load_examples,
@@ -68,16 +69,18 @@ def template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
-def render_feedback(cfg: FeedbackSignal, prompt_text: str, feedback: str, solution: str | None) -> str:
-    """The teacher's user turn for a sample with feedback (step 3 in the module docstring)."""
-    if "solution" in template_fields(cfg.feedback_template):
-        return cfg.feedback_template.format(prompt=prompt_text, feedback=feedback, solution=solution or NO_SOLUTION)
-    text = cfg.feedback_template.format(prompt=prompt_text, feedback=feedback)
+def render_feedback(cfg: FeedbackSignal, template: str, prompt_text: str, feedback: str, solution: str | None) -> Pieces:
+    """The teacher's user turn for a sample with feedback (step 3 in the module docstring), through
+    `template`: the feedback template for a sample that failed, the success template for one that passed."""
+    if "solution" in template_fields(template):
+        shown = context(solution) if solution is not None else NO_SOLUTION
+        return fill(template, prompt=prompt_text, feedback=context(feedback), solution=shown)
+    pieces = fill(template, prompt=prompt_text, feedback=context(feedback))
     if solution is None:
-        return text
+        return pieces
     if "prompt" in template_fields(cfg.solution_template):
-        return render_solution(cfg.solution_template, text, solution)
-    return text + "\n\n" + render_solution(cfg.solution_template, prompt_text, solution)
+        return render_solution(cfg.solution_template, pieces, solution)
+    return pieces + (("\n\n", False),) + render_solution(cfg.solution_template, prompt_text, solution)
 
 
 def _no_check(record: dict) -> list[str]:
@@ -125,11 +128,12 @@ class FeedbackBuilder:
             check = _no_check
             hint = f'Each line needs {{"prompt": "..." or [messages]}} plus whatever {self.cfg.environment} reads.'
         report = load_examples(path, "feedback", check, hint)
-        if "solution" in template_fields(self.cfg.feedback_template) and not self.cfg.use_successful_sibling:
-            report.warnings.append(
-                "signal.feedback_template uses {solution} but signal.use_successful_sibling is false: "
-                f"it will always read {NO_SOLUTION!r}."
-            )
+        for key in ("feedback_template", "success_template"):
+            if "solution" in template_fields(getattr(self.cfg, key)) and not self.cfg.use_successful_sibling:
+                report.warnings.append(
+                    f"signal.{key} uses {{solution}} but signal.use_successful_sibling is false: "
+                    f"it will always read {NO_SOLUTION!r}."
+                )
         return report
 
     def demonstration_view(self, example: Example) -> tuple[str, TeacherView] | None:
@@ -160,11 +164,12 @@ class FeedbackBuilder:
                 else None
             )
             if feedback is not None:
-                text = render_feedback(cfg, prompt_text, feedback, solution)
+                template = cfg.success_template if success[i] else cfg.feedback_template
+                pieces = render_feedback(cfg, template, prompt_text, feedback, solution)
             elif solution is not None:
-                text = render_solution(cfg.solution_template, prompt_text, solution)
+                pieces = render_solution(cfg.solution_template, prompt_text, solution)
             else:
                 views.append(masked(NO_CONTEXT, **info))
                 continue
-            views.append(TeacherView(messages=with_last_user_text(example.prompt, text), **info))
+            views.append(context_view(example.prompt, pieces, **info))
         return views

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from sdcli.config import InteractionsSignal
-from sdcli.data import ROLES, Messages, last_user_text, read_jsonl, with_last_user_text
+from sdcli.data import ROLES, Messages, last_user_text, read_jsonl
 from sdcli.errors import DataError
-from sdcli.signals.base import Example, LoadReport, TeacherView
+from sdcli.signals.base import Example, LoadReport, TeacherView, context, context_view, fill
 
 # ShareGPT "from" values, mapped to chat roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -226,6 +226,6 @@ class InteractionsBuilder:
         followup = example.fields["followup"]
         views = []
         for response in responses:
-            text = self.cfg.hindsight_template.format(prompt=prompt_text, followup=followup, response=response)
-            views.append(TeacherView(messages=with_last_user_text(example.prompt, text), feedback=followup))
+            pieces = fill(self.cfg.hindsight_template, prompt=prompt_text, followup=context(followup), response=context(response))
+            views.append(context_view(example.prompt, pieces, feedback=followup))
         return views

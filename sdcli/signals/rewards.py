@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcli.config import RewardsSignal
-from sdcli.data import as_messages, last_user_text, read_jsonl, with_last_user_text
+from sdcli.data import as_messages, last_user_text, read_jsonl
 from sdcli.errors import DataError
 from sdcli.rewards import (
     BUILTIN_REWARDS,
@@ -43,7 +43,7 @@ from sdcli.rewards import (
     check_answer,
     load_reward,
 )
-from sdcli.signals.base import Example, LoadReport, TeacherView
+from sdcli.signals.base import Example, LoadReport, Pieces, TeacherView, context, context_view, fill
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,9 @@ def sibling_solution(
     return None
 
 
-def render_solution(template: str, prompt_text: str, solution: str) -> str:
-    return template.format(prompt=prompt_text, solution=solution)
+def render_solution(template: str, prompt: str | Pieces, solution: str) -> Pieces:
+    """The solution template in pieces, the solution being the context."""
+    return fill(template, prompt=prompt, solution=context(solution))
 
 
 def reference_solution_view(template: str, example: Example) -> tuple[str, TeacherView] | None:
@@ -136,8 +137,8 @@ def reference_solution_view(template: str, example: Example) -> tuple[str, Teach
     solution = example.fields.get("demonstration")
     if not isinstance(solution, str) or not solution.strip():
         return None
-    text = render_solution(template, last_user_text(example.prompt), solution.strip())
-    return solution.strip(), TeacherView(messages=with_last_user_text(example.prompt, text))
+    pieces = render_solution(template, last_user_text(example.prompt), solution.strip())
+    return solution.strip(), context_view(example.prompt, pieces)
 
 
 def masked(reason: str, **kw: Any) -> TeacherView:
@@ -210,8 +211,6 @@ class RewardsBuilder:
             if solution is None:
                 views.append(masked(NO_SUCCESSFUL_SIBLING, reward=reward, success=success[i]))
                 continue
-            text = render_solution(cfg.solution_template, prompt_text, solution)
-            views.append(
-                TeacherView(messages=with_last_user_text(example.prompt, text), reward=reward, success=success[i])
-            )
+            pieces = render_solution(cfg.solution_template, prompt_text, solution)
+            views.append(context_view(example.prompt, pieces, reward=reward, success=success[i]))
         return views

@@ -97,6 +97,28 @@ def test_success_without_feedback_gets_a_sibling_or_is_masked():
     assert lone[0].messages is None and lone[0].masked_reason == "no_context"
 
 
+def test_a_passing_sample_with_feedback_is_not_told_it_failed():
+    """An environment may report on success too ("3 of 3 passed"); the failure template would then
+    tell the teacher that a passing attempt failed."""
+    from sdcli.config import DEFAULT_FEEDBACK_TEMPLATE, DEFAULT_SUCCESS_FEEDBACK_TEMPLATE
+
+    results = {"ok": (1.0, "3 of 3 tests passed"), "bad": (0.0, "add(1, 2) gave -1, expected 3")}
+    b = FeedbackBuilder(FeedbackSignal(use_successful_sibling=False))
+    b.environment = lambda response, ex: results[response]
+    passed, failed = b.teacher_views(example(), ["ok", "bad"])
+    assert passed.success is True and failed.success is False
+    assert passed.messages[-1]["content"] == DEFAULT_SUCCESS_FEEDBACK_TEMPLATE.format(
+        prompt="Write add(a, b).", feedback="3 of 3 tests passed")
+    assert "failed" not in passed.messages[-1]["content"]
+    assert failed.messages[-1]["content"] == DEFAULT_FEEDBACK_TEMPLATE.format(
+        prompt="Write add(a, b).", feedback="add(1, 2) gave -1, expected 3")
+    # a success below a reward of 1 counts by the threshold, and its own template is used
+    custom = builder(RESULTS, success_threshold=0.5, success_template="{prompt}\nPassed: {feedback}")
+    views = custom.teacher_views(example(), ["half", "wrong"])
+    assert views[0].messages[-1]["content"] == "Write add(a, b).\nPassed: 1 of 2 tests passed"  # no passing sibling
+    assert views[1].messages[-1]["content"] == "Write add(a, b).\nFeedback: add(1, 2) gave -1, expected 3\nSolution: half"
+
+
 def test_skip_successful():
     views = builder(RESULTS, skip_successful=True).teacher_views(example(), ["right", "wrong", "right too"])
     assert views[0].masked_reason == "skipped_successful" and views[0].reward == 1.0
