@@ -108,6 +108,11 @@ class ModelConfig(_Strict):
         DType.auto, description="auto = float32 on CPU (bf16 is ~20x slower there), bfloat16 on CUDA if supported"
     )
     max_prompt_tokens: int = Field(512, ge=8, description="Longer prompts are truncated from the left, with a warning")
+    max_teacher_prompt_tokens: int | None = Field(
+        None, ge=8,
+        description="Longer teacher prompts have their context (demonstration, solution, feedback) cut in the middle, "
+        "never the question; default: the model's context length minus rollout.max_new_tokens",
+    )
     trust_remote_code: bool = Field(False, description="Run model code shipped in the model folder (only for folders you trust)")
 
 

@@ -65,7 +65,7 @@ from sdcli.model import (
 )
 from sdcli.rollout import SamplingSettings, sample_responses
 from sdcli.runlock import run_lock
-from sdcli.sequences import PromptEncoder, eos_ids, response_hidden, score_batch
+from sdcli.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit
 from sdcli.signals import build_signal
 from sdcli.signals.base import Example, TeacherView
 from sdcli.stack import adapter_name, attach_stack, save_adapter
@@ -193,7 +193,8 @@ class Sequence:
 
 def teacher_pass(model, decoder, encoder, kept: list[Sequence], pad_id: int, device, teacher_set, anchor_set) -> torch.Tensor:
     """[N, T, H] teacher hidden states for `kept`, in order: the episode's teacher for the task's
-    sequences, the model as the episode began for the anchors (one pass when they are the same)."""
+    sequences, the model as the episode began for the anchors (one pass when they are the same).
+    `encoder` is the TeacherPromptEncoder; an anchor's teacher sees exactly the student's prompt."""
     groups = [[i for i, q in enumerate(kept) if q.kind != ANCHOR], [i for i, q in enumerate(kept) if q.kind == ANCHOR]]
     if teacher_set == anchor_set:
         groups = [list(range(len(kept))), []]
@@ -202,8 +203,8 @@ def teacher_pass(model, decoder, encoder, kept: list[Sequence], pad_id: int, dev
     for group, adapters in zip(groups, (teacher_set, anchor_set)):
         if not group:
             continue
-        batch = score_batch([encoder.encode(kept[i].view.messages) for i in group], [kept[i].response for i in group],
-                            pad_id, device)
+        prompts = [kept[i].prompt if kept[i].kind == ANCHOR else encoder.encode(kept[i].view) for i in group]
+        batch = score_batch(prompts, [kept[i].response for i in group], pad_id, device)
         part = teacher_hidden(model, decoder, batch, adapters)
         if hidden is None:
             hidden = part.new_zeros((len(kept), max(1, width), part.shape[-1]))
@@ -414,6 +415,11 @@ def _train_episode(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     sampler = ExampleSampler(len(examples), cfg.seed, recipe.data.shuffle)
     encoder = PromptEncoder(tokenizer, recipe.model.max_prompt_tokens)
+    teacher_encoder = TeacherPromptEncoder(
+        tokenizer,
+        teacher_prompt_limit(recipe.model.max_teacher_prompt_tokens, loaded.model.config, recipe.rollout.max_new_tokens),
+        warn=log,
+    )
     stop = eos_ids(tokenizer, model)
     sampling = SamplingSettings(
         max_new_tokens=recipe.rollout.max_new_tokens,
@@ -493,11 +499,12 @@ def _train_episode(
             kept = [q for q in seqs if recipe.method is Method.sft or q.view.messages is not None]
 
             # 4. teacher: no grad, episode adapter off, context on (once per rollout)
-            t_hidden = None
+            t_hidden, cut_before = None, teacher_encoder.cut
             if kept and recipe.method is Method.self_distillation:
                 with timer("teacher"):
-                    t_hidden = teacher_pass(model, decoder, encoder, kept, tokenizer.pad_token_id, device,
+                    t_hidden = teacher_pass(model, decoder, teacher_encoder, kept, tokenizer.pad_token_id, device,
                                             teacher_set, anchor_set)
+            teacher_cut = {"signal/teacher_prompts_cut": teacher_encoder.cut - cut_before} if views else {}
             s_batch = (score_batch([q.prompt for q in kept], [q.response for q in kept], tokenizer.pad_token_id, device)
                        if kept else None)
             kinds = torch.tensor([KIND_INDEX[q.kind] for q in kept], dtype=torch.long, device=device)
@@ -558,6 +565,7 @@ def _train_episode(
                     "time/step_s": round(step_seconds, 4),
                     **{f"memory/{k}_peak_mb": round(v, 1) for k, v in memory.peaks_mb.items()},
                     **(signal_metrics(views) if views else {}),
+                    **teacher_cut,
                 }
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
@@ -586,6 +594,9 @@ def _train_episode(
         board.close()
     if encoder.truncated:
         log(f"warning: {encoder.truncated} prompt(s) were longer than model.max_prompt_tokens and were cut from the left")
+    if teacher_encoder.cut:
+        log(f"warning: {teacher_encoder.cut} teacher prompt(s) were longer than {teacher_encoder.max_tokens} tokens "
+            "and had their context cut")
 
     # --- save: adapter, then metadata, then one rename makes the episode visible -----------
     save_adapter(model, episode, partial)
@@ -593,7 +604,7 @@ def _train_episode(
         number=number, name=recipe.name, recipe=recipe, base_path=loaded.path,
         base_hash=base_hash, data_hash=file_sha256(recipe.data.path), parents=parents,
         started=started, steps=total_steps, final=last, **adapter_hashes(partial),
-        extra={"prompts_truncated": encoder.truncated, "data_skipped": report.skipped,
+        extra={"prompts_truncated": encoder.truncated, "teacher_prompts_cut": teacher_encoder.cut, "data_skipped": report.skipped,
                "recipe_file": str(recipe_file) if recipe_file else None},
     )
     meta.update(episode_eval(
