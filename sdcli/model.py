@@ -194,22 +194,62 @@ def merged_for_sampling(model, enabled: bool):
             param.data = original
 
 
+def student_train_mode(model, adapter: str) -> None:
+    """Training mode for the student, and no wider: every module in eval mode except the LoRA
+    dropout of `adapter`, the one being trained.
+
+    `model.train()` would also switch on the base model's own dropout (attention, residual), which
+    the user never asked for and which makes the student a noisier network than the teacher it is
+    compared with; frozen adapters have none (`sdcli.stack`), and the teacher runs in `eval_mode`.
+    """
+    model.eval()
+    for layer in lora_layers(model):
+        if adapter in layer.lora_dropout:
+            layer.lora_dropout[adapter].train()
+
+
+@contextmanager
+def eval_mode(model):
+    """Every module in eval mode inside the block; afterwards each one is put back as it was
+    (`model.train(was_training)` would set every module to the mode of the top one)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def enable_activation_checkpointing(model, fraction: float) -> int:
     """Recompute the activations of `fraction` of the decoder layers in backward, spread evenly.
 
     Checkpointing every layer saves the most memory and costs about one more forward; a fraction
-    trades the two smoothly. Returns how many layers are checkpointed.
+    trades the two smoothly. Returns how many layers are checkpointed. The layers are wrapped here,
+    not through transformers' `gradient_checkpointing_enable`, which checkpoints a layer only in
+    training mode: the student runs in eval mode but for its LoRA dropout (`student_train_mode`).
+    The dropout masks are the same in the recomputation (the RNG state is restored).
     """
     if fraction <= 0:
         return 0
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
     chosen = 0
     for i, layer in enumerate(layers):
-        on = int((i + 1) * fraction) > int(i * fraction)
-        layer.gradient_checkpointing = on
-        chosen += on
+        if int((i + 1) * fraction) > int(i * fraction):
+            layer.forward = _checkpointed(layer.forward)
+            chosen += 1
     return chosen
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():  # without gradients there is no backward to recompute for
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run

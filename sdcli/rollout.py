@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdcli.model import merged_for_sampling
+from sdcli.model import eval_mode, merged_for_sampling
 from sdcli.sequences import cut_at_eos
 
 
@@ -97,11 +97,7 @@ def decode(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids
 def sample_responses(model, tokenizer, prompts: list[list[int]], settings: SamplingSettings, stop_ids: set[int]) -> list[list[int]]:
     """prompts: token ids, one list per sample (repeat a prompt for several samples).
     Returns the response token ids for each, cut after the first stop token."""
-    was_training = model.training
-    model.eval()  # no dropout, and the KV cache stays on even where training mode would drop it
-    try:
-        with merged_for_sampling(model, settings.merge):
-            generated = decode(model, prompts, settings, stop_ids, tokenizer.pad_token_id)
-    finally:
-        model.train(was_training)
+    # no dropout, and the KV cache stays on even where training mode would drop it
+    with eval_mode(model), merged_for_sampling(model, settings.merge):
+        generated = decode(model, prompts, settings, stop_ids, tokenizer.pad_token_id)
     return [cut_at_eos(ids, stop_ids) for ids in generated]

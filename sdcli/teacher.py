@@ -9,8 +9,8 @@
           rank-r adapter that costs one adapter's memory, with no dense d_out x d_in matrices.
           The adapter starts equal to the episode's (B = 0), so the EMA teacher starts as `base`.
 
-Nothing is ever copied: the teacher forward runs the one model under `no_grad` with the right
-adapters active, and its hidden states are dropped as soon as the loss has used them.
+Nothing is ever copied: the teacher forward runs the one model under `no_grad`, in eval mode, with
+the right adapters active, and its hidden states are dropped as soon as the loss has used them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from sdcli.config import TeacherKind
+from sdcli.model import eval_mode
 from sdcli.sequences import ScoreBatch, response_hidden
 from sdcli.stack import active_adapters
 
@@ -36,8 +37,11 @@ def teacher_adapters(kind: TeacherKind, earlier: list[str], episode: str) -> lis
 
 @torch.no_grad()
 def teacher_hidden(model, decoder, batch: ScoreBatch, adapters: list[str]) -> torch.Tensor:
-    """[N, T, H] final hidden states of the teacher at the response positions."""
-    with active_adapters(model, adapters):
+    """[N, T, H] final hidden states of the teacher at the response positions.
+
+    In eval mode: the teacher is a fixed target, so no dropout (the live and EMA teachers' LoRA
+    dropout included); the student's modes are restored afterwards."""
+    with eval_mode(model), active_adapters(model, adapters):
         return response_hidden(decoder, batch)
 
 

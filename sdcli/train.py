@@ -61,6 +61,7 @@ from sdcli.model import (
     enable_activation_checkpointing,
     load_base,
     resolve_model_path,
+    student_train_mode,
     trainable_parameters,
 )
 from sdcli.rollout import SamplingSettings, sample_responses
@@ -464,7 +465,7 @@ def _train_episode(
     board = TensorBoardLog(partial / "tensorboard") if recipe.logging.tensorboard else None
     started = now_iso()
     last: dict = {}
-    model.train()  # LoRA dropout (if any) in the student; the teacher is scored under no_grad
+    student_train_mode(model, episode)  # LoRA dropout (if any) in the student only; the base model's own dropout off
     with stop_after_step() as stop_requested, open(metrics_path, "a", encoding="utf-8") as metrics_file:
         step = start_step
         while step < total_steps:

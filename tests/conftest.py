@@ -15,7 +15,8 @@ ASSETS = Path(__file__).parent / "assets"
 REPO = Path(__file__).parent.parent
 
 
-def build_tiny_model(out: Path, seed: int = 0, arch: str = "qwen2") -> Path:
+def build_tiny_model(out: Path, seed: int = 0, arch: str = "qwen2", **config) -> Path:
+    """config: more model config values, e.g. attention_dropout=0.5."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -34,6 +35,7 @@ def build_tiny_model(out: Path, seed: int = 0, arch: str = "qwen2") -> Path:
         tie_word_embeddings=False,
         # larger than the usual 0.02 so that outputs depend visibly on the context
         initializer_range=0.2,
+        **config,
     )
     torch.manual_seed(seed)
     if arch == "qwen2":
