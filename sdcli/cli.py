@@ -301,6 +301,43 @@ def generate(
 
 
 @app.command(
+    name="inspect",
+    epilog="Examples:\n\n"
+    "  sd inspect runs/quickstart --data recipes/data/facts.jsonl --index 0\n\n"
+    "  sd inspect runs/quickstart --data recipes/data/facts.jsonl --index 2 --greedy --html teacher.html\n\n"
+    "  sd inspect runs/arithmetic --upto 0 --data recipes/data/arithmetic.jsonl --index 3 --samples 8\n\n"
+    "Green tokens are those the teacher wants more of, red those it wants less of "
+    "(advantage = log p_teacher - log p_student); the summaries are those the training loop logs.",
+)
+def inspect_command(
+    run_dir: Path = typer.Argument(..., help="A run folder with episodes/"),
+    data: Path = typer.Option(..., "--data", "-d", help="A data file in the format of the run's recipe signal"),
+    index: int = typer.Option(..., "--index", "-i", help="Which example of --data, counting from 0"),
+    upto: Optional[int] = typer.Option(None, "--upto", help="Use episodes 1..N only (their recipe's signal: episode N's)"),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy responses instead of the recipe's sampling"),
+    samples: Optional[int] = typer.Option(
+        None, "--samples", min=1, help="Responses to the prompt (default: the recipe's rollout.num_samples; siblings)"
+    ),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Default: the recipe's"),
+    seed: int = typer.Option(0, "--seed"),
+    html_file: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page"),
+):
+    """Show what the teacher wants: every token of a response coloured by the teacher's advantage."""
+    from sdcli.episodes import write_atomic
+    from sdcli.inspection import inspect_example, print_inspection, render_html
+    from sdcli.model import quiet_transformers
+
+    quiet_transformers()
+    log = lambda message: console.print(message, markup=False, highlight=False)  # noqa: E731
+    result = inspect_example(run_dir, data, index, upto=upto, greedy=greedy, samples=samples,
+                             max_new_tokens=max_new_tokens, seed=seed, log=log)
+    print_inspection(result, out)
+    if html_file is not None:
+        write_atomic(html_file, render_html(result))
+        console.print(f"wrote {html_file}", markup=False, highlight=False)
+
+
+@app.command(
     name="eval",
     epilog="Examples:\n\n"
     "  sd eval runs/quickstart --data recipes/data/facts_eval.jsonl\n\n"
