@@ -28,12 +28,16 @@ the last one that defines it), else the last ``` block of any kind (an unclosed 
 counts: generation may stop early), else the response itself if it parses as Python, else the
 part of it from the first `def`/`class`/`import` line that does.
 
-All tests run in ONE sandboxed process (one interpreter start per response). The harness reports
-each test on its own line, marked with a random token, through a copy of stdout taken before the
-code runs; what the code prints is discarded, so it cannot pass for a result (the report itself
-counts toward `output_bytes`: at most about 1 KB per test). Loading the code and each test have
-their own time budget, wall_seconds / (tests + 2); after a test times out the rest are not run
-(they count as failed): an endless loop usually repeats, and each sample's time is training time.
+How the score is kept honest: the code runs in a sandbox of its own (the "runner"), which is
+given each test's input expression, never its expected value, and prints only the values it
+got; this process compares them (so nothing the code prints, and no harness function it could
+call or replace, can claim a pass). `test_code` runs in a second sandbox (the "judge") where the
+code's names are proxies that ask the runner: its asserts are decided there, out of the code's
+reach, on plain values (see python_tests_child.py). Loading the code and each test have their
+own time budget, wall_seconds / (tests + 2); after a test times out the rest are not run (they
+count as failed): an endless loop usually repeats, and each sample's time is training time. A
+result larger than its share of output_bytes (output_bytes / (tests + 3)) counts as failed. A
+runner that exits early or prints garbage scores 0 for the tests it did not answer.
 
 A user environment is `package.module:function(response, example) -> (reward, feedback)`,
 loaded and checked like a user reward (see rewards.py). It runs in the training process: it is
@@ -46,15 +50,20 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import math
+import os
 import re
-import secrets
+import reprlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from sdcli import python_tests_child
 from sdcli.config import SandboxLimits
+from sdcli.python_tests_child import decode
 from sdcli.rewards import as_reward, callable_name, check_callable, show_value
-from sdcli.sandbox import SandboxResult, run_python
+from sdcli.sandbox import SandboxResult, isolation, run_python
 
 EnvFn = Callable[[str, dict], tuple]
 
@@ -65,6 +74,8 @@ NO_CODE = "No Python code was found in the response. Write the complete solution
 _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("python", "py", "python3", "py3")
 _CODE_START = re.compile(r"^(def |class |import |from \w[\w.]* import |@)", re.MULTILINE)
+# The runner and judge programs, run as main.py in their sandboxes (see python_tests_child.py).
+_CHILD = Path(python_tests_child.__file__).read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,18 +201,54 @@ def python_tests(
     tests = [
         {"input": t["input"].strip(), "expected": _literal_source(t["expected"])} for t in example.get("tests") or []
     ]
-    spec = {"tests": tests, "test_code": example.get("test_code"), "entry_point": example.get("entry_point")}
-    total = len(tests) + (1 if spec["test_code"] else 0)
+    test_code = example.get("test_code")
+    total = len(tests) + (1 if test_code else 0)
     if total == 0:
         raise ValueError("the example has no 'tests' and no 'test_code'")  # load() rejects such lines
     per_test = limits.wall_seconds / (total + 2)
-    token = secrets.token_hex(8)
-    result = run_python(
-        _HARNESS, limits, files={"solution.py": code, "tests.json": json.dumps(spec)}, args=[token, f"{per_test:.3f}"]
-    )
-    events = _events(result.stdout, token)
-    reward, feedback = _summarize(events, result, spec, total, per_test, limits)
+    ran, judged = _run(code, tests, test_code, example.get("entry_point"), per_test, limits)
+    reward, feedback = _summarize(_runner_events(ran.stdout), _judge_event(judged), ran, tests, total, per_test, limits)
     return reward, cap(feedback, max_feedback_chars)
+
+
+def _run(
+    code: str, tests: list[dict], test_code: str | None, entry_point: str | None, per_test: float, limits: SandboxLimits
+) -> tuple[SandboxResult, SandboxResult | None]:
+    """The runner's result, and the judge's when there is test_code (the two run side by side)."""
+    config = {
+        "entry_point": entry_point,
+        "per_test": per_test,
+        "value_bytes": max(limits.output_bytes // (len(tests) + 3), 256),
+        "rpc": None,
+    }
+    files = {"solution.py": code, "inputs.json": json.dumps([t["input"] for t in tests])}
+    preload = python_tests_child.PRELOAD
+    if not test_code:
+        return run_python(_CHILD, limits, files=files, args=["runner", json.dumps(config)], preload=preload), None
+    isolation()  # decided once, before two threads would both ask
+    to_runner_r, to_runner_w = os.pipe()
+    to_judge_r, to_judge_w = os.pipe()
+    config["rpc"] = [to_runner_r, to_judge_w]
+    judge_config = {"per_test": per_test, "rpc": [to_judge_r, to_runner_w]}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        judged = pool.submit(
+            run_python,
+            _CHILD,
+            limits,
+            args=["judge", json.dumps(judge_config)],
+            stdin=test_code.encode("utf-8"),
+            pass_fds=(to_judge_r, to_runner_w),
+            preload=preload,
+        )
+        ran = run_python(
+            _CHILD,
+            limits,
+            files=files,
+            args=["runner", json.dumps(config)],
+            pass_fds=(to_runner_r, to_judge_w),
+            preload=preload,
+        )
+        return ran, judged.result()
 
 
 def _literal_source(expected: Any) -> str:
@@ -245,48 +292,75 @@ def _is_code(text: str) -> bool:
     return any(not isinstance(node, ast.Expr) for node in tree.body)
 
 
-def _events(stdout: str, token: str) -> list[dict]:
-    events = []
+def _runner_events(stdout: str) -> dict:
+    """What the runner printed, read strictly: {"loaded": bool, "load_error": str | None, "results": {i: event}}.
+
+    Only the first well-formed line for each test counts; anything else is ignored.
+    """
+    seen: dict = {"loaded": False, "load_error": None, "results": {}}
     for line in stdout.splitlines():
-        if line.startswith(token + " "):
-            try:
-                events.append(json.loads(line[len(token) + 1 :]))
-            except ValueError:
-                pass
-    return events
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(event, dict):
+            continue
+        if event.get("loaded") is True:
+            seen["loaded"] = True
+        elif isinstance(event.get("load_error"), str) and not seen["loaded"]:
+            seen["load_error"] = event["load_error"]
+        elif type(event.get("i")) is int and event["i"] not in seen["results"]:
+            seen["results"][event["i"]] = event
+    return seen
+
+
+def _judge_event(judged: SandboxResult | None) -> dict | None:
+    if judged is None:
+        return None
+    for line in judged.stdout.splitlines():
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(event, dict) and "passed" in event:
+            return event
+    return {"passed": False, "crashed": judged}  # it printed no verdict
 
 
 def _summarize(
-    events: list[dict], result: SandboxResult, spec: dict, total: int, per_test: float, limits: SandboxLimits
+    runner: dict,
+    judge: dict | None,
+    result: SandboxResult,
+    tests: list[dict],
+    total: int,
+    per_test: float,
+    limits: SandboxLimits,
 ) -> tuple[float, str]:
-    load_error = next((e for e in events if e["event"] == "load_error"), None)
-    if load_error is not None:
-        return 0.0, load_error["error"]
-    results = {e["i"]: e for e in events if e["event"] == "test"}
-    if not results and not any(e["event"] == "loaded" for e in events):
+    if runner["load_error"] is not None:
+        return 0.0, runner["load_error"][:4000]
+    if not runner["loaded"]:
         return 0.0, "The code did not run: " + _why_stopped(result, limits)
-    passed = sum(1 for r in results.values() if r["passed"])
+    verdicts = [_verdict(runner["results"].get(i), t["expected"]) for i, t in enumerate(tests)]
+    if judge is not None:
+        verdicts.append(_judge_verdict(judge))
+    passed = sum(1 for v in verdicts if v == "passed")
     if passed == total:
         return 1.0, ""
     failures, skipped = [], 0
-    for i in range(total):
-        r = results.get(i)
-        if r is not None and r["passed"]:
+    for i, verdict in enumerate(verdicts):
+        if verdict == "passed":
             continue
-        if r is not None and r.get("skipped"):
+        if verdict == "skipped":
             skipped += 1
             continue
-        is_code = i == len(spec["tests"])
-        label = "The test code" if is_code else f"Test: {spec['tests'][i]['input']}"
-        if r is None:
+        label = "The test code" if i == len(tests) else f"Test: {tests[i]['input']}"
+        if verdict == "missing":
             failures.append(f"{label}\nDid not finish: {_why_stopped(result, limits)}")
             break  # the process stopped here; the tests after it never ran
-        if r.get("timeout"):
+        if verdict == "timeout":
             failures.append(f"{label}\nTimed out after {per_test:.1f}s (an endless loop, or far too slow?)")
-        elif r.get("error"):
-            failures.append(f"{label}\n{'Failed:' if is_code else 'Raised:'}\n{r['error']}")
         else:
-            failures.append(f"{label}\nExpected: {spec['tests'][i]['expected']}\nGot: {r['got']}")
+            failures.append(f"{label}\n{verdict}")
     shown = failures[:2]
     more = len(failures) - len(shown)
     text = f"{passed} of {total} tests passed.\n\n" + "\n\n".join(shown)
@@ -295,6 +369,71 @@ def _summarize(
     if skipped:
         text += f"\n\n({skipped} test{'s were' if skipped > 1 else ' was'} not run after the timeout.)"
     return passed / total, text
+
+
+def _verdict(event: dict | None, expected_source: str) -> str:
+    """"passed", "skipped", "missing", "timeout", or the failure text (Raised / Expected and Got)."""
+    if event is None:
+        return "missing"
+    if event.get("skipped") is True:
+        return "skipped"
+    if event.get("timeout") is True:
+        return "timeout"
+    if isinstance(event.get("error"), str):
+        return f"Raised:\n{event['error'][:1000]}"
+    if isinstance(event.get("object"), str):
+        return f"Expected: {expected_source}\nGot: an object of type {event['object'][:100]}"
+    if type(event.get("too_large")) is int:
+        preview = str(event.get("preview", ""))[:300]
+        size = event["too_large"]
+        return f"Expected: {expected_source}\nGot: a result too large to compare ({size} bytes): {preview}"
+    if "value" not in event:
+        return "missing"
+    try:
+        got = decode(event["value"])
+    except (ValueError, RecursionError):
+        return "missing"
+    expected = ast.literal_eval(expected_source)
+    if _same(got, expected):
+        return "passed"
+    return f"Expected: {expected_source}\nGot: {_SHORT.repr(got)}"
+
+
+def _judge_verdict(event: dict) -> str:
+    """Like _verdict, for the judge's one line about test_code."""
+    if event.get("passed") is True:
+        return "passed"
+    if event.get("skipped") is True:
+        return "skipped"
+    if event.get("timeout") is True:
+        return "timeout"
+    if event.get("unreachable") is True:
+        return "missing"  # the runner stopped; _summarize says why
+    if isinstance(event.get("error"), str):
+        return f"Failed:\n{event['error'][:1000]}"
+    crashed = event.get("crashed")
+    tail = "\n".join(crashed.stderr.strip().splitlines()[-4:]) if isinstance(crashed, SandboxResult) else ""
+    return f"Failed: the test code could not run.\n{tail}".strip()
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 200
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 20
+
+
+def _same(got: Any, expected: Any) -> bool:
+    """Python == on plain values, floats within 1e-9 (relative or absolute), container types exact."""
+    if isinstance(got, float) or isinstance(expected, float):
+        if type(got) in (int, float) and type(expected) in (int, float):
+            return math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9)
+    if type(got) in (list, tuple) and type(got) is type(expected):
+        return len(got) == len(expected) and all(_same(a, b) for a, b in zip(got, expected))
+    if type(got) is dict and type(expected) is dict:
+        return got.keys() == expected.keys() and all(_same(got[k], expected[k]) for k in got)
+    try:
+        return bool(got == expected)
+    except Exception:
+        return False
 
 
 def _why_stopped(result: SandboxResult, limits: SandboxLimits) -> str:
@@ -311,139 +450,3 @@ def _why_stopped(result: SandboxResult, limits: SandboxLimits) -> str:
         return f"it crashed ({reason[7:]}), for example from very deep recursion."
     tail = "\n".join(result.stderr.strip().splitlines()[-6:])
     return f"it stopped unexpectedly (exit code {result.returncode}).\n{tail}".strip()
-
-
-# ---------------------------------------------------------------------------------------------
-# The harness, run as main.py in the sandbox: python main.py TOKEN PER_TEST_SECONDS, next to
-# solution.py and tests.json. One JSON event per line on a private copy of stdout.
-
-_HARNESS = r'''
-import ast, json, linecache, math, os, reprlib, signal, sys, traceback
-
-TOKEN, PER_TEST = sys.argv[1], float(sys.argv[2])
-OUT = os.dup(1)
-_null = os.open("/dev/null", os.O_WRONLY)
-os.dup2(_null, 1)  # what the code writes to fd 1 goes nowhere; results go to OUT
-
-def emit(**event):
-    os.write(OUT, (TOKEN + " " + json.dumps(event) + "\n").encode())
-
-class _Sink:
-    def write(self, s): return len(s)
-    def flush(self): pass
-    def isatty(self): return False
-
-with open("tests.json", encoding="utf-8") as f:
-    SPEC = json.load(f)
-os.remove("tests.json")  # the code under test does not get to read the answers
-EXPECTED = [ast.literal_eval(t["expected"]) for t in SPEC["tests"]]
-USER_FILES = {"solution.py", "<test>", "<test_code>"}
-
-class Timeout(BaseException):  # BaseException: `except Exception` in the code does not swallow it
-    pass
-
-def _alarm(signum, frame):
-    raise Timeout()
-
-signal.signal(signal.SIGALRM, _alarm)
-
-def register(name, text):
-    linecache.cache[name] = (len(text), None, text.splitlines(True), name)
-
-def describe(e):
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename in USER_FILES]
-    head = ["Traceback (most recent call last):\n", *traceback.format_list(frames[-4:])] if frames else []
-    text = "".join(head + traceback.format_exception_only(type(e), e)).rstrip()
-    if isinstance(e, EOFError):
-        text += "\n(The code called input(); the tests call the function directly instead.)"
-    return text[-1000:]  # the report counts toward output_bytes: at most ~1 KB per test
-
-def run(fn):
-    """(value, error text, timed out)"""
-    sys.stdout = sys.stderr = _Sink()
-    signal.setitimer(signal.ITIMER_REAL, PER_TEST)
-    try:
-        return fn(), None, False
-    except Timeout:
-        return None, None, True
-    except SystemExit as e:
-        return None, f"The code called sys.exit({e.code!r}).", False
-    except BaseException as e:
-        return None, describe(e), False
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-
-SHORT = reprlib.Repr()
-SHORT.maxstring, SHORT.maxother, SHORT.maxlist, SHORT.maxtuple, SHORT.maxdict, SHORT.maxset = 200, 200, 20, 20, 20, 20
-PLAIN = (int, float, complex, str, bytes, bool, type(None))
-
-def plain(x, depth=0):
-    if depth > 50:
-        return False
-    t = type(x)
-    if t in PLAIN:
-        return True
-    if t in (list, tuple, set, frozenset):
-        return all(plain(v, depth + 1) for v in x)
-    if t is dict:
-        return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
-    return False
-
-def same(got, exp):
-    if isinstance(got, float) or isinstance(exp, float):
-        if type(got) in (int, float) and type(exp) in (int, float):
-            return math.isclose(got, exp, rel_tol=1e-9, abs_tol=1e-9)
-    if type(got) in (list, tuple) and type(got) is type(exp):
-        return len(got) == len(exp) and all(same(a, b) for a, b in zip(got, exp))
-    if type(got) is dict and type(exp) is dict:
-        return got.keys() == exp.keys() and all(same(got[k], exp[k]) for k in got)
-    return got == exp
-
-with open("solution.py", encoding="utf-8") as f:
-    SOURCE = f.read()
-register("solution.py", SOURCE)
-NS = {"__name__": "solution", "__builtins__": __builtins__}  # not __main__: a main block does not run
-
-def load():
-    exec(compile(SOURCE, "solution.py", "exec"), NS)
-
-_, error, timed_out = run(load)
-if timed_out:
-    error = f"Loading the code timed out after {PER_TEST:.1f}s (an endless loop or input() at the top level?)"
-elif error is not None:
-    error = "The code failed before any test could run:\n" + error
-entry = SPEC.get("entry_point")
-if error is None and entry and not callable(NS.get(entry)):
-    error = f"The code does not define a function named `{entry}`, which the tests call."
-if error is not None:
-    emit(event="load_error", error=error)
-    sys.exit(0)
-emit(event="loaded")
-
-stopped = False  # after a timeout the rest is not run: an endless loop usually repeats, and time is short
-for i, test in enumerate(SPEC["tests"]):
-    if stopped:
-        emit(event="test", i=i, passed=False, skipped=True)
-        continue
-    register("<test>", test["input"])
-    code = compile(test["input"], "<test>", "eval")
-    got, error, timed_out = run(lambda: eval(code, NS))
-    stopped = timed_out
-    if timed_out or error is not None:
-        emit(event="test", i=i, passed=False, timeout=timed_out, error=error)
-        continue
-    is_plain = plain(got)
-    ok = is_plain and run(lambda: bool(same(got, EXPECTED[i])))[0]
-    shown = SHORT.repr(got) if is_plain else f"an object of type {type(got).__name__}"
-    emit(event="test", i=i, passed=bool(ok), got=shown)
-
-if SPEC.get("test_code") and stopped:
-    emit(event="test", i=len(SPEC["tests"]), passed=False, skipped=True)
-elif SPEC.get("test_code"):
-    register("<test_code>", SPEC["test_code"])
-    code = compile(SPEC["test_code"], "<test_code>", "exec")
-    _, error, timed_out = run(lambda: exec(code, NS))
-    emit(event="test", i=len(SPEC["tests"]), passed=error is None and not timed_out, timeout=timed_out, error=error)
-emit(event="done")
-'''

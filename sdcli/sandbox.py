@@ -1,41 +1,38 @@
-"""Run untrusted Python code (a model's answer) in a separate, limited process.
+"""Run untrusted Python code (a model's answer) in a separate, isolated process.
 
-`run_python(code, limits)` writes `code` to `main.py` in a fresh temporary folder, runs it with
-`python -I` (isolated mode: no user site, no PYTHON* variables, no current folder on sys.path)
-in a new session, and returns a `SandboxResult`. The folder is deleted afterwards.
+`run_python(code, limits)` runs `code` as `main.py` in a fresh folder and returns a
+`SandboxResult`; the folder is gone afterwards. The child starts with `python -I` (no user site,
+no PYTHON* variables) and runs sdcli/sandbox_child.py first, which sets the limits and the
+Python-level guard and then runs main.py.
 
-What holds at the process level (the kernel enforces it; code cannot undo it):
+How strongly the code is isolated depends on the machine; `isolation()` says which level this
+machine gets (`sd validate` prints it), and each result's `isolation` lists what took effect:
 
-- wall-clock limit: the parent kills the child's whole process group when it runs out;
-- CPU time (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE), no core files;
-- output: stdout and stderr are read in chunks and the child is killed once together they pass
-  `output_bytes`, so a huge print never reaches the parent's memory;
-- Linux, started as root (as in a typical container): the child unshares a network namespace (it has only a
-  loopback device that is down, so nothing is reachable, not even the parent's 127.0.0.1), then
-  switches to a fresh random uid, drops every capability except CAP_DAC_READ_SEARCH (kept only
-  when the Python install is unreadable to other users, e.g. under /root; it lets the child *read*
-  any file, which root could anyway, so this is still strictly less than root) and sets
-  no_new_privs. Because the uid is not root, RLIMIT_NPROC now counts and stops
-  fork bombs (it is ignored for root); the child cannot write files it does not own (it can still
-  write to world-writable places such as /tmp); and afterwards every process of that uid is killed,
-  even one that left the process group.
-- Linux, not root: the child tries an unprivileged user+network namespace for the network, and
-  RLIMIT_NPROC is set to the user's current task count plus `max_processes` (the count is shared
-  with the user's other processes, so this is a ceiling, not an exact budget).
+- `bubblewrap` (Linux, `bwrap` installed and allowed to create namespaces): the code runs in
+  its own pid, network, mount, IPC and UTS namespaces. Its file system is built from nothing:
+  the system folders (/usr and the /lib links) and the Python installation, read-only, and its
+  own folder `/sandbox`, a tmpfs of `memory_mb` (also /tmp and HOME). Nothing else of the
+  machine's files exists for it. As root, bubblewrap starts it as root with only CAP_SETUID and
+  CAP_SETGID and the child switches to a fresh random uid, so it owns no file and RLIMIT_NPROC
+  applies; as a normal user it runs as that user inside a user namespace, where RLIMIT_NPROC
+  counts this sandbox's processes only. When the run ends, its pid namespace ends, and every
+  process in it is killed, including any that started a new session.
+- `process` (no usable bubblewrap, or not Linux): the process-level isolation alone. On Linux
+  the child unshares pid and network namespaces where the kernel allows (inside a user
+  namespace when not root), so a daemon it starts dies with it; as root it also switches to a
+  fresh uid, and every process of that uid is killed at the end; as a normal user it runs as
+  you. It sees the real file system, limited by file permissions and by the Python guard, which
+  runs in strict mode here.
 
-What is only a Python-level guard (on by default, `guards=False` turns it off for tests): an audit
-hook (`sys.addaudithook`, which code cannot remove) refuses process creation, sockets, ctypes,
-signals to other processes, raising resource limits, and file writes, renames and deletions
-outside the temporary folder. Determined hostile code can get around a Python-level guard (for
-example through a C extension); it is there to stop accidents and to turn them into a clear
-PermissionError, not as a security boundary. On macOS and elsewhere only the rlimits (where the
-platform honours them), the process group and the Python guard apply.
-
-`SandboxResult.isolation` lists what actually took effect in that run, so a caller can report it.
+Both levels: a wall-clock limit (the parent kills the process group, and for bubblewrap the
+namespace, when it runs out), RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, no core files, stdout+stderr
+capped at `output_bytes` (the child is killed past it), and the Python guard of
+sandbox_child.py unless `guards=False` (only to test what the kernel holds on its own).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -45,15 +42,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdcli import sandbox_child
 from sdcli.config import SandboxLimits
 from sdcli.errors import UserError
 
 TRUNCATED = "\n[... output truncated: the sandbox keeps at most {n} bytes ...]\n"
+INSIDE = "/sandbox"  # the folder's path inside bubblewrap
+LEVELS = ("bubblewrap", "process")
+_PROCESS_NAMESPACES = True  # tests turn it off to see the process level where no namespace is allowed
 
 
 @dataclass
@@ -64,14 +66,52 @@ class SandboxResult:
     timed_out: bool  # the wall-clock limit was reached
     killed_reason: str | None  # wall_time | cpu_time | memory | output_limit | signal:NAME | None
     duration: float  # seconds, wall clock
-    # What took effect, e.g. ["network_namespace", "separate_uid", "process_count", ...], and which
-    # isolation steps were tried and failed, and why.
+    # What took effect, e.g. ["bubblewrap", "pid_namespace", "separate_uid", "process_count", ...],
+    # and which isolation steps were tried and failed, and why.
     isolation: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and self.killed_reason is None
+
+
+@dataclass(frozen=True)
+class Isolation:
+    level: str  # bubblewrap | process
+    as_root: bool
+    why: str = ""  # why not bubblewrap, when level is "process"
+    took_effect: tuple[str, ...] = ()  # what a probe run got (SandboxResult.isolation)
+
+    def describe(self) -> str:
+        """A few lines for `sd validate`: what holds on this machine, and what does not."""
+        if self.level == "bubblewrap":
+            who = "a fresh unprivileged uid" if self.as_root else "your uid inside a user namespace"
+            return (
+                f"bubblewrap: the code runs as {who}, in its own pid, network and mount namespaces. It sees "
+                "the system and the Python installation read-only and none of your files, only its own "
+                "folder; every process it starts is killed when the run ends."
+            )
+        spaces = "pid and network namespaces" if "pid_namespace" in self.took_effect else None
+        spaces = spaces or ("a network namespace" if "network_namespace" in self.took_effect else None)
+        where = f", in its own {spaces}" if spaces else ", with no namespaces (the machine allows none)"
+        if self.as_root:
+            reads = (
+                "every file (Python is installed where other users cannot read, so it keeps CAP_DAC_READ_SEARCH)"
+                if "reads_all_files" in self.took_effect
+                else "what every user may read"
+            )
+            what = (
+                f"the code runs as a fresh unprivileged uid{where}. Without the Python guard it could read {reads} "
+                "and write where every user may (/tmp, say); the guard refuses that, but it is not a security "
+                "boundary."
+            )
+        else:
+            what = (
+                f"the code runs as you{where}. Only the Python guard, which is not a security boundary, keeps it "
+                "from your files (the data with the expected answers among them) and your processes."
+            )
+        return f"process level only ({self.why}): {what} Install bubblewrap for real isolation."
 
 
 def run_python(
@@ -81,6 +121,10 @@ def run_python(
     files: Mapping[str, str] | None = None,
     args: Sequence[str] = (),
     guards: bool = True,
+    stdin: bytes | None = None,
+    pass_fds: Sequence[int] = (),
+    preload: Sequence[str] = (),
+    level: str | None = None,
 ) -> SandboxResult:
     """Run `code` as `main.py` in a fresh folder under `limits` (default: SandboxLimits()).
 
@@ -88,34 +132,167 @@ def run_python(
 
     files: extra text files written next to main.py (plain names, no folders).
     args: sys.argv[1:] for the code.
-    guards: install the Python-level guard (see the module docstring). Off only to test what the
+    guards: install the Python-level guard (see sandbox_child.py). Off only to test what the
         process-level limits hold on their own.
+    stdin: bytes the child reads on stdin (then end of file); None: /dev/null.
+    pass_fds: open file descriptors the child inherits under the same numbers. They belong to
+        this call from now on: closed here once the child has started (or failed to).
+    preload: modules the child imports before the guard (for a program that needs them).
+    level: "bubblewrap" or "process" to choose the isolation (tests); default: `isolation()`.
     """
     limits = limits or SandboxLimits()
-    if os.name != "posix":
-        raise UserError(
-            "The code sandbox needs Linux or macOS.", hint="Run `sd` under Linux (or WSL) to use signal.kind: feedback."
-        )
+    try:
+        if os.name != "posix":
+            raise UserError(
+                "The code sandbox needs Linux or macOS.",
+                hint="Run `sd` under Linux (or WSL) to use signal.kind: feedback.",
+            )
+        files = {"main.py": code, **_checked(files or {})}
+        chosen = level or isolation().level
+        if chosen not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        if chosen == "bubblewrap":
+            return _run_bubblewrap(files, limits, list(args), guards, stdin, tuple(pass_fds), tuple(preload))
+        return _run_process(files, limits, list(args), guards, stdin, tuple(pass_fds), tuple(preload))
+    finally:
+        for fd in pass_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _checked(files: Mapping[str, str]) -> dict[str, str]:
+    for name in files:
+        if Path(name).name != name or name in ("main.py", ".", ".."):
+            raise ValueError(f"sandbox file names must be plain names, got {name!r}")
+    return dict(files)
+
+
+@functools.cache
+def isolation() -> Isolation:
+    """The level this machine gets: bubblewrap when `bwrap` runs Python in its namespaces here, else process."""
+    as_root = sys.platform.startswith("linux") and os.geteuid() == 0
+    why = _why_not_bubblewrap()
+    if why is None:
+        return Isolation("bubblewrap", as_root)
+    probe = _run_process({"main.py": "pass"}, SandboxLimits(wall_seconds=20), [], True, None, (), ())
+    return Isolation("process", as_root, why, tuple(probe.isolation))
+
+
+def _why_not_bubblewrap() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "not Linux"
+    if _bwrap() is None:
+        return "bwrap is not installed"
+    try:
+        probe = _run_bubblewrap({"main.py": "print('ok')"}, SandboxLimits(wall_seconds=20), [], True, None, (), ())
+    except OSError as e:
+        return f"bwrap failed: {e}"
+    if probe.stdout != "ok\n":
+        tail = " ".join((probe.stderr or probe.killed_reason or "no output").strip().splitlines()[-2:])
+        return f"bwrap cannot run Python here: {tail}"
+    return None
+
+
+def _bwrap() -> str | None:
+    return shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin:" + os.environ.get("PATH", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# The two levels
+
+
+def _run_bubblewrap(
+    files: dict[str, str],
+    limits: SandboxLimits,
+    args: list[str],
+    guards: bool,
+    stdin: bytes | None,
+    pass_fds: tuple[int, ...],
+    preload: tuple[str, ...],
+) -> SandboxResult:
+    as_root = os.geteuid() == 0
+    uid = _fresh_uid() if as_root else None
+    if as_root and uid is None:
+        raise OSError("no free uid range to run the code under")
+    size = int(limits.memory_mb) << 20
+    argv = [
+        _bwrap() or "bwrap",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",  # the sandbox dies with this process, whatever happens to it
+        "--new-session",
+        "--hostname",
+        "sandbox",
+    ]
+    if as_root:
+        # Privileged bubblewrap: no user namespace, so the child can become a real, fresh uid
+        # (RLIMIT_NPROC then counts; a user namespace would map it to root outside).
+        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        argv += ["--unshare-user", "--disable-userns"]
+    argv += _system_binds()
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += ["--perms", "1777", "--size", str(size), "--tmpfs", "/dev/shm"]
+    argv += ["--perms", "1777", "--size", str(size), "--tmpfs", INSIDE]
+    file_fds = []
+    try:
+        for name, text in files.items():
+            file_fds.append(_memfd(name, text))
+            argv += ["--perms", "0644", "--file", str(file_fds[-1]), f"{INSIDE}/{name}"]
+        if not any(d == "/tmp" or d.startswith("/tmp/") for d in _python_dirs()):  # else /tmp holds Python, read-only
+            argv += ["--symlink", INSIDE, "/tmp"]
+        argv += ["--chdir", INSIDE, "--remount-ro", "/", "--"]
+        config = _child_config(INSIDE, limits, args, guards, uid, preload)
+        config.update(nproc=int(limits.max_processes), nproc_shared=None, unshare_net=False, strict=False)
+        env = _env(INSIDE)
+        with_bwrap = ["bubblewrap", "pid_namespace", "network_namespace", "mount_namespace", "read_only_system"]
+        fds = (*pass_fds, *file_fds)
+        return _execute(argv, config, None, env, limits, uid, stdin, fds, with_bwrap, bubblewrap=True)
+    finally:
+        for fd in file_fds:
+            os.close(fd)
+
+
+def _run_process(
+    files: dict[str, str],
+    limits: SandboxLimits,
+    args: list[str],
+    guards: bool,
+    stdin: bytes | None,
+    pass_fds: tuple[int, ...],
+    preload: tuple[str, ...],
+) -> SandboxResult:
     workdir = Path(tempfile.mkdtemp(prefix="sd-sandbox-"))
     try:
-        (workdir / "main.py").write_text(code, encoding="utf-8")
-        for name, text in (files or {}).items():
-            if Path(name).name != name or name in ("main.py", ".", ".."):
-                raise ValueError(f"sandbox file names must be plain names, got {name!r}")
+        for name, text in files.items():
             (workdir / name).write_text(text, encoding="utf-8")
         uid = _fresh_uid()
         if uid is not None:
             for p in [workdir, *workdir.iterdir()]:
                 os.chown(p, uid, uid)
-        return _run(workdir, limits, list(args), guards, uid)
+        linux = sys.platform.startswith("linux")
+        config = _child_config(str(workdir), limits, args, guards, uid, preload)
+        config.update(nproc=int(limits.max_processes), nproc_shared=None)
+        if linux and os.geteuid() != 0:
+            # The user's tasks are counted together: a ceiling of what runs now plus the budget
+            # (the child narrows it to the budget where it gets a user namespace of its own).
+            config.update(nproc_shared=_tasks_of(os.getuid()) + int(limits.max_processes))
+        config.update(unshare_net=linux and _PROCESS_NAMESPACES, strict=True)
+        return _execute([], config, workdir, _env(str(workdir)), limits, uid, stdin, pass_fds, [], bubblewrap=False)
     finally:
         _rmtree(workdir)
 
 
-def _run(workdir: Path, limits: SandboxLimits, args: list[str], guards: bool, uid: int | None) -> SandboxResult:
-    status_r, status_w = os.pipe()
-    config = {
-        "root": str(workdir),
+def _child_config(
+    root: str, limits: SandboxLimits, args: list[str], guards: bool, uid: int | None, preload: tuple[str, ...]
+) -> dict:
+    return {
+        "root": root,
         "argv": args,
         "uid": uid,
         "cpu": int(limits.cpu_seconds),
@@ -123,13 +300,15 @@ def _run(workdir: Path, limits: SandboxLimits, args: list[str], guards: bool, ui
         # A file may be as large as the memory budget: enough for any honest program, and a
         # `while True: f.write(...)` stops there instead of filling the disk.
         "file_size": int(limits.memory_mb) << 20,
-        "processes": int(limits.max_processes),
         "guards": guards,
-        "status_fd": status_w,
+        "preload": list(preload),
     }
-    env = {
-        "HOME": str(workdir),
-        "TMPDIR": str(workdir),
+
+
+def _env(home: str) -> dict[str, str]:
+    return {
+        "HOME": home,
+        "TMPDIR": home,
         "PATH": "/usr/bin:/bin",
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
@@ -138,20 +317,92 @@ def _run(workdir: Path, limits: SandboxLimits, args: list[str], guards: bool, ui
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
+
+
+def _system_binds() -> list[str]:
+    """bubblewrap arguments for a read-only system: /usr, the /bin and /lib links, the loader's
+    files in /etc, and the Python installation (which may lie elsewhere, e.g. under a home folder)."""
+    argv = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    # Folders bubblewrap creates on the way to a mount point are 0700 when it runs as root:
+    # create them 0755 first, so the child's uid can pass through.
+    argv += ["--perms", "0755", "--dir", "/etc"]
+    for name in ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives"):
+        argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    made: set[str] = set()
+    for path in _python_dirs():
+        for parent in reversed(Path(path).parents[:-1]):  # outermost first, without "/"
+            if str(parent) not in made:
+                made.add(str(parent))
+                argv += ["--perms", "0755", "--dir", str(parent)]
+        argv += ["--ro-bind", path, path]
+    return argv
+
+
+def _python_dirs() -> list[str]:
+    """The Python installation's folders outside /usr, outermost first, none inside another."""
+    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    candidates |= {str(Path(sys.executable).parent.parent), str(Path(sys.executable).resolve().parent.parent)}
+    paths = sorted({os.path.normpath(p) for p in candidates if p}, key=len)
+    kept: list[str] = []
+    for p in paths:
+        if p in ("/", "/usr") or p.startswith("/usr/") or any(p.startswith(k + "/") for k in kept):
+            continue
+        kept.append(p)
+    return kept
+
+
+def _memfd(name: str, text: str) -> int:
+    """A file descriptor holding `text`, for bubblewrap's --file (which copies it into the tmpfs)."""
+    fd = os.memfd_create(f"sd-{name}")  # close-on-exec; Popen's pass_fds hands it to bubblewrap alone
+    data = text.encode("utf-8")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting, watching and killing the child
+
+
+def _execute(
+    prefix: list[str],
+    config: dict,
+    cwd: Path | None,
+    env: dict[str, str],
+    limits: SandboxLimits,
+    uid: int | None,
+    stdin: bytes | None,
+    pass_fds: tuple[int, ...],
+    isolation: list[str],
+    *,
+    bubblewrap: bool,
+) -> SandboxResult:
+    status_r, status_w = os.pipe()
+    config["status_fd"] = status_w
+    command = [*prefix, sys.executable, "-I", "-c", sandbox_child.LAUNCH, _child_source(), json.dumps(config)]
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(config)],
-            cwd=workdir,
+            command,
+            cwd=cwd,
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group, so one killpg reaches every child
-            pass_fds=(status_w,),
+            pass_fds=(status_w, *pass_fds),
         )
     finally:
         os.close(status_w)
+    if stdin is not None:
+        threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
 
     def kill() -> None:  # cheap (a few ms), so called again at the end to catch any racing fork
         _kill_group(proc.pid)
@@ -165,7 +416,9 @@ def _run(workdir: Path, limits: SandboxLimits, args: list[str], guards: bool, ui
         returncode, cpu_used = _reap(proc)
         proc.stdout.close()
         proc.stderr.close()
-        isolation, notes = _read_status(status_r)
+        done, notes = _read_status(status_r)
+    if bubblewrap and returncode is not None and 128 < returncode <= 128 + 64:
+        returncode = -(returncode - 128)  # bubblewrap reports a child killed by signal N as 128 + N
     duration = time.monotonic() - start
     if reason is None:
         reason = _diagnose(returncode, cpu_used, err, limits)
@@ -176,9 +429,26 @@ def _run(workdir: Path, limits: SandboxLimits, args: list[str], guards: bool, ui
         timed_out=reason == "wall_time",
         killed_reason=reason,
         duration=duration,
-        isolation=isolation,
+        isolation=[*isolation, *done],
         notes=notes,
     )
+
+
+@functools.cache
+def _child_source() -> str:
+    return Path(sandbox_child.__file__).read_text(encoding="utf-8")
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+    except (BrokenPipeError, ValueError, OSError):
+        pass  # the child stopped reading; its result says why
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
 
 
 def _collect(proc: subprocess.Popen, limits: SandboxLimits, start: float, kill) -> tuple[str, str, str | None]:
@@ -321,8 +591,27 @@ def _fresh_uid() -> int | None:
             spans.append((lo, hi))
     if not spans:
         return None
+    import pwd
+
     lo, hi = max(spans, key=lambda s: s[1] - s[0])
-    return lo + secrets.randbelow(hi - lo)
+    while True:
+        uid = lo + secrets.randbelow(hi - lo)
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+
+
+def _tasks_of(uid: int) -> int:
+    n = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.stat("/proc/" + pid).st_uid == uid:
+                    n += len(os.listdir("/proc/" + pid + "/task"))
+            except OSError:
+                pass
+    return n
 
 
 def _read_status(fd: int) -> tuple[list[str], list[str]]:
@@ -376,182 +665,3 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, onexc=retry)
     else:
         shutil.rmtree(path, onerror=retry)
-
-
-# ---------------------------------------------------------------------------------------------
-# The child. Runs as `python -I -c _BOOTSTRAP CONFIG_JSON` in the temporary folder. It sets up
-# isolation while it still has the privileges to (namespace, limits, uid), reports what took
-# effect on the status pipe, installs the Python-level guard and then runs main.py. Kept free of
-# imports from sdcli: the child has no access to the package.
-
-_BOOTSTRAP = r"""
-import json, os, resource, sys, traceback, types
-C = json.loads(sys.argv[1])
-sys.dont_write_bytecode = True  # no __pycache__ writes outside the folder
-done, notes = [], []
-linux = sys.platform.startswith("linux")
-libc = None
-if linux:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
-
-def _fail(what):
-    err = ctypes.get_errno() if libc is not None else 0
-    notes.append(f"{what}: {os.strerror(err) if err else 'failed'}")
-
-def _limit(name, soft, hard=None):
-    try:
-        resource.setrlimit(getattr(resource, name), (soft, soft if hard is None else hard))
-        return True
-    except (ValueError, OSError, AttributeError) as e:
-        notes.append(f"{name}: {e}")
-        return False
-
-def _tasks_of(uid):
-    n = 0
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if os.stat("/proc/" + pid).st_uid == uid:
-                    n += len(os.listdir("/proc/" + pid + "/task"))
-            except OSError:
-                pass
-    return n
-
-# 0. Not root: the user's tasks are counted together, so the ceiling is what runs now plus the
-# budget. Set before the user namespace below, which then enforces it on the real user as well
-# (inside the namespace every outside process looks like uid 65534 and could not be counted).
-if linux and os.geteuid() != 0:
-    if _limit("RLIMIT_NPROC", _tasks_of(os.getuid()) - 1 + C["processes"]):
-        done.append("process_count_shared_with_user")
-
-# 1. Network: a new, empty network namespace (as root; otherwise inside a new user namespace).
-if linux:
-    flags = CLONE_NEWNET if os.geteuid() == 0 else (CLONE_NEWNET | CLONE_NEWUSER)
-    if libc.unshare(flags) == 0:
-        done.append("network_namespace")
-    else:
-        _fail("network namespace")
-
-# 2. Resource limits. SIGXCPU at the soft CPU limit, SIGKILL one second later.
-_limit("RLIMIT_CORE", 0)
-if _limit("RLIMIT_CPU", C["cpu"], C["cpu"] + 1):
-    done.append("cpu_time")
-if _limit("RLIMIT_AS", C["memory"]):
-    done.append("memory")
-if _limit("RLIMIT_FSIZE", C["file_size"]):
-    done.append("file_size")
-
-# 3. A uid of its own (root only): makes RLIMIT_NPROC count and file permissions apply.
-uid = C["uid"]
-if linux and uid is not None and os.geteuid() == 0:
-    class _Hdr(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-    class _Caps(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-    # Folders the interpreter imports from, listed while we can still see them all.
-    stdlib = os.path.dirname(os.__file__)
-    needed = [p for p in (stdlib, os.path.join(stdlib, "lib-dynload")) if os.path.isdir(p)]
-    try:
-        libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS: keep permitted caps across setresuid
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
-        # access() checks the real uid without capabilities: can this uid read them on its own?
-        readable = all(os.access(p, os.R_OK | os.X_OK) for p in needed)
-        keep = 0 if readable else (1 << 2)  # CAP_DAC_READ_SEARCH
-        caps = (_Caps * 2)()
-        caps[0].effective = caps[0].permitted = keep
-        if libc.capset(ctypes.byref(_Hdr(0x20080522, 0)), caps) != 0:  # _LINUX_CAPABILITY_VERSION_3
-            _fail("capset")
-        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: no setuid binaries
-            _fail("no_new_privs")
-        done.append("separate_uid")
-        if keep:
-            done.append("reads_all_files")
-    except OSError as e:
-        notes.append(f"separate uid: {e}")
-# RLIMIT_NPROC counts every task (threads too) of the real uid, and never applies to root.
-if "separate_uid" in done:
-    if _limit("RLIMIT_NPROC", C["processes"]):
-        done.append("process_count")
-elif "process_count_shared_with_user" not in done:
-    notes.append("process count: no kernel limit here (root without a separate uid, or not Linux)")
-
-try:
-    os.write(C["status_fd"], json.dumps({"isolation": done, "notes": notes}).encode())
-finally:
-    os.close(C["status_fd"])
-
-# 4. The Python-level guard.
-def _install_guard(root):
-    import builtins, _posixsubprocess
-    root = os.path.realpath(root)
-    blocked_prefixes = ("socket.", "ctypes.")
-    blocked = {"os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-               "subprocess.Popen", "os.killpg", "resource.setrlimit", "resource.prlimit", "pty.spawn"}
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-    path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
-                   "os.chown": (0,), "os.rename": (0, 1), "os.link": (1,), "os.symlink": (1,),
-                   "os.truncate": (0,), "os.utime": (0,), "shutil.rmtree": (0,),
-                   "os.setxattr": (0,), "os.removexattr": (0,), "os.chflags": (0,), "os.lchflags": (0,)}
-    realpath, fspath, getpid = os.path.realpath, os.fspath, os.getpid
-    sep = os.sep
-    PE = PermissionError
-
-    def inside(p):
-        if isinstance(p, int):
-            return True  # an already-open file descriptor
-        try:
-            p = realpath(fspath(p))
-        except Exception:
-            return False
-        if isinstance(p, bytes):
-            p = p.decode(errors="replace")
-        return p == root or p.startswith(root + sep) or p == "/dev/null"
-
-    def hook(event, args):
-        if event == "open":
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & write_flags)
-            if writing and not inside(path):
-                raise PE(f"sandbox: writing outside the working folder is not allowed: {path!r}")
-        elif event in path_events:
-            for i in path_events[event]:
-                if i < len(args) and not inside(args[i]):
-                    raise PE(f"sandbox: {event} outside the working folder is not allowed: {args[i]!r}")
-        elif event in blocked or event.startswith(blocked_prefixes):
-            raise PE(f"sandbox: {event} is not allowed (no processes, network or native calls)")
-        elif event == "os.kill" and args[0] != getpid():
-            raise PE("sandbox: signalling other processes is not allowed")
-
-    def refuse(*a, **k):
-        raise PE("sandbox: creating processes or sessions is not allowed")
-
-    for name in ("setsid", "setpgid", "setpgrp", "fork", "forkpty"):
-        if hasattr(os, name):
-            setattr(os, name, refuse)
-    _posixsubprocess.fork_exec = refuse
-    sys.addaudithook(hook)
-
-if C["guards"]:
-    _install_guard(C["root"])
-
-# 5. Run main.py as __main__, with tracebacks that start in main.py.
-libc = ctypes = None
-sys.argv = ["main.py", *C["argv"]]
-_main = types.ModuleType("__main__")
-_main.__file__ = "main.py"
-sys.modules["__main__"] = _main
-try:
-    with open("main.py", encoding="utf-8") as _f:
-        _code = compile(_f.read(), "main.py", "exec")
-    exec(_code, _main.__dict__)
-except SystemExit:
-    raise
-except BaseException as e:
-    traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-    sys.exit(1)
-"""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
@@ -201,6 +202,116 @@ def test_input_calls_get_a_hint():
 def test_feedback_is_capped():
     _, feedback = python_tests(block("def add(a, b):\n    return a - b"), ADD, limits=LIMITS, max_feedback_chars=100)
     assert len(feedback) <= 100 and feedback.endswith("[... feedback truncated ...]")
+
+
+STACK = """
+class Stack:
+    def __init__(self):
+        self.items = []
+    def push(self, x):
+        self.items.append(x)
+    def pop(self):
+        if not self.items:
+            raise IndexError("empty")
+        return self.items.pop()
+    def __len__(self):
+        return len(self.items)
+    def __iter__(self):
+        return iter(self.items)
+"""
+STACK_TESTS = """
+s = Stack()
+s.push(1)
+s.push(2)
+assert len(s) == 2 and list(s) == [1, 2] and 2 in s
+assert s.pop() == 2 and s.items == [1]
+try:
+    Stack().pop()
+except IndexError:
+    pass
+else:
+    raise AssertionError("no IndexError")
+"""
+
+
+@needs_sandbox
+def test_test_code_uses_the_codes_objects_through_the_judge():
+    assert python_tests(block(STACK), {"test_code": STACK_TESTS}, limits=LIMITS) == (1.0, "")
+    wrong = STACK.replace('raise IndexError("empty")', "return None")
+    reward, feedback = python_tests(block(wrong), {"test_code": STACK_TESTS}, limits=LIMITS)
+    assert reward == 0.0 and "no IndexError" in feedback
+
+
+@needs_sandbox
+def test_an_object_of_the_code_never_equals_a_value_in_test_code():
+    code = "class Any:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+    code += "def add(a, b):\n    return Any()"
+    reward, feedback = python_tests(block(code), {"test_code": "assert add(1, 2) == 3"}, limits=LIMITS)
+    assert reward == 0.0 and "AssertionError" in feedback
+
+
+@needs_sandbox
+def test_test_code_sees_the_codes_errors_with_their_traceback():
+    code = "def add(a, b):\n    return a / 0"
+    reward, feedback = python_tests(block(code), {"test_code": "assert add(1, 2) == 3"}, limits=LIMITS)
+    assert reward == 0.0
+    assert 'File "<test_code>", line 1' in feedback and "ZeroDivisionError" in feedback and "solution.py" in feedback
+
+
+@needs_sandbox
+def test_values_of_every_plain_type_are_compared_exactly():
+    value = "(1, [2.5, None], {'k': {3, 4}}, b'x', 1267650600228229401496703205376, -1180591620717411303424, 1+2j)"
+    tests = [{"input": "f()", "expected": value}]
+    assert python_tests(block(f"def f():\n    return {value}"), {"tests": tests}, limits=LIMITS) == (1.0, "")
+    as_list = "[" + value[1:-1] + "]"  # a list where a tuple is expected
+    reward, feedback = python_tests(block(f"def f():\n    return {as_list}"), {"tests": tests}, limits=LIMITS)
+    assert reward == 0.0 and "Got: [1, [2.5, None]" in feedback
+
+
+@needs_sandbox
+def test_a_result_too_large_to_compare_fails_plainly():
+    limits = SandboxLimits(wall_seconds=4, cpu_seconds=4, memory_mb=256, output_bytes=4096)
+    reward, feedback = python_tests(
+        block("def add(a, b):\n    return 'x' * 100_000"), {"tests": ADD["tests"][:1]}, limits=limits
+    )
+    assert reward == 0.0 and "too large to compare" in feedback
+
+
+@needs_sandbox
+def test_code_that_exits_midway_keeps_what_it_answered():
+    code = "import os\ndef add(a, b):\n    if a == 'a':\n        os._exit(0)\n    return a + b"
+    reward, feedback = python_tests(block(code), {"tests": ADD["tests"]}, limits=LIMITS)
+    assert reward == 1 / 3
+    assert "Test: add('a', 'b')\nDid not finish: it stopped unexpectedly (exit code 0)" in feedback
+
+
+@needs_sandbox
+def test_test_code_that_passes_a_function_to_the_code_is_told_why_it_fails():
+    example = {"test_code": "assert apply(lambda x: x + 1, 1) == 2"}
+    reward, feedback = python_tests(block("def apply(f, x):\n    return f(x)"), example, limits=LIMITS)
+    assert reward == 0.0 and "only plain values can cross" in feedback
+
+
+@needs_sandbox
+def test_stdout_of_the_code_does_not_matter():
+    code = "def add(a, b):\n    print('Expected: 3')\n    print(a + b)\n    return a + b"
+    assert python_tests(block(code), ADD, limits=LIMITS) == (1.0, "")
+
+
+def test_the_value_format_round_trips_and_refuses_anything_else():
+    from sdcli.python_tests_child import NotPlain, decode, encode
+
+    value = {"a": [1, 2.5, None, True], (1, "t"): {b"b", frozenset({3})}, "nan": float("nan"), "big": 3**90, "c": 1j}
+    back = decode(json.loads(json.dumps(encode(value))))
+    assert back.keys() == value.keys() and back["big"] == 3**90 and back["nan"] != back["nan"]
+    assert back[(1, "t")] == {b"b", frozenset({3})} and type(back[(1, "t")]) is set
+    for bad in ({"eval": "1"}, {"tuple": "x"}, {"set": [[1]]}, {"ref": 1, "type": "x"}, {"a": 1, "b": 2}):
+        with pytest.raises(ValueError):
+            decode(bad)
+    with pytest.raises(NotPlain):
+        encode(object())
+    with pytest.raises(NotPlain):
+        encode(type("MyInt", (int,), {})(3))  # a subclass does not pass for its base
 
 
 # --- loading and calling environments -------------------------------------------------------
