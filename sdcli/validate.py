@@ -77,4 +77,8 @@ def check_recipe(recipe: Recipe) -> dict[str, object]:
             "quantization": recipe.model.quantization.value,
         }
     )
+    if getattr(recipe.signal, "environment", None) == "python_tests":
+        from sdcli.sandbox import isolation
+
+        summary["sandbox"] = isolation().describe()  # which isolation the model's code gets on this machine
     return summary
