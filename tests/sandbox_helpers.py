@@ -78,7 +78,7 @@ def run_tests_as_normal_user(test_files: list[str], timeout: float = 600) -> sub
         return (
             f"exec setpriv --reuid={user.pw_uid} --regid={user.pw_gid} --clear-groups --inh-caps=-all "
             f"--bounding-set=-all env -i PATH=/usr/bin:/bin HOME=/tmp LANG=C.UTF-8 PYTHONPATH={path} "
-            f"OMP_NUM_THREADS=1 {python} -m pytest -q -rs -p no:cacheprovider "
+            f"OMP_NUM_THREADS=1 {python} -m pytest -rs -p no:cacheprovider "
             + " ".join(str(REPO / f) for f in test_files)
         )
 
