@@ -292,33 +292,27 @@ def serve(ns: dict, lines: Lines, per_test: float, stopped: bool) -> None:
         except (Unreachable, ValueError):
             return
         op = request.get("op")
-        try:
-            if op == "names":
-                reply = answer(lambda: {k: v for k, v in ns.items() if not k.startswith("__")})
-                if "value" in reply:  # a dict of name -> value or reference, sent as its pairs
-                    reply = {"names": reply["value"]}
-                lines.send(reply)
-                continue
-            target = objects[request["ref"]]
-            args = [decode(a, lambda n, _t: objects[n]) for a in request.get("args", [])]
-            kwargs = {k: decode(v, lambda n, _t: objects[n]) for k, v in request.get("kwargs", {}).items()}
-        except (LookupError, TypeError, ValueError) as e:
-            lines.send({"error": f"bad request: {e}", "type": "RuntimeError"})
-            continue
-        if op == "call":
-            reply = answer(lambda: target(*args, **kwargs))
-        elif op == "getattr":
-            reply = answer(lambda: getattr(target, str(request["name"])))
-        elif op == "getitem":
-            reply = answer(lambda: target[args[0]])
-        elif op == "len":
-            reply = answer(lambda: len(target))
-        elif op == "bool":
-            reply = answer(lambda: bool(target))
-        elif op == "list":
-            reply = answer(lambda: _take(target))
+        if op == "names":
+            reply = answer(lambda: {k: v for k, v in ns.items() if not k.startswith("__")})
+            if "value" in reply:  # a dict of name -> value or reference, sent as its pairs
+                reply = {"names": reply["value"]}
         else:
-            reply = {"error": f"unknown request {op!r}", "type": "RuntimeError"}
+            try:
+                target = objects[request["ref"]]
+                args = [decode(a, lambda n, _t: objects[n]) for a in request.get("args", [])]
+                kwargs = {k: decode(v, lambda n, _t: objects[n]) for k, v in request.get("kwargs", {}).items()}
+                action = {
+                    "call": lambda: target(*args, **kwargs),
+                    "getattr": lambda: getattr(target, str(request["name"])),
+                    "getitem": lambda: target[args[0]],
+                    "len": lambda: len(target),
+                    "bool": lambda: bool(target),
+                    "list": lambda: _take(target),
+                }[op]
+            except (LookupError, TypeError, ValueError) as e:
+                reply = {"error": f"bad request {op!r}: {e}", "type": "RuntimeError"}
+            else:
+                reply = answer(action)
         try:
             lines.send(reply)
         except OSError:
