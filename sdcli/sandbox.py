@@ -92,10 +92,18 @@ class Isolation:
                 "the system and the Python installation read-only and none of your files, only its own "
                 "folder; every process it starts is killed when the run ends."
             )
-        spaces = "pid and network namespaces" if "pid_namespace" in self.took_effect else None
-        spaces = spaces or ("a network namespace" if "network_namespace" in self.took_effect else None)
-        where = f", in its own {spaces}" if spaces else ", with no namespaces (the machine allows none)"
-        if self.as_root:
+        if "pid_namespace" in self.took_effect:
+            where = ", in its own pid and network namespaces"
+        elif "network_namespace" in self.took_effect:
+            where = ", in its own network namespace"
+        else:
+            where = ", with no namespaces (the machine allows none)"
+        if self.as_root and "separate_uid" not in self.took_effect:
+            what = (
+                f"the code runs as root{where}, as no free uid range was found to switch to. Only the Python "
+                "guard, which is not a security boundary, keeps it from the machine."
+            )
+        elif self.as_root:
             reads = (
                 "every file (Python is installed where other users cannot read, so it keeps CAP_DAC_READ_SEARCH)"
                 if "reads_all_files" in self.took_effect

@@ -223,7 +223,7 @@ def setup_isolation(c: dict) -> tuple[list[str], list[str]]:
         done.append("file_size")
 
     if c["uid"] is not None and os.geteuid() == 0:
-        _switch_uid(c["uid"], libc, done, notes, failed)
+        _switch_uid(c["uid"], libc, done, failed)
     if linux and c["nproc"] is not None and "process_count" not in done and c["nproc_shared"] is None:
         # RLIMIT_NPROC counts every task (threads too) of the real uid, or of the uid inside a
         # user namespace of its own; it never applies to root, hence the separate uid.
@@ -303,7 +303,7 @@ def _drop_capabilities(libc) -> None:
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
 
 
-def _switch_uid(uid: int, libc, done: list[str], notes: list[str], failed) -> None:
+def _switch_uid(uid: int, libc, done: list[str], failed) -> None:
     """Root: become `uid` with no capabilities, except CAP_DAC_READ_SEARCH when Python is unreadable to it."""
     import ctypes
 
@@ -335,8 +335,8 @@ def _switch_uid(uid: int, libc, done: list[str], notes: list[str], failed) -> No
         done.append("separate_uid")
         if keep:
             done.append("reads_all_files")
-    except OSError as e:
-        notes.append(f"separate uid: {e}")
+    except OSError as e:  # asked to leave root and could not: refuse to run the code as root
+        sys.exit(f"sandbox: cannot switch to uid {uid}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,6 +234,11 @@ def test_the_level_is_chosen_once_and_described():
     assert level.describe()
     assert "Install bubblewrap" in Isolation("process", False, "bwrap is not installed").describe()
     assert "fresh unprivileged uid" in Isolation("bubblewrap", True).describe()
+    as_root = Isolation("process", True, "bwrap is not installed", ("separate_uid", "pid_namespace"))
+    assert "fresh unprivileged uid, in its own pid and network namespaces" in as_root.describe()
+    assert "every file" in Isolation("process", True, "x", ("separate_uid", "reads_all_files")).describe()
+    assert "runs as root" in Isolation("process", True, "x", ()).describe()
+    assert "your files" in Isolation("process", False, "x", ()).describe()
     if os.uname().sysname == "Linux" and level.level == "process":
         assert level.why  # says why bubblewrap was not used
 
