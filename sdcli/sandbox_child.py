@@ -19,7 +19,8 @@ installation, /usr/share and the process's own /proc entry; relative paths with 
 opening folders outside those places (an open folder would let `dir_fd=` reach anywhere).
 `strict` (used when no kernel boundary stands behind the guard) also refuses building code
 objects from bytes (marshal, CodeType, assigning __code__), since crafted bytecode can corrupt
-memory; imports then compile from source. It is a Python-level guard: races (a symlink swapped
+memory (imports then compile from source), native modules other than the standard library's
+(a compiled package does its file and process work in C, unseen), and sqlite3. It is a Python-level guard: races (a symlink swapped
 between the check and the call) and native code get around it. The kernel-level isolation in
 sandbox.py is the boundary where the machine has it.
 """
@@ -79,8 +80,11 @@ REFUSED_IMPORTS = frozenset(
         "_gdbm",
         "_multiprocessing",  # named semaphores are files in /dev/shm
         "ossaudiodev",
+        "readline",  # write_history_file() writes anywhere, unaudited
     }
 )
+# Refused too in strict mode (no kernel boundary behind the guard).
+STRICT_IMPORTS = frozenset({"_sqlite3"})  # ATTACH DATABASE and VACUUM INTO write files natively
 
 REFUSED_EVENTS = frozenset(
     {
@@ -430,6 +434,20 @@ def install_guard(root: str, *, strict: bool) -> None:
     python_dirs = _tuple(sorted({real(p) for p in sys.path if p and any(under(real(p), q) for q in prefixes)}))
     read_roots = (root, *python_dirs, "/usr/share", real("/proc/self") or "/proc/self")  # its own /proc entry
     suffixes = _tuple(_imp.extension_suffixes())
+    # Native modules may come from Python's own folders; in strict mode from the standard
+    # library's only: a compiled package (numpy, safetensors, psutil) does file and process
+    # work in C that no audit event sees.
+    stdlib = real(os.path.dirname(os.__file__))
+    native_dirs = (stdlib,) if strict else python_dirs
+    if strict:
+        refused_imports = refused_imports | STRICT_IMPORTS
+
+    def native_allowed(p):
+        for top in native_dirs:
+            rest = p[_len(top) :]
+            if under(p, top) and not (strict and ("/site-packages/" in rest or "/dist-packages/" in rest)):
+                return True
+        return False
 
     def inside_python(p):
         for top in python_dirs:
@@ -497,8 +515,9 @@ def install_guard(root: str, *, strict: bool) -> None:
             if _type(filename) is _str and filename.endswith(suffixes):
                 p = real(filename)
                 base = filename.rpartition("/")[2].partition(".")[0]
-                if base in refused_imports or p is None or not inside_python(p):
-                    raise ImportErr(f"sandbox: native modules from outside the Python installation: {filename}")
+                if base in refused_imports or p is None or not native_allowed(p):
+                    where = "the standard library" if strict else "the Python installation"
+                    raise ImportErr(f"sandbox: only native modules of {where} may load here, not {filename}")
         elif event in refused_events or event.startswith(refused_prefixes):
             raise PE(f"sandbox: {event} is not allowed (no processes, network, native calls or sandbox internals)")
         elif event == "os.kill" and args[0] != pid:

@@ -57,7 +57,10 @@ def run_tests_as_normal_user(test_files: list[str], timeout: float = 600) -> sub
     Needs root (to create the user with useradd, once) on Linux. The Python running these tests
     may live where that user cannot read it (e.g. /root/.pyenv): then the run happens in a
     private mount namespace where the installation is bind-mounted at a readable path, which
-    changes nothing outside that namespace.
+    changes nothing outside that namespace. (A build that finds its libpython through an
+    absolute path into the unreadable folder then loads the system's libpython of the same
+    version, if there is one: Debian's, with _posixsubprocess built in, which the guard must
+    then refuse as a builtin. The run is still a normal user's.)
     """
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         pytest.skip("running the sandbox as a normal user needs these tests to run as root (to create one)")

@@ -140,6 +140,12 @@ def test_reimported_posixsubprocess_cannot_start_a_process(where, episode):
         "import sys; sys.settrace(lambda *a: None)",
         "import marshal; marshal.loads(marshal.dumps((lambda: 0).__code__))",
         "f = lambda: 0; f.__code__ = f.__code__.replace(co_consts=(1,))",
+        "import readline; readline.write_history_file('/var/tmp/sd-history')",
+        "import sqlite3; sqlite3.connect(':memory:').execute(\"ATTACH DATABASE '/var/tmp/sd.db' AS x\")",
+        "import importlib.machinery as m, importlib.util as u, shutil\n"
+        "name = 'mine' + m.EXTENSION_SUFFIXES[0]\n"
+        "shutil.copyfile(u.find_spec('_json').origin, name)\n"
+        "u.module_from_spec(u.spec_from_file_location('_json', name))",
     ],
 )
 def test_guard_bypasses_reported_or_known_are_closed(how):
@@ -147,6 +153,7 @@ def test_guard_bypasses_reported_or_known_are_closed(how):
     r = attack(how, ("process", True))
     assert r.returncode != 0 and "sandbox: " in r.stderr, r.stderr
     assert "got mkfifo" not in r.stdout
+    assert not os.path.exists("/var/tmp/sd-history") and not os.path.exists("/var/tmp/sd.db")
 
 
 def test_monkeypatching_what_the_guard_uses_does_not_open_it(episode):
