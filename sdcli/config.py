@@ -331,6 +331,9 @@ class AnchorConfig(_Strict):
         description=f"JSONL of {{\"prompt\": ...}} lines, or {BUILTIN_ANCHORS} (46 everyday requests shipped with sd)",
     )
     prompts_per_step: int = Field(0, ge=0, le=256, description="Anchor prompts added to every step; 0 = off")
+    max_new_tokens: int = Field(
+        32, ge=1, le=8192, description="Length of the starting model's answers to them (each costs student compute every step)"
+    )
 
     @field_validator("path")
     @classmethod

@@ -17,6 +17,7 @@ the supervised baseline on the same data, LoRA and optimiser.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -189,6 +190,7 @@ class Sequence:
     response: list[int]
     view: TeacherView | None = None  # None until the context is built (and for sft)
     kind: str = ON_POLICY  # on: a sample; off: the example's own demonstration; anchor: replay
+    teacher_hidden: torch.Tensor | None = None  # [T, H], anchors only: their teacher never changes
 
 
 
@@ -196,20 +198,28 @@ def teacher_pass(model, decoder, encoder, kept: list[Sequence], pad_id: int, dev
     """[N, T, H] teacher hidden states for `kept`, in order: the episode's teacher for the task's
     sequences, the model as the episode began for the anchors (one pass when they are the same).
     `encoder` is the TeacherPromptEncoder; an anchor's teacher sees exactly the student's prompt."""
+    cached = [i for i, q in enumerate(kept) if q.teacher_hidden is not None]
     groups = [[i for i, q in enumerate(kept) if q.kind != ANCHOR], [i for i, q in enumerate(kept) if q.kind == ANCHOR]]
     if teacher_set == anchor_set:
         groups = [list(range(len(kept))), []]
-    width = max(len(q.response) for q in kept)
+    width = max(1, max(len(q.response) for q in kept))
+    size = next((q.teacher_hidden.shape[-1] for q in kept if q.teacher_hidden is not None), None)
     hidden = None
     for group, adapters in zip(groups, (teacher_set, anchor_set)):
+        group = [i for i in group if i not in cached]
         if not group:
             continue
         prompts = [kept[i].prompt if kept[i].kind == ANCHOR else encoder.encode(kept[i].view) for i in group]
         batch = score_batch(prompts, [kept[i].response for i in group], pad_id, device)
         part = teacher_hidden(model, decoder, batch, adapters)
         if hidden is None:
-            hidden = part.new_zeros((len(kept), max(1, width), part.shape[-1]))
+            hidden = part.new_zeros((len(kept), width, part.shape[-1]))
         hidden[group, : part.shape[1]] = part
+    for i in cached:
+        h = kept[i].teacher_hidden
+        if hidden is None:
+            hidden = h.new_zeros((len(kept), width, size))
+        hidden[i, : h.shape[0]] = h
     return hidden
 
 
@@ -263,6 +273,18 @@ def answer_anchors(prompts: list, encoder, sample, seed: int, device) -> list[Se
         for start in range(0, len(encoded), 16):
             responses += sample(encoded[start : start + 16])
     return [Sequence(p, r, TeacherView(messages=m), ANCHOR) for p, r, m in zip(encoded, responses, prompts) if r]
+
+
+@torch.no_grad()
+def cache_anchor_teacher(model, decoder, anchors: list[Sequence], pad_id: int, device, adapters: list[str]) -> None:
+    """Score the anchors under their teacher once: the model as the episode began never changes, so
+    its [T, H] hidden states per anchor (a few MB) replace a teacher pass at every step."""
+    for start in range(0, len(anchors), 16):
+        chunk = anchors[start : start + 16]
+        batch = score_batch([q.prompt for q in chunk], [q.response for q in chunk], pad_id, device)
+        hidden = teacher_hidden(model, decoder, batch, adapters)
+        for q, h in zip(chunk, hidden):
+            q.teacher_hidden = h[: len(q.response)].clone()
 
 
 def take_anchors(anchors: list[Sequence], k: int, rollout_index: int) -> list[Sequence]:
@@ -435,8 +457,11 @@ def _train_episode(
     anchor_set = teacher_adapters(TeacherKind.base, earlier, episode)  # anchors hold to the start
     anchors: list[Sequence] = []
     if anchor_prompts:
-        anchors = answer_anchors(anchor_prompts, encoder, lambda ps: sample_responses(model, tokenizer, ps, sampling, stop),
-                                 cfg.seed, device)
+        anchor_sampling = dataclasses.replace(sampling, max_new_tokens=recipe.anchor.max_new_tokens)
+        anchors = answer_anchors(
+            anchor_prompts, encoder, lambda ps: sample_responses(model, tokenizer, ps, anchor_sampling, stop), cfg.seed, device
+        )
+        cache_anchor_teacher(model, decoder, anchors, tokenizer.pad_token_id, device, anchor_set)
         log(f"anchor: {len(anchors)} answer(s) to {recipe.anchor.path} prompts; {recipe.anchor.prompts_per_step} per step")
 
     metrics_path = partial / "metrics.jsonl"
@@ -456,7 +481,8 @@ def _train_episode(
         )
 
     off_fraction = recipe.rollout.off_policy_fraction if recipe.method is Method.self_distillation else 0.0
-    if off_fraction > 0 and not any(signal.demonstration_view(ex) for ex in examples[:1000]):
+    chosen = "off_policy_fraction" in recipe.rollout.model_fields_set  # the default is silent where it cannot apply
+    if chosen and off_fraction > 0 and not any(signal.demonstration_view(ex) for ex in examples[:1000]):
         log("warning: rollout.off_policy_fraction > 0, but no example carries a demonstration; every prompt is sampled")
     log(f"train: {total_steps} step(s); {cfg.updates_per_rollout} update(s) per rollout; "
         f"{off_fraction:.0%} of prompts off-policy")
