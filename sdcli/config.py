@@ -246,9 +246,10 @@ class RolloutConfig(_Strict):
         description="Fold the adapter into the weights while sampling (much faster). auto: when the base is not quantized",
     )
     off_policy_fraction: float = Field(
-        0.0, ge=0.0, le=1.0,
+        1.0, ge=0.0, le=1.0,
         description="Share of each step's prompts trained on the example's own good response (a demonstration) "
-        "scored by the teacher, instead of on a sample; 0 = all on-policy, 1 = no sampling",
+        "scored by the teacher, instead of on a sample; 0 = all on-policy, 1 = no sampling. Prompts without one "
+        "(rewards, feedback, interactions) are always sampled",
     )
 
 
@@ -330,7 +331,7 @@ class AnchorConfig(_Strict):
         BUILTIN_ANCHORS,
         description=f"JSONL of {{\"prompt\": ...}} lines, or {BUILTIN_ANCHORS} (46 everyday requests shipped with sd)",
     )
-    prompts_per_step: int = Field(0, ge=0, le=256, description="Anchor prompts added to every step; 0 = off")
+    prompts_per_step: int = Field(4, ge=0, le=256, description="Anchor prompts added to every step; 0 = off")
     max_new_tokens: int = Field(
         32, ge=1, le=8192, description="Length of the starting model's answers to them (each costs student compute every step)"
     )
@@ -679,6 +680,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
                     data["model"]["name_or_path"] = str(candidate)
 
     from_cli: set[tuple[str, ...]] = set()
+    budget = {"max_steps": "epochs", "epochs": "max_steps"}
     for text_override in overrides:
         keys, value = parse_override(text_override)
         node = data
@@ -688,6 +690,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
             node = node[k]
         node[keys[-1]] = value
         from_cli.add(tuple(keys))
+        if keys[:1] == ["train"] and len(keys) == 2 and keys[1] in budget:
+            # one budget on the command line replaces the recipe's other one: `train.max_steps=10`
+            # on a recipe that counts epochs is a shorter run, not a conflict
+            node.pop(budget[keys[1]], None)
 
     def where(loc: tuple) -> str:
         loc = tuple(str(x) for x in loc)

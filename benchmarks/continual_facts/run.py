@@ -3,6 +3,7 @@
     python benchmarks/continual_facts/run.py                        # both methods, 36 steps per episode
     python benchmarks/continual_facts/run.py --steps 2              # smoke test, a few minutes
     python benchmarks/continual_facts/run.py --methods sft --out runs/cf --force
+    python benchmarks/continual_facts/run.py --bench benchmarks/world_facts     # the second, untuned benchmark
 
 Each episode teaches six fictional facts (task1: the Kingdom of Veloria, task2: the skyloom,
 task3: three creatures), given only as demonstrations, to the built-in SmolLM2-135M-Instruct.
@@ -46,15 +47,15 @@ from sdcli.continual_matrix import matrix_from_episodes, matrix_table, metrics_l
 from sdcli.episodes import list_episodes  # noqa: E402
 from sdcli.evaluate import fmt  # noqa: E402
 
-RECIPES = [HERE / f"task{i}.yaml" for i in (1, 2, 3)]
 METHODS = {"sd": "self_distillation", "sft": "sft"}
+KINDS = ("direct", "paraphrase", "situation")
 
 
-def train_arm(method: str, run_dir: Path, steps: int | None, threads: int, extra: list[str]) -> float:
+def train_arm(method: str, run_dir: Path, steps: int | None, threads: int, extra: list[str], recipes: list[Path]) -> float:
     overrides = [f"run_dir={run_dir}", f"method={METHODS[method]}", f"train.threads={threads}", *extra]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
-    command = [sys.executable, "-m", "sdcli.cli", "train", *map(str, RECIPES), *overrides, "--quiet"]
+    command = [sys.executable, "-m", "sdcli.cli", "train", *map(str, recipes), *overrides, "--quiet"]
     print("$ " + " ".join(command), flush=True)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO)
@@ -82,6 +83,10 @@ def summarise(method: str, run_dir: Path, seconds: float) -> dict:
     print_table(f"[{method}] teacher: the same model with the demonstration in context", header, rows)
     for line in metrics_lines(matrix):
         print(f"[{method}] {line}")
+    by_kind = kind_scores(episodes)
+    if by_kind:
+        print_table(f"[{method}] each episode's own task, by kind of held-out question (id suffix)",
+                    ["episode", *KINDS], [[label, *(fmt(v) for v in row)] for label, row in by_kind])
     last_drift = (matrix.drift or [None])[-1] or {}
     general = matrix.columns.index("general_qa") if "general_qa" in matrix.columns else None
     return {
@@ -94,19 +99,46 @@ def summarise(method: str, run_dir: Path, seconds: float) -> dict:
         "drift_kl_after_last": last_drift.get("kl_from_base"),
         "perplexity_after_last": last_drift.get("perplexity"),
         "matrix": matrix.to_json(),
+        "task_by_kind": {label: dict(zip(KINDS, row)) for label, row in by_kind},
     }
+
+
+def kind_scores(episodes) -> list[tuple[str, list[float | None]]]:
+    """Right after each episode, its own task's score per kind of question, read from the ids'
+    suffix (-direct, -paraphrase, -situation); empty when the eval sets do not mark kinds."""
+    out = []
+    for e in episodes:
+        path = e.path / "eval.json"
+        if not path.is_file():
+            continue
+        sets = json.loads(path.read_text())["sets"]
+        task = next((s for s in sets if s.get("role") == "task" and s.get("model") == "after"), None)
+        if task is None:
+            continue
+        row = []
+        for kind in KINDS:
+            scores = [x["score"] for x in task["examples"] if str(x.get("id", "")).endswith(f"-{kind}")]
+            row.append(sum(scores) / len(scores) if scores else None)
+        if any(v is not None for v in row):
+            out.append((e.label, row))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="train.max_steps per episode (default: the recipes' 36)")
     parser.add_argument("--methods", default="sd,sft", help="comma-separated: sd, sft")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "continual_facts")
+    parser.add_argument("--bench", type=Path, default=HERE,
+                        help="folder with task1.yaml, task2.yaml, task3.yaml (default: continual_facts; the second, "
+                        "untuned benchmark is benchmarks/world_facts)")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/<bench folder name>")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("SD_BENCH_THREADS", "2")))
     parser.add_argument("--force", action="store_true", help="Delete earlier runs in --out first")
     parser.add_argument("overrides", nargs="*", help="Extra key=value recipe overrides, e.g. train.lr=1e-3")
     args = parser.parse_args()
 
+    recipes = [args.bench / f"task{i}.yaml" for i in (1, 2, 3)]
+    args.out = args.out or REPO / "runs" / args.bench.resolve().name
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -118,7 +150,7 @@ def main() -> None:
             if not args.force:
                 sys.exit(f"{run_dir} exists; pass --force to replace it (episodes would stack on the old ones)")
             shutil.rmtree(run_dir)
-        seconds = train_arm(method, run_dir, args.steps, args.threads, args.overrides)
+        seconds = train_arm(method, run_dir, args.steps, args.threads, args.overrides, recipes)
         results.append(summarise(method, run_dir, seconds))
         report = subprocess.run([sys.executable, "-m", "sdcli.cli", "report", str(run_dir), "--out", str(run_dir / "report")],
                                 cwd=REPO, capture_output=True, text=True)

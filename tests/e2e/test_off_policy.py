@@ -24,7 +24,8 @@ FACTS = [
 ]
 
 
-def recipe_for(tmp_path: Path, model_dir: Path, train: str, rollout: str = "", loss: str = ""):
+def recipe_for(tmp_path: Path, model_dir: Path, train: str, rollout: str = "", loss: str = "",
+               anchor: str = "  prompts_per_step: 0"):
     data = tmp_path / "facts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in FACTS))
     path = tmp_path / "recipe.yaml"
@@ -49,6 +50,8 @@ train:
   prompts_per_step: 2
   lr: 0.01
 {train}
+anchor:
+{anchor}
 """
     )
     return load_recipe(path)
@@ -150,7 +153,8 @@ def test_updates_per_rollout_reuse_one_rollout(tmp_path, tiny_model_dir, sampled
     from sdcli.train import train_episode
 
     recipe = recipe_for(
-        tmp_path, tiny_model_dir, "  max_steps: 5\n  updates_per_rollout: 2", loss="  divergence: reverse_kl\n  support: sampled"
+        tmp_path, tiny_model_dir, "  max_steps: 5\n  updates_per_rollout: 2", "  off_policy_fraction: 0",
+        loss="  divergence: reverse_kl\n  support: sampled"
     )
     metrics = metrics_of(train_episode(recipe))
     assert len(sampled) == 3  # steps 1-2, 3-4, 5
@@ -194,12 +198,13 @@ def test_anchors_hold_the_student_to_the_start_without_moving_the_sampler(tmp_pa
     anchors = tmp_path / "anchors.jsonl"
     anchors.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a colour.", "Count to three.", "Say hello."]))
     (tmp_path / "plain").mkdir()
-    train_episode(recipe_for(tmp_path / "plain", tiny_model_dir, "  max_steps: 3"))
+    train_episode(recipe_for(tmp_path / "plain", tiny_model_dir, "  max_steps: 3", "  off_policy_fraction: 0"))
     without = [responses for _, responses in sampled]
     sampled.clear()
 
     (tmp_path / "anchored").mkdir()
-    anchored = recipe_for(tmp_path / "anchored", tiny_model_dir, f"  max_steps: 3\nanchor:\n  path: {anchors}\n  prompts_per_step: 2")
+    anchored = recipe_for(tmp_path / "anchored", tiny_model_dir, "  max_steps: 3", "  off_policy_fraction: 0",
+                          anchor=f"  path: {anchors}\n  prompts_per_step: 2")
     metrics = metrics_of(train_episode(anchored))
     assert sampled[0][0] == 3  # the three anchors, answered once before training
     # the same random numbers: identical rollouts while the weights are still identical (steps 1

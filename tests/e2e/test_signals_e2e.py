@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tiny_overrides(model_dir: Path, run_dir: Path, steps: int = 2) -> list[str]:
     return [f"model.name_or_path={model_dir}", f"run_dir={run_dir}", f"train.max_steps={steps}",
-            "rollout.max_new_tokens=12", "train.lr=0.01"]
+            "rollout.max_new_tokens=12", "train.lr=0.01",
+            "anchor.prompts_per_step=0"]  # these tests count samples; anchors are tested in test_off_policy.py
 
 
 def sd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

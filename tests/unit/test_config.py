@@ -120,3 +120,17 @@ def test_missing_files_are_reported_with_schema_problems(tmp_path):
         load_recipe(path)
     text = e.value.render()
     assert "2 problem(s)" in text and "max_stepz" in text and "nope.jsonl" in text
+
+
+def test_a_budget_on_the_command_line_replaces_the_recipes_other_budget(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "q", "demonstration": "a"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  path: {data}\ntrain:\n  epochs: 40\n")
+    short = load_recipe(recipe, ["train.max_steps=3"])
+    assert short.train.max_steps == 3 and short.train.epochs is None
+    recipe.write_text(f"data:\n  path: {data}\ntrain:\n  max_steps: 40\n")
+    assert load_recipe(recipe, ["train.epochs=2"]).train.max_steps is None
+    recipe.write_text(f"data:\n  path: {data}\ntrain:\n  max_steps: 4\n  epochs: 2\n")
+    with pytest.raises(RecipeError, match="max_steps or train.epochs"):  # both in one file is still a conflict
+        load_recipe(recipe)

@@ -131,7 +131,8 @@ def test_training_cuts_the_teacher_context_not_the_question(tmp_path, tiny_model
     monkeypatch.setattr(train_module, "teacher_hidden", spy)
     logs: list[str] = []
     base = [f"model.name_or_path={tiny_model_dir}", f"data.path={data}", "train.max_steps=2",
-            "train.prompts_per_step=1", "rollout.max_new_tokens=4", "model.max_prompt_tokens=64"]
+            "train.prompts_per_step=1", "rollout.max_new_tokens=4", "model.max_prompt_tokens=64",
+            "anchor.prompts_per_step=0"]
 
     # the default: the model's 1024 positions less the response; the 64-token student limit does not apply
     result = train_episode(load_recipe(None, [*base, f"run_dir={tmp_path / 'a'}"]), log=logs.append)

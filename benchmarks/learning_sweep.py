@@ -1,0 +1,136 @@
+"""Sweep training settings on one fact-learning episode and print learning, forgetting and time.
+
+    python benchmarks/learning_sweep.py                                   # the default grid
+    python benchmarks/learning_sweep.py --task benchmarks/world_facts/task1.yaml
+    python benchmarks/learning_sweep.py --only off1 mix50 --seeds 0 1
+
+Each setting trains the task's first episode from the bare base (recipe defaults plus the
+setting's overrides) and is scored by the training loop's own evaluation: the task's held-out
+questions (next to the teacher's ceiling: the base model with the fact in its prompt), eight
+general questions the base model mostly answers (forgetting), and drift on general text (KL from
+the base and perplexity). All settings run one after another in one invocation, so their
+wall-clock times are comparable with each other (this machine drifts +-20% between hours; do not
+compare numbers across invocations). Results go to OUT/sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+GENERAL = HERE / "continual_facts" / "data" / "general_qa.jsonl"
+
+# name -> overrides on top of the recipe and the product's defaults
+GRID: dict[str, list[str]] = {
+    "on-policy": ["rollout.off_policy_fraction=0"],
+    "off1": ["rollout.off_policy_fraction=1"],
+    "off1-lr2e-4": ["rollout.off_policy_fraction=1", "train.lr=2e-4"],
+    "off1-r4": ["rollout.off_policy_fraction=1", "lora.r=4", "lora.alpha=8"],
+    "off1-ema": ["rollout.off_policy_fraction=1", "teacher=ema"],
+    "off1-topk": ["rollout.off_policy_fraction=1", "loss.support=topk", "loss.topk=20"],
+    "mix50": ["rollout.off_policy_fraction=0.5"],
+    "mix50-upr2": ["rollout.off_policy_fraction=0.5", "train.updates_per_rollout=2"],
+    "mix50-t0.7": ["rollout.off_policy_fraction=0.5", "rollout.temperature=0.7"],
+    "mix50-g2": ["rollout.off_policy_fraction=0.5", "rollout.num_samples=2"],
+    "mix75": ["rollout.off_policy_fraction=0.75"],
+    "sft": ["method=sft"],
+    "off1-anchor2": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=2"],
+    "off1-anchor4": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4"],
+    "off1-anchor4-lr2e-4": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4", "train.lr=2e-4"],
+    "mix50-anchor4": ["rollout.off_policy_fraction=0.5", "anchor.prompts_per_step=4"],
+    "off1-anchor8": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=8"],
+    "off1-anchor4-lr3e-4": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4", "train.lr=3e-4"],
+    "mix50-anchor4-lr3e-4": ["rollout.off_policy_fraction=0.5", "anchor.prompts_per_step=4", "train.lr=3e-4"],
+    "off1-anchor4-lr1e-3": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4", "train.lr=1e-3"],
+    "off1-anchor4-60steps": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4", "train.max_steps=60"],
+}
+
+
+def run_setting(task: Path, name: str, overrides: list[str], seed: int, out: Path, threads: int) -> dict:
+    run_dir = out / f"{name}-s{seed}"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    command = [
+        sys.executable, "-m", "sdcli.cli", "train", str(task), f"run_dir={run_dir}", f"train.seed={seed}",
+        f"train.threads={threads}", f"eval.retain=[{GENERAL}]", *overrides, "--quiet",
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        print(done.stdout[-2000:], done.stderr[-2000:], sep="\n")
+        return {"name": name, "seed": seed, "error": done.returncode}
+    episode = next((run_dir / "episodes").iterdir())
+    meta = json.loads((episode / "episode.json").read_text())
+    metrics = [json.loads(line) for line in (episode / "metrics.jsonl").read_text().splitlines()]
+    train_seconds = sum(m["time/step_s"] for m in metrics)
+    sets = meta["eval"]["sets"]
+    task_set = next(s for s in sets if s["role"] == "task")
+    general = next(s for s in sets if s["name"] == "general_qa")
+    drift = meta["eval"].get("drift") or {}
+    return {
+        "name": name, "seed": seed, "overrides": overrides, "steps": len(metrics),
+        # the ceiling is the episode's teacher: the model as the episode began, with the fact in context
+        "task": task_set["score"], "teacher": task_set["before"]["teacher_score"], "general": general["score"],
+        "general_base": general.get("base", {}).get("score"),
+        "kl_from_base": drift.get("kl_from_base"), "perplexity": drift.get("perplexity"),
+        "base_perplexity": drift.get("base_perplexity"), "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(seconds, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", type=Path, default=HERE / "continual_facts" / "task1.yaml")
+    parser.add_argument("--only", nargs="*", help=f"settings to run (default all): {', '.join(GRID)}")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "sweep")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every setting")
+    args = parser.parse_args()
+    names = args.only or list(GRID)
+    unknown = [n for n in names if n not in GRID]
+    if unknown:
+        sys.exit(f"unknown settings {unknown}; known: {', '.join(GRID)}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {platform_line()}; task {args.task.name}", flush=True)
+    header = f"{'setting':<14} {'seed':>4} {'steps':>5} {'task':>5} {'ceiling':>7} {'general':>7} {'(base)':>6} {'ppl':>6} {'base ppl':>8} {'KL':>6} {'train s':>7}"
+    print(header, flush=True)
+    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        for seed in args.seeds:
+            row = run_setting(args.task, name, GRID[name] + args.set, seed, args.out, args.threads)
+            rows.append(row)
+            if "error" in row:
+                print(f"{name:<14} {seed:>4} failed (exit {row['error']})", flush=True)
+                continue
+            print(
+                f"{name:<14} {seed:>4} {row['steps']:>5} {row['task']:>5.2f} {fmt(row['teacher']):>7} {row['general']:>7.3f} {fmt(row['general_base']):>6} "
+                f"{fmt(row['perplexity']):>6} {fmt(row['base_perplexity']):>8} {fmt(row['kl_from_base'], 3):>6} {row['train_seconds']:>7.0f}",
+                flush=True,
+            )
+            (args.out / "sweep.json").write_text(json.dumps(rows, indent=2))
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def platform_line() -> str:
+    import os
+    import platform
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    main()
