@@ -580,7 +580,7 @@ def _train_episode(
                     "step": step,
                     "steps_total": total_steps,
                     "loss": float(loss.detach()),
-                    "kl": _masked_mean(per_token, mask),
+                    "kl": _masked_mean(per_token, mask) if recipe.method is Method.self_distillation else float("nan"),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "response/mean_tokens": sum(len(q.response) for q in seqs) / max(1, len(seqs)),

@@ -8,6 +8,7 @@ enough to check the matrix. R[0] is all zeros, and after episode i task i scores
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +65,10 @@ def chain(tmp_path_factory, tiny_model_dir) -> Path:
 def test_sft_reduces_its_own_loss(chain):
     for episode in list_episodes(chain / "run"):
         assert episode.meta["method"] == "sft"
-        losses = [json.loads(line)["loss"] for line in (episode.path / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (episode.path / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows]
         assert losses[-1] < 0.2 * losses[0], (episode.label, losses)
+        assert all(math.isnan(r["kl"]) for r in rows)  # no teacher, no divergence: not the NLL under another name
 
 
 def test_eval_after_each_episode_is_stored(chain):
