@@ -46,7 +46,10 @@ def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
         recipe_obj = load_recipe(
             recipe,
             [f"run_dir={tmp}", f"train.max_steps={steps}", "rollout.max_new_tokens=48", "train.prompts_per_step=4",
-             "rollout.num_samples=1", *overrides],
+             "rollout.num_samples=1",
+             # the reference setting is the on-policy step TRL's SDFTTrainer takes; the defaults'
+             # off-policy share and anchors are measured by passing them back as overrides
+             "rollout.off_policy_fraction=0", "anchor.prompts_per_step=0", *overrides],
         )
         rows: list[dict] = []
         train_episode(recipe_obj, progress=lambda step, m: rows.append(m))
