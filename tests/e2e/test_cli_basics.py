@@ -52,3 +52,25 @@ def test_unknown_argument_exits_2():
     assert done.returncode == 2 and "Traceback" not in done.stderr
     done = sd("train", "--no-such-flag", "x.yaml")
     assert done.returncode == 2
+
+
+BENCHMARK_RECIPES = sorted((REPO / "benchmarks").glob("*/task*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", BENCHMARK_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_benchmark_recipes_load_and_measure_the_defaults(recipe):
+    """The fact benchmarks report what the shipped defaults do: their recipes may set the budget
+    and the seed, nothing else about training."""
+    import yaml
+
+    from sdcli.config import load_recipe
+
+    loaded = load_recipe(recipe)
+    assert loaded.eval is not None and loaded.eval.path.is_file()
+    raw = yaml.safe_load(recipe.read_text())
+    assert not {"rollout", "loss", "teacher", "lora", "anchor"} & set(raw), recipe
+    assert set(raw.get("train", {})) <= {"epochs", "max_steps", "seed"}, recipe
+
+
+def test_there_are_two_fact_benchmarks():
+    assert {p.parent.name for p in BENCHMARK_RECIPES} == {"continual_facts", "world_facts"}
