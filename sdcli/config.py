@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sdcli.data import read_text
 from sdcli.errors import RecipeError
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
@@ -650,7 +651,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
         if not path.is_file():
             raise RecipeError(f"Recipe file not found: {path}", hint="Check the path; recipes end in .yaml.")
         base_dir = path.resolve().parent
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, RecipeError)
         try:
             lines = _line_index(_compose(text, origin))  # before loading: it refuses what would hang later
             loaded = yaml.safe_load(text)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcli import __version__
-from sdcli.data import file_sha256
+from sdcli.data import file_sha256, read_text
 from sdcli.errors import UserError
 
 EPISODES = "episodes"
@@ -128,9 +128,13 @@ def read_meta(folder: Path, verify: bool = True) -> dict[str, Any]:
     if not meta_path.is_file():
         raise UserError(f"{folder}: no {META} (an interrupted or hand-made folder)")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = json.loads(read_text(meta_path, UserError))
+    except json.JSONDecodeError as e:
         raise UserError(f"{meta_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{meta_path}: nested too deeply to read; sd writes a few levels") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     for name in ADAPTER_FILES:
         if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
             raise UserError(f"{folder}: {name} is missing or empty")

@@ -71,14 +71,45 @@ def read_metrics(episode: Episode) -> list[dict]:
 
 def load_matrix_file(path: Path) -> Matrix:
     """A matrix JSON written by `sd eval --matrix --out` (the whole file, or its "matrix" key)."""
+    from sdcli.data import read_text
+
+    hint = "Write one with: sd eval RUN_DIR --matrix --out matrix.json"
+    text = read_text(Path(path), UserError)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return Matrix.from_json(data.get("matrix", data))
-    except (OSError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
-        raise UserError(
-            f"--matrix {path}: not a matrix file ({type(e).__name__}: {e}).",
-            hint="Write one with: sd eval RUN_DIR --matrix --out matrix.json",
-        ) from None
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--matrix {path}:{e.lineno}: not valid JSON ({e.msg}).", hint=hint) from None
+    except RecursionError:
+        raise UserError(f"--matrix {path}: nested too deeply to read; a matrix file has a few levels.", hint=hint) from None
+    try:
+        matrix = Matrix.from_json(data.get("matrix", data))
+    except (TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"--matrix {path}: not a matrix file ({type(e).__name__}: {e}).", hint=hint) from None
+    problem = _matrix_problem(matrix)
+    if problem:
+        raise UserError(f"--matrix {path}: not a matrix file ({problem}).", hint=hint)
+    return matrix
+
+
+def _matrix_problem(m: Matrix) -> str | None:
+    """What is wrong with the shape of a matrix read from a file, or None."""
+    def cells(grid, name):
+        if not isinstance(grid, list) or len(grid) != len(m.rows):
+            return f"'{name}' must have one row per entry of 'rows' ({len(m.rows)})"
+        for row in grid:
+            if not isinstance(row, list) or len(row) != len(m.columns):
+                return f"each row of '{name}' must have one cell per entry of 'columns' ({len(m.columns)})"
+            if any(c is not None and (isinstance(c, bool) or not isinstance(c, (int, float))) for c in row):
+                return f"the cells of '{name}' must be numbers or null"
+        return None
+
+    if not isinstance(m.rows, list) or not isinstance(m.columns, list):
+        return "'rows' and 'columns' must be lists"
+    if not isinstance(m.taught_by, list) or len(m.taught_by) != len(m.columns):
+        return "'taught_by' must have one entry per column"
+    if any(t is not None and (isinstance(t, bool) or not isinstance(t, int)) for t in m.taught_by):
+        return "'taught_by' entries must be episode numbers or null"
+    return cells(m.scores, "scores") or (cells(m.teacher, "teacher") if m.teacher is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
