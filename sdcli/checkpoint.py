@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sdcli.errors import UserError
+from sdcli.errors import DiskFullError, UserError, is_disk_full, write_error
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.pt"
@@ -39,10 +39,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(partial: Path, *, step: int, params: dict[str, torch.Tensor], optimizer, scheduler, sampler_state: dict, extra: dict) -> None:
+    """Write the state into `partial/checkpoint`, replacing the previous one only once it is whole.
+
+    `torch.save` reports a full disk as "RuntimeError: ... unexpected pos", which names neither the
+    disk nor the file; it writes through a Python file here, whose OSError stays attached to that
+    error, so a full disk is a DiskFullError naming the file. The previous checkpoint stays."""
     target = partial / CHECKPOINT
     tmp = partial / f".{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     state = {
         "step": step,
         "params": {k: v.detach().cpu().clone() for k, v in params.items()},
@@ -52,7 +56,23 @@ def save_checkpoint(partial: Path, *, step: int, params: dict[str, torch.Tensor]
         "sampler": sampler_state,
         "extra": extra,
     }
-    torch.save(state, tmp / STATE_FILE)
+    try:
+        tmp.mkdir(parents=True)
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            problem = write_error(e, target / STATE_FILE)
+        else:  # torch's writer turns the file's OSError into "RuntimeError: ... unexpected pos"
+            problem = DiskFullError(target / STATE_FILE) if is_disk_full(e) else None
+        if problem is None:
+            raise
+        if target.exists():
+            problem.problems.append(f"the previous checkpoint, {target}, is unchanged")
+        raise problem from None
     old = partial / f".{CHECKPOINT}.old"
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():

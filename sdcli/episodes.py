@@ -33,7 +33,7 @@ from typing import Any
 
 from sdcli import __version__
 from sdcli.data import file_sha256, read_text
-from sdcli.errors import UserError
+from sdcli.errors import UserError, write_error
 
 EPISODES = "episodes"
 PARTIAL_PREFIX = ".partial-"
@@ -49,9 +49,16 @@ os.umask(_UMASK)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file so that readers see either the old content or the new, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write a file so that readers see either the old content or the new, never a mix.
+
+    A full disk or a folder without write permission is a UserError naming `path` (the old
+    content, if any, is kept), not an OSError without a file name."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise write_error(e, path) or e from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -59,8 +66,10 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and write_error(e, path):
+            raise write_error(e, path) from None
         raise
 
 

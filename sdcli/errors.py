@@ -1,11 +1,18 @@
 """Errors meant for people.
 
-`UserError` is bad input (recipe, data, arguments, paths): the CLI prints its message and
-exits with code 2, never a traceback. Anything else is a bug or an environment failure and
-exits with code 1.
+`UserError` is bad input (recipe, data, arguments, paths) or a place sd cannot write to (a
+read-only folder, a full disk): the CLI prints its message and exits with code 2, never a
+traceback. Anything else is a bug or an environment failure and exits with code 1.
 """
 
 from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+# errors that mean "no room to write": a full disk, or the user's quota spent
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 class UserError(Exception):
@@ -35,3 +42,45 @@ class DataError(UserError):
 
 class Interrupted(Exception):
     """Ctrl-C during training, after the state of the last finished step was saved (exit code 130)."""
+
+
+class DiskFullError(UserError):
+    """The disk (or the user's quota) filled up while sd was writing `path`."""
+
+    def __init__(self, path: Path | str | None, detail: str = ""):
+        where = f" while writing {path}" if path else ""
+        super().__init__(
+            f"No space left on the device{where}{detail}.",
+            hint="Free some space on that disk (df -h shows how much is left), or write somewhere else "
+            "(run_dir=... for training, --out for the other commands), then run again.",
+        )
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e`, or an exception it was raised from, says the disk is full. Libraries that write
+    from native code (safetensors, tokenizers) report it only in their message."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "(os error 28)" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def write_error(e: OSError, path: Path | str) -> UserError | None:
+    """A plain error for a write to `path` that failed for a reason the user can fix (a full disk,
+    a folder without write permission), or None for anything else."""
+    if e.errno in _NO_SPACE:
+        return DiskFullError(path)
+    if e.errno in _NOT_WRITABLE:
+        return UserError(f"Cannot write {path}: {e.strerror or e}.",
+                         hint="Choose a folder you can write to, or fix its permissions.")
+    if e.errno in (errno.ENOTDIR, errno.EISDIR):
+        return UserError(f"Cannot write {path}: {e.strerror or e}.",
+                         hint="A file stands where a folder is needed, or the other way round; choose another path.")
+    return None
+

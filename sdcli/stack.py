@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from sdcli.errors import UserError
+from sdcli.errors import DiskFullError, UserError, is_disk_full
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -252,7 +252,13 @@ def save_adapter(model, name: str, folder: Path | str) -> Path:
     state = get_peft_model_state_dict(model, adapter_name=name)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     partial = folder / (WEIGHTS_FILE + ".partial")
-    save_file(state, str(partial), metadata={"format": "pt"})
+    try:
+        save_file(state, str(partial), metadata={"format": "pt"})
+    except Exception as e:  # safetensors reports a full disk only in its message
+        partial.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFullError(folder / WEIGHTS_FILE) from None
+        raise
     os.replace(partial, folder / WEIGHTS_FILE)
 
     config = copy.deepcopy(model.peft_config[name])
