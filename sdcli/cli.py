@@ -70,9 +70,12 @@ def train(
 ):
     """Train one learning episode per recipe, each on top of the episodes already in run_dir."""
     from sdcli.config import load_recipe
+    from sdcli.validate import check_model_folder
 
     recipe_paths, overrides = split_recipes_and_overrides(args)
     recipes = [load_recipe(p, overrides) for p in recipe_paths]  # validate all before training any
+    for recipe in recipes:  # the base model from its headers: a bad folder fails now, not after a load
+        check_model_folder(recipe.model, recipe.lora)
 
     for path, recipe in zip(recipe_paths, recipes):
         console.print(f"[bold]episode[/bold] '{recipe.name}' from {path} -> {recipe.run_dir}")

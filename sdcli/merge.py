@@ -384,6 +384,10 @@ def _check_inputs(base_path: Path, dirs: list[Path], out_dir: Path, force: bool)
     problems = []
     if not base_path.is_dir():
         problems.append(f"base model {base_path}: folder not found")
+    else:
+        from sdcli.model_folder import model_folder_problems
+
+        problems += [f"base model: {p}" for p in model_folder_problems(base_path, trust_remote_code=None)]
     problems += [f"{d}: {p}" for d in dirs for p in adapter_dir_problems(d)]
     out = out_dir.resolve()
     for src in [base_path, *dirs]:

@@ -34,7 +34,10 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
-def resolve_model_path(name_or_path: str) -> Path:
+def resolve_model_path(name_or_path: str, trust_remote_code: bool | None = None) -> Path:
+    """The folder of the base model, checked from its config and weight headers before anything
+    loads it (`sdcli.model_folder`): a missing or truncated weight file, or an architecture
+    transformers does not know, is a UserError naming the file, not a loader's traceback."""
     if name_or_path == BUILTIN_MODEL:
         from sdcli.builtin_model import ensure_builtin_model
 
@@ -45,6 +48,9 @@ def resolve_model_path(name_or_path: str) -> Path:
             f"model.name_or_path: {path} is not a model folder (no config.json).",
             hint=f"sd never downloads models. Point it at a local folder, or use {BUILTIN_MODEL}.",
         )
+    from sdcli.model_folder import check_model_folder
+
+    check_model_folder(path, trust_remote_code=trust_remote_code)
     return path
 
 
@@ -90,7 +96,7 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMod
 
     quiet_transformers()
     device = device or default_device()
-    path = resolve_model_path(cfg.name_or_path).resolve()
+    path = resolve_model_path(cfg.name_or_path, cfg.trust_remote_code).resolve()
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(path)
     kwargs: dict = dict(trust_remote_code=cfg.trust_remote_code)
@@ -137,6 +143,7 @@ def add_trainable_adapter(model, name: str, settings: LoraSettings):
 
     from sdcli.stack import set_active_adapters
 
+    check_target_modules(model, settings)
     if isinstance(model, PeftModel):
         earlier = list(model.base_model.active_adapters)
         model.add_adapter(name, lora_config(settings))
@@ -146,6 +153,23 @@ def add_trainable_adapter(model, name: str, settings: LoraSettings):
         for pname, param in model.named_parameters():
             param.requires_grad_(f".{name}." in pname and "lora_" in pname)
     return model
+
+
+def check_target_modules(model, settings: LoraSettings) -> None:
+    """UserError naming `lora.target_modules` entries that match no module of the loaded model
+    (peft raises a ValueError for none matching, and says nothing when only some do)."""
+    if not isinstance(settings.target_modules, list):
+        return
+    from sdcli.model_folder import module_name_problems
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = {name for name, _ in base.named_modules() if name}
+    linear = {name for name, m in base.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".lora_" not in name and not name.endswith(".base_layer")}
+    problems = module_name_problems(settings.target_modules, modules, linear, where="the model")
+    if problems:
+        raise UserError("'lora.target_modules' names modules the model does not have:", problems,
+                        hint="Use names from the list above, or lora.target_modules: all-linear.")
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

@@ -5,22 +5,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdcli.config import BUILTIN_MODEL, Recipe
+from sdcli.config import BUILTIN_MODEL, LoraSettings, ModelConfig, Recipe
 from sdcli.errors import UserError
+from sdcli.model_folder import check_model_folder as check_model_folder_files
 from sdcli.signals import build_signal
 
 
-def check_model_folder(name_or_path: str) -> str:
+def check_model_folder(model: ModelConfig, lora: LoraSettings | None = None) -> str:
+    """The base model checked as far as it can be without loading its weights (`sdcli.model_folder`):
+    config, model type, weight files whole, target modules present, a chat template. Returns a
+    one-line description; raises UserError listing every problem."""
+    name_or_path = model.name_or_path
+    targets = lora.target_modules if lora is not None else None
     if name_or_path == BUILTIN_MODEL:
-        from sdcli.builtin_model import cache_root, gguf_path
+        from sdcli.builtin_model import FOLDER_NAME, cache_root, gguf_path
 
         gguf_path()
+        cached = cache_root() / "models" / FOLDER_NAME
+        if (cached / "config.json").is_file():  # made on first use; its module names are known from then on
+            check_model_folder_files(cached, targets)
         return f"{BUILTIN_MODEL} (cached in {cache_root() / 'models'} on first use)"
     path = Path(name_or_path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"model.name_or_path: {path}/config.json cannot be read: {e}") from None
+    check_model_folder_files(path, targets, model.trust_remote_code)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8-sig"))
     from sdcli.model import load_tokenizer
 
     load_tokenizer(path)  # raises when there is no chat template
@@ -47,7 +54,7 @@ def check_recipe(recipe: Recipe) -> dict[str, object]:
     except UserError as e:
         problems.append(e.render())
     try:
-        summary["model"] = check_model_folder(recipe.model.name_or_path)
+        summary["model"] = check_model_folder(recipe.model, recipe.lora)
     except UserError as e:
         problems.append(e.render())
     if recipe.eval is not None:
