@@ -329,8 +329,11 @@ def inspect_command(
     from sdcli.episodes import write_atomic
     from sdcli.inspection import inspect_example, print_inspection, render_html
     from sdcli.model import quiet_transformers
+    from sdcli.outputs import check_output_file
 
     quiet_transformers()
+    if html_file is not None:
+        check_output_file(html_file, "--html")
     log = lambda message: console.print(message, markup=False, highlight=False)  # noqa: E731
     result = inspect_example(run_dir, data, index, upto=upto, greedy=greedy, samples=samples,
                              max_new_tokens=max_new_tokens, seed=seed, log=log)
@@ -376,9 +379,12 @@ def eval_command(
     from sdcli.continual_matrix import matrix_table, metrics_lines
     from sdcli.evaluate import evaluate_matrix, evaluate_source, fmt, load_eval_set, load_texts, stored_eval_sets
     from sdcli.model import quiet_transformers
+    from sdcli.outputs import check_output_file
     from sdcli.source import is_run_dir, select_episodes
 
     quiet_transformers()
+    if out_json is not None:  # before the evaluation, whose results would otherwise be lost
+        check_output_file(out_json, "--out")
     run = is_run_dir(source)
     if matrix and not run:
         raise UserError(f"--matrix needs a run folder (with episodes/); {source} is not one.")

@@ -809,6 +809,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
         for key, file in recipe.eval.files() if recipe.eval is not None else []:
             if not file.is_file():
                 problems.append(f"{where(('eval', *key.split('.')))}: 'eval.{key}': file not found: {file}")
+        from sdcli.outputs import folder_problem
+
+        run_dir_problem = folder_problem(recipe.run_dir)
+        if run_dir_problem:
+            problems.append(f"{where(('run_dir',))}: 'run_dir': {run_dir_problem}; sd writes the episodes there "
+                            "(choose another, e.g. run_dir=runs/mine)")
         if problems:
             raise RecipeError(f"{origin}: {len(problems)} problem(s) in the recipe:", problems)
     return recipe

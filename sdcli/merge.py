@@ -389,6 +389,11 @@ def _check_inputs(base_path: Path, dirs: list[Path], out_dir: Path, force: bool)
 
         problems += [f"base model: {p}" for p in model_folder_problems(base_path, trust_remote_code=None)]
     problems += [f"{d}: {p}" for d in dirs for p in adapter_dir_problems(d)]
+    from sdcli.outputs import folder_problem
+
+    problem = folder_problem(out_dir.parent)  # a file in the way, no write permission: before anything loads
+    if problem:
+        problems.append(f"the output {out_dir} cannot be written: {problem}")
     out = out_dir.resolve()
     for src in [base_path, *dirs]:
         if out == src.resolve() or out in src.resolve().parents:

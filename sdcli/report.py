@@ -27,8 +27,9 @@ from pathlib import Path
 
 from sdcli.continual_matrix import Matrix, matrix_from_episodes, matrix_table, metrics_lines
 from sdcli.episodes import Episode, list_episodes, write_atomic
-from sdcli.errors import UserError
+from sdcli.errors import UserError, write_error
 from sdcli.evaluate import fmt
+from sdcli.outputs import check_output_folder
 
 
 @dataclass
@@ -277,12 +278,18 @@ def build_report(run_dir: Path, out_dir: Path | None = None, matrix_file: Path |
     episodes = list_episodes(run_dir)
     if not episodes:
         raise UserError(f"{run_dir} has no finished episodes yet.")
-    Figure = require_matplotlib()
+    option = "--out" if out_dir is not None else "the report folder (choose another with --out)"
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out_dir, option)
+    matrix = load_matrix_file(matrix_file) if matrix_file else matrix_from_episodes([(e.label, e.meta) for e in episodes])
+    Figure = require_matplotlib()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, out_dir) or e from None
 
     report = Report(out_dir)
-    report.matrix = load_matrix_file(matrix_file) if matrix_file else matrix_from_episodes([(e.label, e.meta) for e in episodes])
+    report.matrix = matrix
     metrics = [read_metrics(e) for e in episodes]
     report.episode_header, report.episode_rows = episode_table(episodes)
 
