@@ -190,6 +190,7 @@ def merge(
         report = merge_history(
             base["path"], [e.path for e in episodes], out, into=into, quantization=base.get("quantization", "none"),
             tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, force=force,
+            log=lambda message: console.print(message, markup=False, highlight=False),
         )
     for line in report.lines():
         out_print(line)

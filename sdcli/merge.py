@@ -28,24 +28,32 @@ does not reproduce. That gap is not a merge error, so it is reported rather than
 For into="adapter" the merged adapter can be run on the quantized base too; there the two agree
 up to rounding, and that comparison is checked against the tolerance as well.
 
-The result is written to a temporary sibling of `out_dir` and renamed into place only after the
-check passes; on any failure nothing is left at `out_dir`.
+The result is written to a temporary sibling of `out_dir`, `.NAME.partial-PID-XXXX`, and renamed
+into place only after the check passes; on any failure nothing is left at `out_dir`. The merge
+holds an flock on a file inside its temporary folder while it works. A merge killed with `kill -9`
+(or by the OOM killer) cannot remove its folder, which is as large as the model, so the next merge
+into the same parent folder removes every such folder whose owner has gone (its lock is free, or
+its pid is dead), and says so (`remove_stale_partials`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from sdcli.errors import UserError
+from sdcli.errors import DiskFullError, UserError, is_disk_full, write_error
 from sdcli.quantization import QUANTIZATIONS
 from sdcli.stack import WEIGHTS_FILE, adapter_dir_problems, attach_stack
 
@@ -57,6 +65,9 @@ DEFAULT_PROBE_PROMPTS = [
 ]
 MAX_PROBE_TOKENS = 256
 META_FILE = "sd_merge.json"
+PARTIAL, REPLACED = ".partial-", ".replaced-"
+OWNER_FILE = ".sd-merge-owner"
+LEGACY_STALE_SECONDS = 3600
 INTO_CHOICES = ("model", "adapter")
 QUANTIZATION_CHOICES = QUANTIZATIONS
 
@@ -150,12 +161,14 @@ def merge_history(
     force: bool = False,
     probe_prompts: list[str] | None = None,
     load_base: LoadBase | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> MergeReport:
     """Fold `adapter_dirs` (in stacking order) on top of the base into `out_dir`, and check it.
 
     `quantization` is how the base was loaded in training. Raises UserError on bad input (nothing
     is loaded then), MergeCheckError when the merged result misses the tolerance. Either way nothing
-    is written at `out_dir`; an existing `out_dir` is replaced only with `force`.
+    is written at `out_dir`; an existing `out_dir` is replaced only with `force`. `log(line)` hears
+    about folders of killed merges that were removed.
     """
     into = _choice(getattr(into, "value", into), INTO_CHOICES, "into")
     quantization = _choice(getattr(quantization, "value", quantization), QUANTIZATION_CHOICES, "quantization")
@@ -163,6 +176,8 @@ def merge_history(
     dirs = [Path(d) for d in adapter_dirs]
     load = load_base or load_base_model
 
+    for line in remove_stale_partials(out_dir):  # even when the merge is refused: they are only litter
+        (log or (lambda message: None))(line)
     _check_inputs(base_path, dirs, out_dir, force)
     from transformers import AutoTokenizer
 
@@ -183,19 +198,106 @@ def merge_history(
         probe_tokens=sum(p.shape[1] for p in probes),
     )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL}{os.getpid()}-", dir=out_dir.parent))
+    except OSError as e:
+        raise write_error(e, out_dir) or e from None
+    owner = None
+    try:
+        owner = _hold(tmp)
         with torch.no_grad():
             _merge_and_check(base_path, dirs, tmp, into, quantization, probes, tokenizer, load, report)
         (tmp / META_FILE).write_text(json.dumps(report.to_dict() | {"out_dir": str(out_dir)}, indent=2) + "\n")
         if not report.passed:
             raise MergeCheckError(report)
+        os.close(owner)  # the lock file leaves with the folder
+        owner = None
+        (tmp / OWNER_FILE).unlink(missing_ok=True)
         _publish(tmp, out_dir, force)
-    except BaseException:
+    except BaseException as e:
+        if owner is not None:
+            os.close(owner)
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e) and not isinstance(e, UserError):
+            raise DiskFullError(out_dir, f" (its partial copy {tmp.name} was removed)") from None
+        if isinstance(e, OSError) and write_error(e, tmp):
+            raise write_error(e, out_dir) from None
         raise
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Litter from killed merges
+
+
+def _hold(tmp: Path) -> int:
+    """Lock `tmp` as this merge's: an flock on a file inside it, released by the kernel however the
+    process ends, so that a later merge can tell a live merge's folder from a dead one's."""
+    fd = os.open(tmp / OWNER_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _owner_alive(folder: Path) -> bool:
+    """Whether the merge that made `folder` (a partial or replaced sibling of an output) still runs."""
+    lock = folder / OWNER_FILE
+    if lock.is_file():
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            return True  # cannot tell: leave it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False  # nobody holds it
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    match = re.match(r"^\.(?:.*)\.(?:partial|replaced)-(\d+)-", folder.name)
+    if match:  # no lock file (killed before it was made, or a folder being replaced): the pid decides
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    # made by an sd that put no pid in the name: stale once nothing has touched it for a while
+    try:
+        return time.time() - folder.stat().st_mtime < LEGACY_STALE_SECONDS
+    except OSError:
+        return True
+
+
+def remove_stale_partials(out_dir: Path | str) -> list[str]:
+    """Remove the temporary folders that killed merges left beside `out_dir`; one line each.
+
+    Folders of merges into `out_dir` itself (`.NAME.partial-*`, `.NAME.replaced-*`) go when their
+    owner has gone; those of merges into other outputs in the same folder only when they hold a
+    merge's lock file that nobody holds (a folder of that shape without one may be someone else's).
+    """
+    out_dir = Path(out_dir)
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return []
+    ours = {*parent.glob(f".{glob.escape(out_dir.name)}{PARTIAL}*"), *parent.glob(f".{glob.escape(out_dir.name)}{REPLACED}*")}
+    others = {p for p in parent.glob(f".*{PARTIAL}*") if (p / OWNER_FILE).is_file()} - ours
+    lines = []
+    for folder in sorted(ours | others):
+        if not folder.is_dir() or folder.is_symlink() or _owner_alive(folder):
+            continue
+        if REPLACED in folder.name and not out_dir.exists() and not out_dir.is_symlink():
+            # killed between the two renames of `_publish`: this is the previous output, the only copy
+            lines.append(f"kept {folder}: it holds the previous {out_dir}, from a merge killed while replacing it; "
+                         f"move it back (mv {folder} {out_dir}) or delete it")
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            lines.append(f"removed {folder}, {size / 2**20:.1f} MB left by a merge that was killed")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
