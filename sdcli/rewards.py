@@ -187,10 +187,17 @@ def check_callable(
             f"{where}: importing '{module_name}' failed: it needs module '{e.name}', which is not installed.",
             hint=f"Install it (pip install {e.name.split('.')[0]}) in the environment that runs sd.",
         ) from None
+    except SystemExit as e:  # sys.exit() at import time would otherwise end sd silently with its code
+        raise RecipeError(
+            f"{where}: importing '{module_name}' called sys.exit({e.code!r}); a reward or environment module "
+            "must not exit when it is imported.",
+            _where_it_failed(),
+            hint=f"Move the exit in {module_name} under `if __name__ == \"__main__\":`, or remove it.",
+        ) from None
     except Exception as e:
         raise RecipeError(
             f"{where}: importing '{module_name}' raised {type(e).__name__}: {e}",
-            [line.rstrip() for line in traceback.format_exc().splitlines()[-6:]],
+            _where_it_failed(),
             hint=f"Fix the error in {module_name}; `python -c 'import {module_name}'` shows it too.",
         ) from None
     fn = getattr(module, attr, None)
@@ -223,6 +230,17 @@ def check_callable(
             hint=f"sd calls it with two positional arguments; define it as def {attr}(response, example): ...",
         ) from None
     return fn
+
+
+def _where_it_failed() -> list[str]:
+    """Where the exception being handled came from in the user's code: its frames outside Python's
+    import machinery and sd, one line each, then the exception (a message, not a crash dump)."""
+    _, error, tb = sys.exc_info()
+    here = Path(__file__).resolve().parent
+    frames = [f for f in traceback.extract_tb(tb)
+              if not f.filename.startswith("<") and "importlib" not in f.filename and Path(f.filename).resolve().parent != here]
+    lines = [f"{f.filename}, line {f.lineno}, in {f.name}: {(f.line or '').strip()}" for f in frames[-4:]]
+    return lines + [f"{type(error).__name__}: {error}"]
 
 
 def call_reward(fn: Callable, response: str, example: dict, example_id: str) -> tuple[float | None, str | None]:
