@@ -1,6 +1,9 @@
 """The `sd` command line: parse, call, report. No training logic lives here.
 
-Exit codes: 0 success, 2 bad input (recipe, data, arguments, paths), 1 anything else.
+Exit codes: 0 success; 2 bad input (recipe, data, model folder, arguments, paths, a place sd cannot
+write to, a full disk), always with a message naming the file, line or key and no traceback; 130
+interrupted; 1 anything else (a bug: the message asks for SD_DEBUG=1 and a report). The mapping
+lives in the app itself (`_Commands`), so `sd` and an in-process `CliRunner` agree.
 """
 
 from __future__ import annotations
@@ -13,15 +16,63 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from sdcli import __version__
-from sdcli.errors import Interrupted, UserError
+from sdcli.errors import DiskFullError, Interrupted, UserError, is_disk_full
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _click_module():
+    """Typer vendors its own copy of click in recent versions; catch that one's exceptions."""
+    try:
+        from typer import _click as click  # type: ignore[attr-defined]
+    except ImportError:
+        import click
+    return click
+
+
+class _Commands(TyperGroup):
+    """Every command runs inside `invoke`: exceptions become a message and an exit code here."""
+
+    def invoke(self, ctx):
+        click = _click_module()
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, typer.Exit, typer.Abort):
+            raise  # usage errors (exit 2), --help, --version: typer reports them
+        except UserError as e:
+            console.print(f"[red]error:[/red] {e.render()}", highlight=False)
+            raise typer.Exit(2) from None
+        except Interrupted as e:
+            console.print(str(e), markup=False, highlight=False)
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            raise typer.Exit(130) from None
+        except SystemExit as e:  # code sd imported (a reward or environment module) called sys.exit()
+            if os.environ.get("SD_DEBUG"):
+                raise
+            console.print(f"[red]internal error:[/red] code sd ran called sys.exit({e.code!r}).", highlight=False)
+            console.print("Run again with SD_DEBUG=1 for the full traceback.")
+            raise typer.Exit(1) from None
+        except Exception as e:  # a bug or an environment failure: short message, traceback on request
+            if os.environ.get("SD_DEBUG"):
+                raise
+            if is_disk_full(e):  # written by a library that does not name the file
+                problem = DiskFullError(None, f" ({type(e).__name__}: {e})")
+                console.print(f"[red]error:[/red] {problem.render()}", highlight=False)
+                raise typer.Exit(2) from None
+            console.print(f"[red]internal error:[/red] {type(e).__name__}: {e}", highlight=False)
+            console.print("Run again with SD_DEBUG=1 for the full traceback, and please report it.")
+            raise typer.Exit(1) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -166,6 +217,7 @@ def merge(
 ):
     """Fold a history of episode adapters into one model or one adapter, checked numerically."""
     import contextlib
+    import math
 
     from sdcli.episodes import EPISODES
     from sdcli.merge import DEFAULT_TOLERANCE, merge_history
@@ -176,6 +228,9 @@ def merge(
     quiet_transformers()
     if into not in ("model", "adapter"):
         raise UserError(f"--into {into!r}: expected 'model' or 'adapter'.")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UserError(f"--tolerance {tolerance}: expected a number >= 0 (the largest logit difference "
+                        f"the check allows; default {DEFAULT_TOLERANCE:g}).")
     episodes = select_episodes(run_dir, upto)
     if not episodes:
         raise UserError("--upto 0 selects no episode; nothing to merge.")
@@ -261,8 +316,8 @@ def generate(
     upto: Optional[int] = typer.Option(None, "--upto", help="Use episodes 1..N only"),
     no_adapters: bool = typer.Option(False, "--no-adapters", help="The base model alone"),
     chat: bool = typer.Option(False, "--chat", help="Interactive conversation (empty line or Ctrl-D ends it)"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, max=8192),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=5.0, help="0 = greedy"),
     seed: int = typer.Option(0, "--seed"),
 ):
     """Generate answers from a run (any prefix of its episodes) or a merged model."""
@@ -472,42 +527,26 @@ def report(
         console.print(f"wrote {path}", markup=False, highlight=False)
 
 
-def _click_module():
-    """Typer vendors its own copy of click in recent versions; catch that one's exceptions."""
-    try:
-        from typer import _click as click  # type: ignore[attr-defined]
-    except ImportError:
-        import click
-    return click
-
-
 def main() -> None:
     click = _click_module()
     try:
-        app(standalone_mode=False)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
+        code = app(standalone_mode=False, prog_name="sd")
     except click.exceptions.ClickException as e:
         e.show()
         sys.exit(2)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
-    except UserError as e:
+    except UserError as e:  # raised before a command ran (the commands' own are mapped in _Commands)
         console.print(f"[red]error:[/red] {e.render()}", highlight=False)
         sys.exit(2)
-    except Interrupted as e:
-        console.print(str(e), markup=False, highlight=False)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
-    except Exception as e:  # a bug or an environment failure: short message, traceback on request
+    except Exception as e:
         if os.environ.get("SD_DEBUG"):
             raise
         console.print(f"[red]internal error:[/red] {type(e).__name__}: {e}", highlight=False)
         console.print("Run again with SD_DEBUG=1 for the full traceback, and please report it.")
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 @app.callback(invoke_without_command=True)
