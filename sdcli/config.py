@@ -546,25 +546,39 @@ def _line_index(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
     aliases' full expansion.
     """
     index: dict[tuple[str, ...], int] = {}
+
+    def visit(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, _ in node.value:
+                index[path + (str(k.value),)] = k.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                index[path + (str(i),)] = v.start_mark.line + 1
+
+    if root is not None:
+        _walk_once(root, visit)
+    return index
+
+
+def _walk_once(root: yaml.Node, visit) -> None:
+    """visit(node, path) for every node of a composed document, each distinct node once, at the
+    first path that reaches it: aliases are not walked again, so this takes time in the size of
+    the text, not of the aliases' expansion."""
     seen: set[int] = set()
 
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
         if id(node) in seen:
             return
         seen.add(id(node))
+        visit(node, path)
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                sub = path + (str(k.value),)
-                index[sub] = k.start_mark.line + 1
-                walk(v, sub)
+                walk(v, path + (str(k.value),))
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
-                index[path + (str(i),)] = v.start_mark.line + 1
                 walk(v, path + (str(i),))
 
-    if root is not None:
-        walk(root, ())
-    return index
+    walk(root, ())
 
 
 def _expanded_size(root: yaml.Node) -> float:
@@ -591,28 +605,21 @@ def _duplicate_keys(root: yaml.Node, origin: str) -> list[str]:
     """Keys given twice in one mapping: YAML keeps the last silently, so a second `train:` block
     would drop the first without a word."""
     problems: list[str] = []
-    seen: set[int] = set()
 
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if id(node) in seen:
+    def visit(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if not isinstance(node, yaml.MappingNode):
             return
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            first: dict[str, int] = {}
-            for k, v in node.value:
-                name = str(k.value)
-                line = k.start_mark.line + 1
-                if isinstance(k, yaml.ScalarNode) and name in first and k.tag != "tag:yaml.org,2002:merge":
-                    key = ".".join(path + (name,))
-                    problems.append(f"{origin}:{line}: duplicate key '{key}' (first at line {first[name]}); "
-                                    "YAML would keep only the last one. Merge them into one.")
-                first.setdefault(name, line)
-                walk(v, path + (name,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                walk(v, path + (str(i),))
+        first: dict[str, int] = {}
+        for k, _ in node.value:
+            name = str(k.value)
+            line = k.start_mark.line + 1
+            if isinstance(k, yaml.ScalarNode) and name in first and k.tag != "tag:yaml.org,2002:merge":
+                key = ".".join(path + (name,))
+                problems.append(f"{origin}:{line}: duplicate key '{key}' (first at line {first[name]}); "
+                                "YAML would keep only the last one. Merge them into one.")
+            first.setdefault(name, line)
 
-    walk(root, ())
+    _walk_once(root, visit)
     return problems
 
 
