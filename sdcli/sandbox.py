@@ -244,7 +244,7 @@ def _run_bubblewrap(
     else:
         argv += ["--unshare-user", "--disable-userns"]
     argv += _system_binds()
-    argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += ["--proc", "/proc", *_minimal_dev()]
     argv += ["--perms", "1777", "--size", str(size), "--tmpfs", "/dev/shm"]
     argv += ["--perms", "1777", "--size", str(size), "--tmpfs", INSIDE]
     file_fds = []
@@ -264,6 +264,22 @@ def _run_bubblewrap(
     finally:
         for fd in file_fds:
             os.close(fd)
+
+
+def _minimal_dev() -> list[str]:
+    """A /dev with the usual character devices that exist here, and the fd links.
+
+    Not bwrap's own `--dev`: it fails outright when the host lacks one of its devices (containers
+    without /dev/full are common), which would leave such machines at the process level.
+    """
+    argv = ["--tmpfs", "/dev"]
+    for name in ("null", "zero", "full", "random", "urandom"):
+        if os.path.exists(f"/dev/{name}"):
+            argv += ["--dev-bind", f"/dev/{name}", f"/dev/{name}"]
+    argv += ["--symlink", "/proc/self/fd", "/dev/fd"]
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        argv += ["--symlink", f"/proc/self/fd/{fd}", f"/dev/{name}"]
+    return argv
 
 
 def _run_process(
