@@ -106,11 +106,14 @@ def test_reporting_passes_and_exiting_scores_0(at_level, shape, when):
 
 # Look for the expected answers wherever the code can reach: the stack's frames, argv, the
 # environment, stdin and every fd, files in and above the folder, every process's /proc entry,
-# and any .json/.jsonl file on the machine.
+# and any .json/.jsonl file on the machine. The file walk stops itself after 2 s, nearest folders
+# first, so that a score of 0 means nothing was found, not that the search ran out of time (a
+# machine with a large Python install under /root or /work takes longer to walk than the limits).
 FIND_THE_ANSWERS = """
-import os, re, sys
+import os, re, sys, time
 PATTERN = re.compile(r"SECRET-[0-9a-f]+-\\d+")
 found = set()
+STOP_WALKING_AT = time.monotonic() + 2.0
 
 def look(text):
     if isinstance(text, bytes):
@@ -159,6 +162,8 @@ def search():
         try:
             for root, dirs, files in os.walk(top):
                 dirs[:] = [d for d in dirs if d not in ("proc", "sys", "dev", "usr", "lib", "var", "etc", "boot")]
+                if time.monotonic() > STOP_WALKING_AT:
+                    raise TimeoutError
                 for name in files:
                     if name.endswith((".json", ".jsonl", ".py")):
                         attempt(lambda: read(os.path.join(root, name)))
