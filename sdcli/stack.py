@@ -29,6 +29,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -179,6 +180,59 @@ def attach_stack(model, adapter_dirs: Sequence[Path | str]):
         p.requires_grad_(False)
     _disable_dropout(peft_model, names)
     return peft_model, names
+
+
+STACK_ADAPTER = "stack"
+
+
+def combine_frozen(model, names: Sequence[str]) -> list[str]:
+    """Replace the frozen adapters `names` by one adapter, STACK_ADAPTER, that computes their sum.
+
+    sum_i s_i B_i A_i x = [B_1 ... B_k] [s_1 A_1; ...; s_k A_k] x: k adapters of rank r_i are one
+    of rank sum(r_i) with scale 1, the same function up to float rounding, with one pair of
+    matmuls per layer instead of k. Training on top of earlier episodes paid for each of them in
+    every forward and backward (5.2, 7.1 and 9.3 s/step over three episodes). Returns the names
+    to activate from now on: [STACK_ADAPTER], or `names` unchanged where they cannot be combined
+    (fewer than two, DoRA, embedding adapters or modules_to_save).
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    names = list(names)
+    _check_names(model, names)
+    configs = [model.peft_config[n] for n in names]
+    if len(names) < 2 or any(getattr(c, "use_dora", False) or getattr(c, "modules_to_save", None) for c in configs):
+        return names
+    layers = {
+        key: m for key, m in model.base_model.model.named_modules()
+        if isinstance(m, LoraLayer) and any(n in m.lora_A for n in names)
+    }
+    if any(n in getattr(m, "lora_embedding_A", {}) for m in layers.values() for n in names):
+        return names
+    ranks = {key: sum(m.lora_A[n].weight.shape[0] for n in names if n in m.lora_A) for key, m in layers.items()}
+    pattern = {re.escape(key): r for key, r in ranks.items()}
+    r = max(ranks.values())
+    config = LoraConfig(
+        r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=pattern,  # alpha = r: scale 1
+        target_modules=sorted(layers), lora_dropout=0.0, bias="none", init_lora_weights=False,
+    )
+    model.add_adapter(STACK_ADAPTER, config)
+    with torch.no_grad():
+        for m in layers.values():
+            present = [n for n in names if n in m.lora_A]
+            a = torch.cat([m.lora_A[n].weight * m.scaling[n] for n in present], dim=0)
+            b = torch.cat([m.lora_B[n].weight for n in present], dim=1)
+            if m.scaling[STACK_ADAPTER] != 1.0 or m.lora_A[STACK_ADAPTER].weight.shape != a.shape:
+                raise RuntimeError(f"combining the stack: unexpected adapter shape or scale in {type(m).__name__}")
+            m.lora_A[STACK_ADAPTER].weight.copy_(a)
+            m.lora_B[STACK_ADAPTER].weight.copy_(b)
+    model.base_model.set_adapter([STACK_ADAPTER], inference_mode=True)
+    for name in names:
+        model.delete_adapter(name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _disable_dropout(model, [STACK_ADAPTER])
+    return [STACK_ADAPTER]
 
 
 def set_active_adapters(model, names: Sequence[str], trainable: Sequence[str] = ()) -> None:

@@ -70,7 +70,7 @@ from sdcli.runlock import run_lock
 from sdcli.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit
 from sdcli.signals import build_signal
 from sdcli.signals.base import Example, TeacherView
-from sdcli.stack import adapter_name, attach_stack, save_adapter
+from sdcli.stack import adapter_name, attach_stack, combine_frozen, save_adapter
 from sdcli.tensorboard import TensorBoardLog
 from sdcli.teacher import EMA_ADAPTER, add_ema_adapter, teacher_adapters, teacher_hidden, update_ema
 
@@ -417,6 +417,8 @@ def _train_episode(
     loaded = load_base(recipe.model)
     tokenizer, device = loaded.tokenizer, loaded.device
     model, earlier = attach_stack(loaded.model, [p.path for p in parents])
+    if len(earlier) > 1:
+        earlier = combine_frozen(model, earlier)  # one frozen adapter: step time stays flat as episodes accumulate
     episode = adapter_name(number)
     model = add_trainable_adapter(model, episode, recipe.lora)
     if recipe.teacher is TeacherKind.ema:
@@ -429,7 +431,7 @@ def _train_episode(
     ema_params = {n: p for n, p in model.named_parameters() if f".{EMA_ADAPTER}." in n}
     log(
         f"model: {loaded.path} ({loaded.dtype}, {recipe.model.quantization.value}, {device.type}); "
-        f"{len(earlier)} earlier adapter(s); {sum(p.numel() for p in params):,} trainable parameters; "
+        f"{len(parents)} earlier adapter(s); {sum(p.numel() for p in params):,} trainable parameters; "
         f"{checkpointed} layer(s) with activation checkpointing"
     )
 

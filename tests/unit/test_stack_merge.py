@@ -19,8 +19,10 @@ from sdcli.merge import MergeCheckError, merge_history
 from sdcli.stack import (
     active_adapters,
     adapter_name,
+    STACK_ADAPTER,
     attach_stack,
     check_adapter_dir,
+    combine_frozen,
     save_adapter,
     set_active_adapters,
 )
@@ -123,6 +125,33 @@ def test_stack_adds_adapters_like_merged_weights(tiny_model_dir, episodes):
     assert torch.allclose(_logits(model), reference, atol=1e-4)
     # every adapter matters: leaving out the last one is visibly different
     assert (_logits(_manual_merge(tiny_model_dir, episodes[:2])) - reference).abs().max() > 1e-2
+
+
+def test_combined_stack_is_the_same_function_as_the_stack_and_trains_like_it(tiny_model_dir, episodes):
+    """Three adapters (ranks 4, 2, 3; rsLoRA; different targets) become one of rank 9 per layer."""
+    from sdcli.config import LoraSettings
+    from sdcli.model import add_trainable_adapter
+
+    reference = _logits(_manual_merge(tiny_model_dir, episodes))
+    model, names = attach_stack(_load(tiny_model_dir), episodes)
+    assert combine_frozen(model, names) == [STACK_ADAPTER]
+    assert set(model.peft_config) == {STACK_ADAPTER}
+    assert model.base_model.active_adapters == [STACK_ADAPTER]
+    assert not any(p.requires_grad for p in model.parameters())
+    assert (_logits(model) - reference).abs().max() < 1e-4
+    with active_adapters(model, []):  # the bare base is still there
+        assert (_logits(model) - _logits(_load(tiny_model_dir))).abs().max() < 1e-6
+
+    # a new episode adapter on top: only it trains, and the stack under it is unchanged
+    model = add_trainable_adapter(model, "ep004", LoraSettings(r=2, alpha=4, target_modules=["q_proj"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".ep004." in n for n in trainable)
+    assert (_logits(model) - reference).abs().max() < 1e-4  # lora_B starts at zero
+
+
+def test_a_single_adapter_is_left_as_it_is(tiny_model_dir, episodes):
+    model, names = attach_stack(_load(tiny_model_dir), episodes[:1])
+    assert combine_frozen(model, names) == ["ep001"]
 
 
 def test_attach_freezes_everything_and_turns_off_frozen_dropout(tiny_model_dir, episodes):
