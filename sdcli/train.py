@@ -109,11 +109,13 @@ class ExampleSampler:
         self.epoch, self.position = 0, 0
         self._order = self._permutation()
 
-    def _permutation(self) -> list[int]:
+    def _permutation(self) -> range | torch.Tensor:
+        # a range or a tensor, 8 bytes an index at most: as a list of ints, a million-example
+        # epoch took ~40 MB, more than the data file's index (sdcli.data.LazyRecords)
         if not self.shuffle:
-            return list(range(self.n))
+            return range(self.n)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        return torch.randperm(self.n, generator=g)
 
     def take(self, k: int) -> list[int]:
         out = []
@@ -121,7 +123,7 @@ class ExampleSampler:
             if self.position >= self.n:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation()
-            out.append(self._order[self.position])
+            out.append(int(self._order[self.position]))
             self.position += 1
         return out
 

@@ -17,6 +17,7 @@ is longer than it may be, only the context pieces are shortened (`sdcli.sequence
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -78,7 +79,9 @@ def context_view(prompt: Messages, pieces: Pieces, **info: Any) -> TeacherView:
 
 @dataclass
 class LoadReport:
-    examples: list[Example]
+    # A read-only sequence: the signals' is `LazyRecords`, which reads each example from the file
+    # when it is asked for (len, indexing, slicing and iteration all work as on a list).
+    examples: Sequence[Example]
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, shown to the user
     warnings: list[str] = field(default_factory=list)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdcli.config import DemonstrationsSignal
-from sdcli.data import as_messages, last_user_text, read_jsonl
+from sdcli.data import JsonlScan, LazyRecords, LineIndex, as_messages, last_user_text
 from sdcli.errors import DataError
 from sdcli.signals.base import Example, LoadReport, TeacherView, context, context_view, fill
 
@@ -20,29 +20,36 @@ def example_id(path: Path, line: int, record: dict) -> str:
     return str(given) if isinstance(given, (str, int)) else f"{path.name}:{line}"
 
 
+def line_example(path: Path, line: int, record: dict) -> Example:
+    """The example on one line of the data file; ValueError says what is wrong with the line."""
+    prompt = as_messages(record.get("prompt"), "prompt")
+    demo = record.get("demonstration")
+    if not isinstance(demo, str) or not demo.strip():
+        raise ValueError("'demonstration' must be a non-empty string")
+    return Example(id=example_id(path, line, record), prompt=prompt, fields={"demonstration": demo})
+
+
 class DemonstrationsBuilder:
     def __init__(self, cfg: DemonstrationsSignal):
         self.cfg = cfg
 
     def load(self, path: Path) -> LoadReport:
-        problems, examples = [], []
-        for line, record in read_jsonl(path):
+        path = Path(path)
+        problems, index, scan = [], LineIndex(), JsonlScan(path)
+        for line, offset, record in scan:
             try:
-                prompt = as_messages(record.get("prompt"), "prompt")
-                demo = record.get("demonstration")
-                if not isinstance(demo, str) or not demo.strip():
-                    raise ValueError("'demonstration' must be a non-empty string")
+                line_example(path, line, record)
             except ValueError as e:
                 problems.append(f"{path}:{line}: {e}")
                 continue
-            examples.append(Example(id=example_id(path, line, record), prompt=prompt, fields={"demonstration": demo}))
+            index.add(offset, line)
         if problems:
             raise DataError(
                 f"{path}: {len(problems)} bad line(s) for signal 'demonstrations':",
                 problems,
                 hint='Each line needs {"prompt": "..." or [messages], "demonstration": "..."}.',
             )
-        return LoadReport(examples)
+        return LoadReport(LazyRecords(path, scan.stamp, index, lambda line, record, _: line_example(path, line, record)))
 
     def teacher_view(self, example: Example) -> TeacherView:
         pieces = fill(

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcli.config import InteractionsSignal
-from sdcli.data import ROLES, Messages, last_user_text, read_jsonl
+from sdcli.data import ROLES, JsonlScan, LazyRecords, LineIndex, Messages, last_user_text
 from sdcli.errors import DataError
 from sdcli.signals.base import Example, LoadReport, TeacherView, context, context_view, fill
 
@@ -139,42 +139,29 @@ class InteractionsBuilder:
     def load(self, path) -> LoadReport:
         path = Path(path)
         problems: list[str] = []
-        conversations: list[tuple[int, dict[str, Any], Messages]] = []
-        for line, obj in read_jsonl(path):
+        skipped: dict[str, int] = {}
+        truncated = 0
+        index, scan = LineIndex(with_sub=True), JsonlScan(path)  # sub: the assistant turn's message index
+        for line, offset, obj in scan:
             try:
-                conversations.append((line, obj, parse_conversation(obj)))
+                messages = parse_conversation(obj)
             except ValueError as e:
                 problems.append(f"{path}:{line}: {e}")
+                continue
+            for i, turn in enumerate(messages):
+                if turn["role"] != "assistant":
+                    continue
+                example = self.turn_example(path, line, obj, messages, i)
+                if isinstance(example, str):
+                    skipped[example] = skipped.get(example, 0) + 1
+                    continue
+                truncated += len(example.prompt) < i  # fewer messages than came before the turn: history was cut
+                index.add(offset, line, i)
         if problems:
             shown = problems[:MAX_PROBLEMS] + ([f"... and {len(problems) - MAX_PROBLEMS} more"] if len(problems) > MAX_PROBLEMS else [])
             raise DataError(f"{path}: {len(problems)} bad line(s):", shown, hint=FORMATS_HINT)
 
-        examples: list[Example] = []
-        skipped: dict[str, int] = {}
-        truncated = 0
-        for line, obj, messages in conversations:
-            for i, turn in enumerate(messages):
-                if turn["role"] != "assistant":
-                    continue
-                reason = self._skip_reason(messages, i)
-                if reason is not None:
-                    skipped[reason] = skipped.get(reason, 0) + 1
-                    continue
-                prompt, cut = truncate_history(messages[:i], self.cfg.max_history_messages)
-                truncated += cut
-                fields: dict[str, Any] = {"followup": messages[i + 1]["content"], "logged_response": turn["content"], "turn": i}
-                if isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
-                    fields["conversation_id"] = obj["id"]
-                examples.append(
-                    Example(
-                        id=f"{path.name}:{line}#{i}",
-                        prompt=prompt,
-                        fields=fields,
-                        response=turn["content"] if self.cfg.mode == "offline" else None,
-                    )
-                )
-
-        if not examples:
+        if not len(index):
             counts = [f"{reason}: {n}" for reason, n in skipped.items()] or ["the file has no assistant turns"]
             raise DataError(
                 f"{path}: no examples: every assistant turn was skipped.",
@@ -186,10 +173,37 @@ class InteractionsBuilder:
         if truncated:
             k = self.cfg.max_history_messages
             warnings.append(
-                f"history cut to the last {k} message(s) before the prompt in {truncated} of {len(examples)} "
+                f"history cut to the last {k} message(s) before the prompt in {truncated} of {len(index)} "
                 f"example(s) (signal.max_history_messages={k}; system prompts kept)"
             )
+        examples = LazyRecords(path, scan.stamp, index, lambda line, obj, i: self.indexed_example(path, line, obj, i))
         return LoadReport(examples=examples, skipped=skipped, warnings=warnings)
+
+    def turn_example(self, path: Path, line: int, obj: dict[str, Any], messages: Messages, i: int) -> Example | str:
+        """The example for the assistant turn messages[i] of the conversation on `line`, or the
+        reason it is skipped."""
+        reason = self._skip_reason(messages, i)
+        if reason is not None:
+            return reason
+        prompt, _ = truncate_history(messages[:i], self.cfg.max_history_messages)
+        turn = messages[i]
+        fields: dict[str, Any] = {"followup": messages[i + 1]["content"], "logged_response": turn["content"], "turn": i}
+        if isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
+            fields["conversation_id"] = obj["id"]
+        return Example(
+            id=f"{path.name}:{line}#{i}",
+            prompt=prompt,
+            fields=fields,
+            response=turn["content"] if self.cfg.mode == "offline" else None,
+        )
+
+    def indexed_example(self, path: Path, line: int, obj: dict[str, Any], i: int) -> Example:
+        """The example `load` indexed at (line, turn i), made again from the line; ValueError when the
+        line no longer gives one (the file changed)."""
+        example = self.turn_example(path, line, obj, parse_conversation(obj), i)
+        if isinstance(example, str):
+            raise ValueError(example)
+        return example
 
     def _skip_reason(self, messages: Messages, i: int) -> str | None:
         if i == 0 or messages[i - 1]["role"] != "user":

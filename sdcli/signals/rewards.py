@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import logging
 import re
+from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sdcli.config import RewardsSignal
-from sdcli.data import as_messages, last_user_text, read_jsonl
+from sdcli.data import JsonlScan, LazyRecords, LineIndex, as_messages, last_user_text
 from sdcli.errors import DataError
 from sdcli.rewards import (
     BUILTIN_REWARDS,
@@ -67,38 +68,65 @@ def example_id(path: Path, line: int, record: dict) -> str:
     )
 
 
-def load_examples(path: Path, signal: str, check: Callable[[dict], list[str]], hint: str) -> LoadReport:
-    """Read a JSONL file into examples; `check(record)` lists what else is wrong with a line.
+def line_example(path: Path, line: int, record: dict, check: Callable[[dict], list[str]]) -> Example:
+    """The example on one line; a ValueError whose args are every problem with the line.
+    `check(record)` lists what else the signal needs of a line. `fields` is the whole line."""
+    problems = []
+    try:
+        prompt = as_messages(record.get("prompt"), "prompt")
+    except ValueError as e:
+        problems.append(str(e) if "prompt" in record else "missing 'prompt'")
+    given = record.get("id")
+    if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int)) or str(given) == ""):
+        problems.append(f"'id' must be a non-empty string or an integer, got {given!r}")
+    problems += check(record)
+    if problems:
+        raise ValueError(*problems)
+    return Example(id=example_id(path, line, record), prompt=prompt, fields=dict(record))
 
-    Raises DataError listing every bad line as file:line: problem. `fields` is the whole line.
+
+def load_examples(path: Path, signal: str, check: Callable[[dict], list[str]], hint: str) -> LoadReport:
+    """Check every line of a JSONL file and index its examples (`line_example` makes each one, then
+    and when it is read again); warn about ids used twice.
+
+    Raises DataError listing every bad line as file:line: problem.
     """
     path = Path(path)
     problems: list[str] = []
-    examples: list[Example] = []
-    first_line: dict[str, int] = {}
-    warnings: list[str] = []
-    for line, record in read_jsonl(path):
-        line_problems = []
+    index, scan = LineIndex(), JsonlScan(path)
+    id_hashes = array("q")  # the one fact about a line the duplicate check needs, 8 bytes of it
+    for line, offset, record in scan:
         try:
-            prompt = as_messages(record.get("prompt"), "prompt")
+            example = line_example(path, line, record, check)
         except ValueError as e:
-            line_problems.append(str(e) if "prompt" in record else "missing 'prompt'")
-        given = record.get("id")
-        if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int)) or str(given) == ""):
-            line_problems.append(f"'id' must be a non-empty string or an integer, got {given!r}")
-        line_problems += check(record)
-        if line_problems:
-            problems += [f"{path}:{line}: {p}" for p in line_problems]
+            problems += [f"{path}:{line}: {p}" for p in e.args]
             continue
-        ex_id = example_id(path, line, record)
-        if ex_id in first_line:
-            warnings.append(f"{path}:{line}: id {ex_id!r} was already used on line {first_line[ex_id]}")
-        first_line.setdefault(ex_id, line)
-        examples.append(Example(id=ex_id, prompt=prompt, fields=dict(record)))
+        index.add(offset, line)
+        id_hashes.append(hash(example.id))
     if problems:
         shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
         raise DataError(f"{path}: {len(problems)} problem(s) for signal '{signal}':", shown, hint=hint)
-    return LoadReport(examples, warnings=warnings)
+    examples = LazyRecords(path, scan.stamp, index, lambda line, record, _: line_example(path, line, record, check))
+    return LoadReport(examples, warnings=duplicate_id_warnings(examples, id_hashes))
+
+
+def duplicate_id_warnings(examples: LazyRecords, id_hashes: array) -> list[str]:
+    """`file:line: id 'x' was already used on line N`, in line order, for every example whose id an
+    earlier one has. Only the lines whose id hash is not unique are read again (none, usually), and
+    their ids compared as strings, so two ids that share a hash are not taken for one."""
+    import numpy as np  # sorts a million hashes in milliseconds, where a set of them would take ~80 MB
+
+    hashes = np.frombuffer(id_hashes, dtype=np.int64) if len(id_hashes) else np.zeros(0, dtype=np.int64)
+    ordered = np.sort(hashes)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    warnings: list[str] = []
+    first_line: dict[str, int] = {}
+    for row in np.flatnonzero(np.isin(hashes, repeated)).tolist():
+        ex_id, line = examples[row].id, examples.line(row)
+        if ex_id in first_line:
+            warnings.append(f"{examples.path}:{line}: id {ex_id!r} was already used on line {first_line[ex_id]}")
+        first_line.setdefault(ex_id, line)
+    return warnings
 
 
 def strip_thinking(text: str) -> str:

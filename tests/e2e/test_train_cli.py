@@ -137,6 +137,22 @@ def test_bad_data_line_exits_2_with_line_number(tmp_path, tiny_model_dir):
     assert not (tmp_path / "run" / "episodes").exists() or not any((tmp_path / "run" / "episodes").iterdir())
 
 
+def test_data_file_changed_during_training_stops_the_run(tmp_path, tiny_model_dir):
+    """Examples are read from the file as training goes: one edited mid-run must not be trained on."""
+    from sdcli.errors import DataError
+    from sdcli.train import train_episode
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, steps=3))
+
+    def edit_after_first_step(step, metrics):
+        with open(tmp_path / "facts.jsonl", "a") as f:
+            f.write('{"prompt": "New?", "demonstration": "New."}\n')
+
+    with pytest.raises(DataError, match="facts.jsonl: changed since sd loaded it"):
+        train_episode(recipe, progress=edit_after_first_step)
+    assert not (tmp_path / "run" / "episodes" / "001-facts").exists()  # nothing published
+
+
 def test_long_prompts_are_truncated_with_a_count_not_a_crash(tmp_path, tiny_model_dir):
     recipe = make_recipe(tmp_path, tiny_model_dir, steps=1, extra="")
     done = sd("train", str(recipe), "model.max_prompt_tokens=8", "--quiet")
