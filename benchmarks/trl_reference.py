@@ -30,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="one JSON line, for benchmarks/side_by_side.py")
     args = parser.parse_args()
 
     import torch
@@ -50,12 +51,17 @@ def main() -> None:
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.times: list[float] = []
+            self.lengths: list[float] = []  # mean completion tokens per step, as TRL logs them
 
         def on_step_begin(self, *a, **k):
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.start)
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
@@ -72,9 +78,16 @@ def main() -> None:
         )
         trainer.train()
     timed = timer.times[args.warmup:] or timer.times
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        lengths = timer.lengths[args.warmup:] or timer.lengths
+        tokens = [n * 4 / t for n, t in zip(lengths, timed)]  # 4 prompts x 1 completion per step
+        print(json.dumps({"s_per_step": statistics.mean(timed), "tokens_per_s": statistics.mean(tokens) if tokens else None,
+                          "process_peak_rss_mb": peak_mb, "steps_timed": len(timed)}))
+        return
     print(f"TRL SDFTTrainer: {statistics.mean(timed):.2f} s/step over {len(timed)} steps "
           f"(gradient_checkpointing={config.gradient_checkpointing}, distillation_mode={config.distillation_mode})")
-    print(f"peak RSS, process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"peak RSS, process: {peak_mb:.0f} MB")
 
 
 if __name__ == "__main__":
