@@ -49,6 +49,9 @@ GRID: dict[str, list[str]] = {
     "mix50-anchor4-lr3e-4": ["rollout.off_policy_fraction=0.5", "anchor.prompts_per_step=4", "train.lr=3e-4"],
     "off1-anchor4-lr1e-3": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4", "train.lr=1e-3"],
     "off1-anchor4-60steps": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4", "train.max_steps=60"],
+    "defaults": [],
+    "tt0.5": ["loss.teacher_temperature=0.5"],
+    "tt0.25": ["loss.teacher_temperature=0.25"],
 }
 
 

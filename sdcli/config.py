@@ -267,6 +267,10 @@ class LossConfig(_Strict):
         0.2, gt=0.0, lt=1.0, description="sampled, with train.updates_per_rollout > 1: PPO clip of the importance ratio"
     )
     skip_first_tokens: int = Field(0, ge=0, description="Response tokens at the start that carry no loss")
+    teacher_temperature: float = Field(
+        1.0, gt=0.0, le=10.0,
+        description="The target is softmax(teacher logits / this) on task responses (anchors keep 1); below 1 sharpens it",
+    )
     chunk_tokens: int = Field(
         32, ge=1, description="Response positions per chunk of [batch, chunk, vocab] logits; smaller uses less memory"
     )

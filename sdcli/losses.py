@@ -220,23 +220,29 @@ def chunked_divergence_and_stats(
     tokens: torch.Tensor | None = None,
     chunk: int = 128,
     old_logp: torch.Tensor | None = None,
+    teacher_temperature: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`chunked_token_divergence`, plus `token_stats` of the same logits when `tokens` is given
     (computed in the same pass over the LM head, so watching the learning costs nothing).
 
+    teacher_temperature: [B, T] or None. The target is softmax(teacher_logits / temperature) at
+        each position: below 1 it sharpens the teacher toward its own first choice. The stats
+        always describe the teacher as it is (temperature 1).
     Returns ([B, T] divergence, [B, T, 3] stats or None).
     """
 
-    def piece(s_h: torch.Tensor, t_h: torch.Tensor, y: torch.Tensor | None, old: torch.Tensor | None) -> torch.Tensor:
+    def piece(s_h: torch.Tensor, t_h: torch.Tensor, y: torch.Tensor | None, old: torch.Tensor | None,
+              temp: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
             t_logits = lm_head(t_h)
+            target = t_logits if temp is None else t_logits.float() / temp.unsqueeze(-1)
         s_logits = lm_head(s_h)
-        divergence = token_divergence(s_logits, t_logits, spec, y, old).unsqueeze(-1)
+        divergence = token_divergence(s_logits, target, spec, y, old).unsqueeze(-1)
         if y is None:
             return divergence
         return torch.cat([divergence, token_stats(s_logits, t_logits, y)], dim=-1)
 
-    out = _over_chunks(piece, student_hidden, teacher_hidden, tokens, old_logp, chunk=chunk)
+    out = _over_chunks(piece, student_hidden, teacher_hidden, tokens, old_logp, teacher_temperature, chunk=chunk)
     return out[..., 0], (out[..., 1:] if tokens is not None else None)
 
 
@@ -325,14 +331,17 @@ def packed_divergence_and_stats(
     tokens: torch.Tensor | None = None,
     chunk: int = 128,
     old_logp: torch.Tensor | None = None,
+    teacher_temperature: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`packed_token_divergence` and, with `tokens`, its [B, T, 3] `token_stats` (zero where masked)."""
+    """`packed_token_divergence` and, with `tokens`, its [B, T, 3] `token_stats` (zero where masked).
+    teacher_temperature: [B, T] or None, as in `chunked_divergence_and_stats`."""
 
     def packed(x: torch.Tensor | None) -> torch.Tensor | None:
         return x[mask].unsqueeze(0) if x is not None else None
 
     divergence, stats = chunked_divergence_and_stats(
-        packed(student_hidden), packed(teacher_hidden), lm_head, spec, packed(tokens), chunk, packed(old_logp)
+        packed(student_hidden), packed(teacher_hidden), lm_head, spec, packed(tokens), chunk, packed(old_logp),
+        packed(teacher_temperature),
     )
     per_token = student_hidden.new_zeros(mask.shape, dtype=divergence.dtype).index_put((mask,), divergence[0])
     if stats is None:

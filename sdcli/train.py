@@ -296,6 +296,15 @@ def take_anchors(anchors: list[Sequence], k: int, rollout_index: int) -> list[Se
     return [anchors[(rollout_index * k + j) % len(anchors)] for j in range(k)]
 
 
+def teacher_temperatures(kinds: torch.Tensor, temperature: float, mask: torch.Tensor) -> torch.Tensor | None:
+    """[N, T] the teacher's temperature at each response position: `temperature` on task
+    sequences, 1 on anchors (they hold the starting model as it is); None when all are 1."""
+    if temperature == 1.0:
+        return None
+    rows = torch.where(kinds == KIND_INDEX[ANCHOR], 1.0, temperature)
+    return rows.to(torch.float32).unsqueeze(1).expand(mask.shape)
+
+
 def demonstration_text(ex: Example) -> str:
     return ex.fields.get("demonstration") or ex.response
 
@@ -559,6 +568,7 @@ def _train_episode(
                         per_token, stats = packed_divergence_and_stats(
                             s_hidden, t_hidden.to(s_hidden.dtype), mask, lm_head, spec,
                             s_batch.response_ids, recipe.loss.chunk_tokens, old_logp,
+                            teacher_temperatures(kinds, recipe.loss.teacher_temperature, mask),
                         )
                         del s_hidden
                         loss = masked_sequence_mean(per_token, mask)

@@ -223,3 +223,14 @@ def test_the_builtin_anchor_set_loads_and_is_disjoint_from_the_benchmarks_genera
     general = Path(__file__).resolve().parents[2] / "benchmarks" / "continual_facts" / "data" / "general_qa.jsonl"
     questions = {json.loads(line)["prompt"] for line in general.read_text().splitlines()}
     assert not questions & set(prompts)
+
+
+def test_teacher_temperature_applies_to_task_sequences_and_never_to_anchors():
+    import torch
+
+    from sdcli.train import ANCHOR, KIND_INDEX, OFF_POLICY, ON_POLICY, teacher_temperatures
+
+    kinds = torch.tensor([KIND_INDEX[ON_POLICY], KIND_INDEX[OFF_POLICY], KIND_INDEX[ANCHOR]])
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    assert teacher_temperatures(kinds, 1.0, mask) is None  # the default path is untouched
+    assert teacher_temperatures(kinds, 0.5, mask).tolist() == [[0.5] * 4, [0.5] * 4, [1.0] * 4]

@@ -278,3 +278,31 @@ def test_packed_equals_masked_chunked_in_value_and_gradient():
     (g_packed,) = torch.autograd.grad(masked_sequence_mean(packed, mask), hs)
     torch.testing.assert_close(packed, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_packed, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_temperature_is_kl_to_the_tempered_teacher_per_row_and_leaves_the_stats_alone():
+    """Row 0 at temperature 0.5 is KL(softmax(t / 0.5) || s) by torch.distributions; row 1 at 1 is
+    the plain KL; the stats (teacher log-prob of the token) describe the untempered teacher."""
+    from sdcli.losses import STAT_TEACHER_LOGP, packed_divergence_and_stats
+
+    torch.manual_seed(5)
+    head = torch.nn.Linear(H, V, bias=False)
+    hs, ht = torch.randn(2, T, H), torch.randn(2, T, H)
+    tokens = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T, dtype=torch.bool)
+    temperature = torch.tensor([[0.5] * T, [1.0] * T])
+    per_token, stats = packed_divergence_and_stats(
+        hs, ht, mask, head, DivergenceSpec("forward_kl"), tokens, 3, None, temperature
+    )
+    with torch.no_grad():
+        s_logits, t_logits = head(hs), head(ht)
+    want = torch.stack([
+        kl_divergence(Categorical(logits=t_logits[0] / 0.5), Categorical(logits=s_logits[0])),
+        kl_divergence(Categorical(logits=t_logits[1]), Categorical(logits=s_logits[1])),
+    ])
+    torch.testing.assert_close(per_token, want, rtol=1e-5, atol=1e-6)
+    untempered = torch.log_softmax(t_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(stats[..., STAT_TEACHER_LOGP], untempered, rtol=1e-5, atol=1e-6)
+    # sharpening moves the target: row 0 differs from the untempered KL
+    plain = kl_divergence(Categorical(logits=t_logits[0]), Categorical(logits=s_logits[0]))
+    assert (per_token[0] - plain).abs().max() > 1e-2
