@@ -1,11 +1,11 @@
 """Data-parallel episodes on torch.distributed (gloo, CPU, the tiny model), started as users start
-them: `torchrun --nproc_per_node=2 -m sdcli train ...`.
+them: `torchrun --nproc_per_node=2 -m sdcli train ...` and `sd train --nproc 2`.
 
 - With deterministic rollouts, two ranks train the adapter one process trains on the same global
   batch (shares of uneven size, anchors split too).
 - kill -9 of one rank after a checkpoint, then --resume: the adapter of an uninterrupted 2-rank run
   (sampled rollouts: every rank's random stream is checkpointed).
-- A failure on one rank stops every rank with one message.
+- A failure on one rank, or a run held by another command, stops every rank with one message.
 """
 
 from __future__ import annotations
@@ -176,3 +176,16 @@ def test_a_failure_on_one_rank_stops_every_rank_with_one_message(tmp_path, tiny_
     assert not any("sdcli" in line for line in done.stderr.splitlines() if line.lstrip().startswith("File "))
     assert list_episodes(tmp_path / "run") == []
 
+
+def test_sd_train_nproc_refused_run_says_so_once(tmp_path, tiny_model_dir):
+    """`sd train --nproc 2` starts the ranks itself; rank 0 cannot take the run (another command
+    holds it): one message, exit 2 as for one process, nothing written."""
+    from sdcli.runlock import run_lock
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, "off_policy_fraction: 1", "max_steps: 2", anchors=0)
+    with run_lock(tmp_path / "run", "a test holding the run"):
+        done = run([sys.executable, "-m", "sdcli", "train", str(recipe), "--quiet", "--nproc", "2"])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("is in use by") == 1
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "episodes").exists()
