@@ -245,15 +245,24 @@ class Ranks:
 
     def report(self, error: Exception) -> None:
         """Tell the other ranks that this one failed with `error`; raises what this rank should
-        exit with: rank 0 its own error (printed as by one process), the others a silent JobStopped."""
-        if not self.in_sync:
+        exit with: rank 0 its own error (printed as by one process), the others a silent JobStopped.
+        When the others cannot be told (no process group), this rank says it itself, whichever it is."""
+        summary = _summary(error)
+        if self.in_sync:
+            try:
+                self._exchange({"failure": summary, "payload": None}, own=error)
+            except JobStopped as stopped:
+                if os.environ.get("SD_DEBUG"):
+                    raise error from None  # its traceback, on the rank it happened on
+                raise stopped from None
+            except Exception as e:
+                if e is error:  # rank 0 failed: its own error, as one process would show it
+                    raise
+        self.in_sync = False
+        if os.environ.get("SD_DEBUG"):
             raise error
-        try:
-            self._exchange({"failure": _summary(error), "payload": None}, own=error)
-        except JobStopped as stopped:
-            if os.environ.get("SD_DEBUG"):
-                raise error from None  # its traceback, on the rank it happened on
-            raise stopped from None
+        raise JobStopped(f"rank {self.rank} of {self.world} ({summary['host']}): {summary['text']}", summary["code"],
+                         label=summary["label"], hint=summary["hint"]) from None
 
     def _exchange(self, sent: dict, own: Exception | None = None) -> list:
         import torch
