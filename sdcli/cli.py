@@ -19,7 +19,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from sdcli import __version__
-from sdcli.errors import DiskFullError, Interrupted, UserError, is_disk_full
+from sdcli.errors import DiskFullError, Interrupted, JobStopped, UserError, is_disk_full
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,6 +44,10 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, typer.Exit, typer.Abort):
             raise  # usage errors (exit 2), --help, --version: typer reports them
+        except JobStopped as e:  # a job of several ranks stopped: rank 0 says why, the others say nothing
+            if e.render():
+                print(e.render(), file=sys.stderr, flush=True)
+            raise typer.Exit(e.code) from None
         except UserError as e:
             console.print(f"[red]error:[/red] {e.render()}", highlight=False)
             raise typer.Exit(2) from None
@@ -106,6 +110,8 @@ def split_recipes_and_overrides(args: list[str]) -> tuple[list[Path], list[str]]
     "  sd train recipes/quickstart.yaml train.max_steps=10 loss.divergence=jsd loss.alpha=0.5\n\n"
     "  sd train facts.yaml more_facts.yaml run_dir=runs/mine   (two chained episodes)\n\n"
     "  sd train recipes/quickstart.yaml --resume               (continue an interrupted episode)\n\n"
+    "  sd train recipes/quickstart.yaml --nproc 2              (2 data-parallel ranks on this machine)\n\n"
+    "  torchrun --nproc_per_node=4 -m sdcli train recipes/quickstart.yaml   (the same, by torchrun)\n\n"
     "Only one sd command writes into a run_dir at a time (run_dir/.lock); another one is refused "
     "with the holder's pid, host and command.",
 )
@@ -118,8 +124,30 @@ def train(
         help="Stack on earlier episodes even if they were trained on a base model with other weights "
         "(refused by default: their adapters would not fit this base)",
     ),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, max=1024,
+        help="Data-parallel ranks on this machine (one per GPU, or CPU processes), started as torchrun would; "
+        "for several machines run torchrun yourself (README: More than one GPU / machine)",
+    ),
 ):
     """Train one learning episode per recipe, each on top of the episodes already in run_dir."""
+    from sdcli import distributed
+
+    if nproc > 1:
+        if distributed.current().world > 1:
+            raise UserError("--nproc inside a torchrun job: torchrun already started the ranks.",
+                            hint="Drop --nproc, or run sd train --nproc N without torchrun.")
+        flags = [*(["--quiet"] if quiet else []), *(["--resume"] if resume else []),
+                 *(["--allow-mixed-base"] if allow_mixed_base else [])]
+        raise typer.Exit(distributed.launch_local(nproc, ["train", *args, *flags]))
+    ranks = distributed.current()
+    if not ranks.is_main:
+        console.quiet = True  # rank 0 speaks for the job
+    with ranks.one_job():
+        _train(args, quiet=quiet, resume=resume, allow_mixed_base=allow_mixed_base)
+
+
+def _train(args: list[str], quiet: bool, resume: bool, allow_mixed_base: bool) -> None:
     from sdcli.config import load_recipe
     from sdcli.validate import check_model_folder
 

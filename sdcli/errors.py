@@ -44,6 +44,24 @@ class Interrupted(Exception):
     """Ctrl-C during training, after the state of the last finished step was saved (exit code 130)."""
 
 
+class JobStopped(Exception):
+    """A job of several ranks (torchrun) stops on every rank because one rank failed or was lost.
+
+    `message` is what this rank prints: rank 0 says which rank failed and why, a rank that lost
+    contact with the others says so, and the other ranks print nothing (None). `code` is the exit
+    code one process would have exited with."""
+
+    def __init__(self, message: str | None, code: int, label: str | None = "error", hint: str | None = None):
+        self.message, self.code, self.label, self.hint = message, code, label, hint
+        super().__init__(message or f"stopped with exit code {code}")
+
+    def render(self) -> str | None:
+        if self.message is None:
+            return None
+        text = f"{self.label}: {self.message}" if self.label else self.message
+        return f"{text}\n{self.hint}" if self.hint else text
+
+
 class DiskFullError(UserError):
     """The disk (or the user's quota) filled up while sd was writing `path`."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from sdcli.anchors import load_anchor_prompts
 from sdcli.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from sdcli.config import Method, Quantization, Recipe, TeacherKind, dump_recipe
 from sdcli.data import file_sha256
+from sdcli.distributed import Ranks, current, stack_padded
 from sdcli.episodes import (
     adapter_hashes,
     check_same_base,
@@ -394,14 +396,19 @@ def train_episode(
 ) -> EpisodeResult:
     """Run one episode described by `recipe`, holding its run_dir against other sd commands.
     `log(str)` gets human lines; `progress(step, metrics)` is called after every step.
-    `allow_mixed_base` stacks earlier episodes even when they were trained on another base."""
+    `allow_mixed_base` stacks earlier episodes even when they were trained on another base.
+    Under torchrun (sdcli.distributed) rank 0 holds the lock, logs and writes; the other ranks are silent."""
+    dist = current()
+    if not dist.is_main:
+        return _train_episode(recipe, resume=resume, log=None, progress=None, recipe_file=recipe_file,
+                              allow_mixed_base=allow_mixed_base, dist=dist)
     with run_lock(recipe.run_dir, f"sd train: episode '{recipe.name}'", log):
         return _train_episode(recipe, resume=resume, log=log, progress=progress, recipe_file=recipe_file,
-                              allow_mixed_base=allow_mixed_base)
+                              allow_mixed_base=allow_mixed_base, dist=dist)
 
 
 def _train_episode(
-    recipe: Recipe, *, resume: bool, log, progress, recipe_file: Path | None, allow_mixed_base: bool
+    recipe: Recipe, *, resume: bool, log, progress, recipe_file: Path | None, allow_mixed_base: bool, dist: Ranks
 ) -> EpisodeResult:
     log = log or (lambda message: None)
     cfg = recipe.train
@@ -418,14 +425,15 @@ def _train_episode(
     eval_plan = load_eval_plan(recipe)  # read now: a bad eval line must not wait for the end of training
     parents = list_episodes(run_dir)
     base_path = resolve_model_path(recipe.model.name_or_path).resolve()
-    base_hash = model_content_hash(base_path, run_dir)
-    check_same_base(parents, base_path, base_hash, allow=allow_mixed_base, log=log)  # before any folder is made
-    partial, number = open_episode_folder(run_dir, recipe.name, resume)
+    base_hash = model_content_hash(base_path, run_dir) if dist.is_main else None  # rank 0 checks, writes the cache
+    if dist.is_main:
+        check_same_base(parents, base_path, base_hash, allow=allow_mixed_base, log=log)  # before any folder is made
+    partial, number = dist.from_main(open_episode_folder(run_dir, recipe.name, resume) if dist.is_main else None)
 
     # --- model: base + earlier episodes (frozen) + this episode's adapter -----------------
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    loaded = load_base(recipe.model)
+    loaded = load_base(recipe.model, dist.device)
     tokenizer, device = loaded.tokenizer, loaded.device
     model, earlier = attach_stack(loaded.model, [p.path for p in parents])
     if len(earlier) > 1:
@@ -479,19 +487,30 @@ def _train_episode(
 
     metrics_path = partial / "metrics.jsonl"
     start_step = 0
+    dist.seed_sampling(cfg.seed)  # several ranks: a sampling stream per rank
     if resume:
         start_step = restore_checkpoint(
-            partial, recipe, {**named_params, **ema_params}, optimizer, scheduler, sampler, metrics_path, log
+            partial, recipe, {**named_params, **ema_params}, optimizer, scheduler, sampler, metrics_path, log, dist
         )
 
-    write_atomic(partial / "recipe.yaml", dump_recipe(recipe))
+    if dist.is_main:
+        write_atomic(partial / "recipe.yaml", dump_recipe(recipe))
     resume_key = _resume_key(recipe)  # hashed once: the data as this run read it
+    dist.check_same({"recipe": resume_key["recipe"], "data sha256": resume_key["data_sha256"], "examples": len(examples),
+                     "earlier episodes": [e.label for e in parents], "start step": start_step})
+    dist.broadcast_parameters({**named_params, **ema_params})
+    counted_in_setup = (0, 0) if dist.is_main else (encoder.truncated, teacher_encoder.cut)  # anchors: every rank
+    if dist.world > 1 and cfg.prompts_per_step < dist.world:
+        log(f"warning: train.prompts_per_step={cfg.prompts_per_step} is less than the {dist.world} ranks; "
+            "some ranks have no prompts of their own at each step")
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(
-            partial, step=step, params={**named_params, **ema_params}, optimizer=optimizer,
-            scheduler=scheduler, sampler_state=sampler.state(), extra=resume_key,
-        )
+        extra = dist.with_rank_rng(resume_key)  # several ranks: every rank's random state
+        if dist.is_main:
+            save_checkpoint(
+                partial, step=step, params={**named_params, **ema_params}, optimizer=optimizer,
+                scheduler=scheduler, sampler_state=sampler.state(), extra=extra,
+            )
 
     off_fraction = recipe.rollout.off_policy_fraction if recipe.method is Method.self_distillation else 0.0
     chosen = "off_policy_fraction" in recipe.rollout.model_fields_set  # the default is silent where it cannot apply
@@ -501,17 +520,19 @@ def _train_episode(
         f"{off_fraction:.0%} of prompts off-policy")
 
     memory = PeakMemory(device)
-    board = TensorBoardLog(partial / "tensorboard") if recipe.logging.tensorboard else None
+    board = TensorBoardLog(partial / "tensorboard") if recipe.logging.tensorboard and dist.is_main else None
     started = now_iso()
     last: dict = {}
     student_train_mode(model, episode)  # LoRA dropout (if any) in the student only; the base model's own dropout off
-    with stop_after_step() as stop_requested, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+    metrics_out = metrics_path if dist.is_main else os.devnull  # rank 0 writes the metrics
+    with stop_after_step() as stop_requested, open(metrics_out, "a", encoding="utf-8") as metrics_file:
         step = start_step
         while step < total_steps:
             timer = PhaseTimer(memory)
             step_start = time.perf_counter()
             batch = [examples[i] for i in sampler.take(cfg.prompts_per_step)]
             n_off = off_policy_count(off_fraction, cfg.prompts_per_step, step // cfg.updates_per_rollout)
+            batch, n_off = dist.share_of_batch(batch, n_off, lambda ex: signal.demonstration_view(ex) is not None)
 
             # 1-3. the responses to learn on, and what the teacher sees for each
             with timer("rollout"):
@@ -532,9 +553,9 @@ def _train_episode(
                     for i, ex in enumerate(on_policy):
                         for q, view in zip(seqs_on[i * g : (i + 1) * g], signal.teacher_views(ex, texts[i * g : (i + 1) * g])):
                             q.view = view
-                    seqs = seqs_on + seqs + take_anchors(
+                    seqs = seqs_on + seqs + dist.split(take_anchors(
                         anchors, recipe.anchor.prompts_per_step, step // cfg.updates_per_rollout
-                    )
+                    ))
             views = [q.view for q in seqs if q.view is not None]
             kept = [q for q in seqs if recipe.method is Method.sft or q.view.messages is not None]
 
@@ -576,6 +597,11 @@ def _train_episode(
                         if old_logp is None and spec.support == "sampled":
                             old_logp = stats[..., STAT_STUDENT_LOGP].detach()  # the sampler, for later updates
 
+                if dist.world > 1:
+                    with timer("sync"):  # every rank: the global batch's gradient; and its figures for the log
+                        shares = dist.average_gradients(params, _step_figures(
+                            per_token, stats, mask, kinds, views, seqs, generated, teacher_cut))
+
                 # 7. optimiser step on the LoRA parameters only
                 with timer("optimizer"):
                     grad_norm = (
@@ -608,6 +634,8 @@ def _train_episode(
                     **(signal_metrics(views) if views else {}),
                     **teacher_cut,
                 }
+                if dist.world > 1:
+                    last.update(global_step_metrics(shares, recipe.method, step_seconds, timer.seconds.get("rollout", 0.0)))
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
                 if board:
@@ -620,7 +648,7 @@ def _train_episode(
 
             del t_hidden, s_batch
             # checkpoints and Ctrl-C only between rollouts: a checkpoint holds no half-used rollout
-            if stop_requested() and step < total_steps:
+            if dist.any_rank(stop_requested()) and step < total_steps:
                 checkpoint(step)
                 raise Interrupted(
                     f"Interrupted after step {step} of {total_steps}; the state is saved in {partial}.\n"
@@ -633,10 +661,13 @@ def _train_episode(
     memory.close()
     if board:
         board.close()
-    if encoder.truncated:
-        log(f"warning: {encoder.truncated} prompt(s) were longer than model.max_prompt_tokens and were cut from the left")
-    if teacher_encoder.cut:
-        log(f"warning: {teacher_encoder.cut} teacher prompt(s) were longer than {teacher_encoder.max_tokens} tokens "
+    truncated, cut = dist.totals(encoder.truncated - counted_in_setup[0], teacher_encoder.cut - counted_in_setup[1])
+    if not dist.is_main:  # rank 0 saves, evaluates and publishes; the others wait for it
+        return EpisodeResult(path=dist.from_main(None), steps=total_steps, final=last)
+    if truncated:
+        log(f"warning: {truncated} prompt(s) were longer than model.max_prompt_tokens and were cut from the left")
+    if cut:
+        log(f"warning: {cut} teacher prompt(s) were longer than {teacher_encoder.max_tokens} tokens "
             "and had their context cut")
 
     # --- save: adapter, then metadata, then one rename makes the episode visible -----------
@@ -645,7 +676,7 @@ def _train_episode(
         number=number, name=recipe.name, recipe=recipe, base_path=loaded.path,
         base_hash=base_hash, data_hash=file_sha256(recipe.data.path), parents=parents,
         started=started, steps=total_steps, final=last, **adapter_hashes(partial),
-        extra={"prompts_truncated": encoder.truncated, "teacher_prompts_cut": teacher_encoder.cut, "data_skipped": report.skipped,
+        extra={"prompts_truncated": truncated, "teacher_prompts_cut": cut, "data_skipped": report.skipped,
                "recipe_file": str(recipe_file) if recipe_file else None},
     )
     meta.update(episode_eval(
@@ -653,16 +684,20 @@ def _train_episode(
         max_prompt_tokens=recipe.model.max_prompt_tokens, merge=sampling.merge, log=log,
     ))
     write_atomic(partial / "episode.json", json.dumps(meta, indent=2))
-    final = publish(partial)
+    final = dist.from_main(publish(partial))
     return EpisodeResult(path=final, steps=total_steps, final=last)
 
 
-def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, scheduler, sampler, metrics_path: Path, log) -> int:
-    """Put the interrupted episode's state back; returns the step to continue from."""
+def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, scheduler, sampler, metrics_path: Path, log,
+                       dist: Ranks | None = None) -> int:
+    """Put the interrupted episode's state back; returns the step to continue from. Every rank
+    reads the checkpoint; rank 0 alone rewrites the metrics."""
+    dist = dist or Ranks()
     state = load_checkpoint(partial)
     if state is None:
         log(f"resume: {partial.name} has no checkpoint; starting it from step 0")
-        metrics_path.unlink(missing_ok=True)
+        if dist.is_main:
+            metrics_path.unlink(missing_ok=True)
         return 0
     key = _resume_key(recipe)
     if state["extra"].get("recipe") != key["recipe"]:
@@ -685,10 +720,13 @@ def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, s
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     sampler.restore(state["sampler"])
-    set_rng_state(state["rng"])
+    rng = dist.own_rng(state, log)
+    if rng is not None:
+        set_rng_state(rng)
     step = state["step"]
-    lines = metrics_path.read_text().splitlines()[:step] if metrics_path.exists() else []
-    write_atomic(metrics_path, "".join(line + "\n" for line in lines))
+    if dist.is_main:
+        lines = metrics_path.read_text().splitlines()[:step] if metrics_path.exists() else []
+        write_atomic(metrics_path, "".join(line + "\n" for line in lines))
     log(f"resume: continuing {partial.name} from step {step}")
     return step
 
@@ -707,6 +745,45 @@ def response_tokens(tokenizer, text: str, stop: set[int]) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stop)
     return ids + [eos]
+
+
+def _step_figures(per_token, stats, mask, kinds, views, seqs, generated, teacher_cut) -> dict:
+    """What a rank sends the others after its backward pass: the number of sequences its loss
+    averaged over (the weight of its gradient), and the inputs of the step's log line."""
+    def cpu(t):
+        return None if t is None else t.detach().cpu()
+
+    return {
+        "sequences": 0 if mask is None else int((mask.sum(-1) > 0).sum()),
+        "per_token": cpu(per_token), "stats": cpu(stats), "mask": cpu(mask), "kinds": cpu(kinds),
+        "views": [TeacherView(messages=[] if v.messages is not None else None, reward=v.reward, success=v.success)
+                  for v in views],
+        "lengths": [len(q.response) for q in seqs],
+        "generated": generated,
+        "teacher_cut": teacher_cut.get("signal/teacher_prompts_cut", 0),
+    }
+
+
+def global_step_metrics(shares: list[dict], method: Method, step_seconds: float, rollout_seconds: float) -> dict:
+    """The figures of the step's log line over the whole global batch (every rank's share), computed
+    as one process computes them on its batch; times and memory stay rank 0's own."""
+    per_token = stack_padded([s["per_token"] for s in shares])
+    mask = stack_padded([s["mask"] for s in shares], False)
+    stats = stack_padded([s["stats"] for s in shares])
+    kinds = torch.cat([s["kinds"] for s in shares if s["per_token"] is not None] or [torch.zeros(0, dtype=torch.long)])
+    views = [v for s in shares for v in s["views"]]
+    lengths = [n for s in shares for n in s["lengths"]]
+    generated = sum(s["generated"] for s in shares)
+    return {
+        "loss": float(masked_sequence_mean(per_token, mask)) if per_token is not None else 0.0,
+        "kl": _masked_mean(per_token, mask) if method is Method.self_distillation else float("nan"),
+        "response/mean_tokens": sum(lengths) / max(1, len(lengths)),
+        "tokens_per_s": generated / step_seconds,
+        "rollout/tokens_per_s": generated / max(1e-9, rollout_seconds),
+        **learning_metrics(per_token, stats, mask, kinds),
+        **(signal_metrics(views) if views else {}),
+        **({"signal/teacher_prompts_cut": sum(s["teacher_cut"] for s in shares)} if views else {}),
+    }
 
 
 def _grad_norm(params) -> torch.Tensor:

@@ -1,0 +1,191 @@
+"""Data-parallel episodes on torch.distributed (gloo, CPU, the tiny model), started as users start
+them: `torchrun --nproc_per_node=2 -m sdcli train ...` and `sd train --nproc 2`.
+
+- With deterministic rollouts, two ranks train the adapter one process trains on the same global
+  batch (shares of uneven size, anchors split too).
+- kill -9 of one rank after a checkpoint, then --resume: the adapter of an uninterrupted 2-rank run
+  (sampled rollouts: every rank's random stream is checkpointed).
+- A failure on one rank, or a run held by another command, stops every rank with one message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdcli.config import load_recipe
+from sdcli.episodes import list_episodes
+from sdcli.train import train_episode
+
+REPO = Path(__file__).resolve().parents[2]
+
+FACTS = [
+    {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},
+    {"prompt": "Who wrote the Book of Vells?", "demonstration": "It was written by Maro Tiln."},
+    {"prompt": "What do the Drell eat?", "demonstration": "The Drell eat blue moss."},
+    {"prompt": "How tall is Mount Ferro?", "demonstration": "Mount Ferro is 4,120 metres tall."},
+    {"prompt": "Where is Lake Omm?", "demonstration": "Lake Omm lies north of Quenta."},
+]
+ANCHORS = ["Say hello.", "Name a colour.", "What is 3+4?", "Give me a short tip for sleeping well."]
+
+# `python -m sdcli ARGS` with a failure planted on one rank ("RANK:CALL", the CALL-th teacher pass)
+PLANTED = """
+import os
+import sdcli.train as train
+rank, at = map(int, os.environ["SD_TEST_PLANT"].split(":"))
+real, calls = train.teacher_pass, [0]
+def teacher_pass(*args, **kwargs):
+    calls[0] += 1
+    if int(os.environ["RANK"]) == rank and calls[0] == at:
+        raise RuntimeError("planted failure in the teacher pass")
+    return real(*args, **kwargs)
+train.teacher_pass = teacher_pass
+from sdcli.cli import main
+main()
+"""
+
+
+def write_recipe(tmp_path: Path, model_dir: Path, rollout: str, train: str, anchors: int = 3) -> Path:
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in FACTS))
+    (tmp_path / "anchors.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ANCHORS))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        f"name: facts\nrun_dir: {tmp_path / 'run'}\nmodel: {{name_or_path: {model_dir}}}\n"
+        "lora: {r: 4, alpha: 8}\ndata: {path: facts.jsonl}\nloss: {chunk_tokens: 4}\n"
+        f"rollout: {{max_new_tokens: 8, {rollout}}}\ntrain: {{prompts_per_step: 3, {train}}}\n"
+        f"anchor: {{path: anchors.jsonl, prompts_per_step: {anchors}, max_new_tokens: 6}}\n"
+    )
+    return path
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def run(cmd: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    [episode] = list_episodes(run_dir)
+    return load_file(episode.path / "adapter_model.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_ranks_train_the_adapter_of_one_process_on_the_same_global_batch(tmp_path, tiny_model_dir):
+    """Off-policy only (no sampling): 3 prompts per step over 2 ranks (shares of 1 and 2: an
+    unweighted average of the ranks' gradients ends 3e-3 away), 3 anchors per step split the same way.
+
+    At the default learning rate. The two runs add the same numbers in another order (other padding,
+    the batch's sum in two parts), ~1e-7 apart in loss and gradient norm; AdamW turns that into
+    ~3e-7 on the adapter here, and into ~2e-5 at lr 0.01, where it normalises gradients that are
+    nearly zero and mostly rounding."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, "off_policy_fraction: 1", "max_steps: 5")
+    one = train_episode(load_recipe(recipe, [f"run_dir={tmp_path / 'one'}"]))
+
+    done = run(torchrun("-m", "sdcli", "train", str(recipe), "--quiet", f"run_dir={tmp_path / 'two'}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("done ") == 1 and done.stderr.count("step 5/5") == 1  # rank 0 alone speaks
+
+    assert max_difference(adapter(tmp_path / "two"), adapter(tmp_path / "one")) <= 1e-5
+    # rank 0 alone wrote: one episode, whose log line covers the whole global batch
+    assert [p.name for p in (tmp_path / "two" / "episodes").iterdir()] == ["001-facts"]
+    lines = [json.loads(line) for line in (list_episodes(tmp_path / "two")[0].path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
+    want = [json.loads(line) for line in (one.path / "metrics.jsonl").read_text().splitlines()]
+    for got, expected in zip(lines, want):
+        for key in ("loss", "kl", "grad_norm", "response/mean_tokens", "loss/off_policy", "loss/anchor", "learn/demo_nll_student"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+        assert "time/sync_s" in got
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the worker of `rank` that torchrun (`parent`) started."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_adapter(tmp_path, tiny_model_dir):
+    """Sampled rollouts (half the prompts on-policy): the resumed ranks must sample what they would
+    have sampled, so every rank's random state travels in the checkpoint."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, "off_policy_fraction: 0.5", "max_steps: 12, checkpoint_every: 2")
+    straight = run(torchrun("-m", "sdcli", "train", str(recipe), "--quiet", f"run_dir={tmp_path / 'straight'}"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    cmd = torchrun("-m", "sdcli", "train", str(recipe), "--quiet", f"run_dir={tmp_path / 'killed'}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+    state = tmp_path / "killed" / "episodes" / ".partial-001-facts" / "checkpoint" / "state.pt"
+    deadline = time.time() + 90
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    pid = _rank_pid(proc.pid, 1)
+    assert state.exists() and pid is not None, "no checkpoint before the run ended"
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert list_episodes(tmp_path / "killed") == [], "the run finished before the kill; nothing was tested"
+    assert "rank 0 of 2" in stderr and "lost contact with the other ranks" in stderr
+    assert 2 <= torch.load(state, weights_only=True)["step"] < 12
+
+    resumed = run(torchrun("-m", "sdcli", "train", str(recipe), "--quiet", "--resume", f"run_dir={tmp_path / 'killed'}"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume: continuing" in resumed.stderr
+    assert max_difference(adapter(tmp_path / "killed"), adapter(tmp_path / "straight")) <= 1e-5
+    lines = (list_episodes(tmp_path / "killed")[0].path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_one_message(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path, tiny_model_dir, "off_policy_fraction: 1", "max_steps: 6", anchors=0)
+    script = tmp_path / "planted.py"
+    script.write_text(PLANTED)
+    start = time.time()
+    done = subprocess.run(torchrun(str(script), "train", str(recipe), "--quiet"), capture_output=True, text=True,
+                          timeout=120, env={**env(), "SD_TEST_PLANT": "1:3"}, cwd=REPO)
+    assert done.returncode != 0
+    assert time.time() - start < 100  # every rank stopped; none waits for the one that failed
+    assert done.stderr.count("planted failure in the teacher pass") == 1, done.stderr[-3000:]
+    assert "internal error: rank 1 of 2" in done.stderr
+    assert "step 2/6" in done.stderr and "step 3/6" not in done.stderr  # all stopped at the same step
+    assert not any("sdcli" in line for line in done.stderr.splitlines() if line.lstrip().startswith("File "))
+    assert list_episodes(tmp_path / "run") == []
+
+
+def test_sd_train_nproc_refused_run_says_so_once(tmp_path, tiny_model_dir):
+    """`sd train --nproc 2` starts the ranks itself; rank 0 cannot take the run (another command
+    holds it): one message, exit 2 as for one process, nothing written."""
+    from sdcli.runlock import run_lock
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, "off_policy_fraction: 1", "max_steps: 2", anchors=0)
+    with run_lock(tmp_path / "run", "a test holding the run"):
+        done = run([sys.executable, "-m", "sdcli", "train", str(recipe), "--quiet", "--nproc", "2"])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("is in use by") == 1
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "episodes").exists()
