@@ -60,8 +60,8 @@ def base_state(model) -> dict[str, torch.Tensor]:
 
 
 def check(name: str, tmp: Path, model_dir: Path, overrides: list[str], device: str, steps: int) -> dict:
-    import sdcli.train as train_module
-    from sdcli.config import load_recipe
+    from sdcli.recipe.config import load_recipe
+    import sdcli.training.train as train_module
 
     data = tmp / "facts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in FACTS))
@@ -116,10 +116,10 @@ def check(name: str, tmp: Path, model_dir: Path, overrides: list[str], device: s
 def teacher_equals_base(model_dir: Path, quantization: str, device: str) -> dict:
     """Teacher logits (episode adapter off) against the plain quantized base model's logits."""
 
-    from sdcli.config import LoraSettings, ModelConfig, Quantization, DType
-    from sdcli.model import add_trainable_adapter, load_base
-    from sdcli.sequences import score_batch
-    from sdcli.teacher import teacher_hidden
+    from sdcli.models.model import add_trainable_adapter, load_base
+    from sdcli.models.sequences import score_batch
+    from sdcli.recipe.config import LoraSettings, ModelConfig, Quantization, DType
+    from sdcli.training.teacher import teacher_hidden
 
     cfg = ModelConfig(name_or_path=str(model_dir), quantization=Quantization(quantization), dtype=DType.bfloat16 if device == "cuda" else DType.float32)
     loaded = load_base(cfg, torch.device(device))
@@ -173,7 +173,7 @@ def main() -> None:
                                 "trace": traceback.format_exc()[-1500:]})
             print(json.dumps(results[-1]), flush=True)
         try:
-            from sdcli.merge import merge_history
+            from sdcli.models.merge import merge_history
 
             nf4_episode = next(r["episode"] for r in results if r["check"] == "nf4" and r.get("ok"))
             report = merge_history(model_dir, [nf4_episode], tmp / "merged", into="model", quantization="4bit")

@@ -10,7 +10,7 @@ process's peak RSS above the same baseline. "access" is the mean time to get one
 (`report.examples[i]`, random i), which training does a few times per step.
 
 Measured on the shared 2-core development machine (times vary by +-50% with its load), before
-(examples held as parsed objects) and after (an index of the lines, `sdcli.data.LazyRecords`):
+(examples held as parsed objects) and after (an index of the lines, `sdcli.core.data.LazyRecords`):
 
     signal          lines   MB file   before: held MB  load s   after: held MB  load s  access us
     demonstrations  100k         98             215      1.1             1.2     1.0        33
@@ -79,7 +79,7 @@ def rss_mb() -> float:
 
 def child(signal: str, path: str) -> None:
     """Load `path` and print one JSON line of measurements."""
-    from sdcli.config import InteractionsSignal, DemonstrationsSignal
+    from sdcli.recipe.config import InteractionsSignal, DemonstrationsSignal
     from sdcli.signals import build_signal
 
     cfg = InteractionsSignal(mode="offline") if signal == "interactions" else DemonstrationsSignal()

@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sdcli.continual_matrix import matrix_from_episodes  # noqa: E402
-from sdcli.episodes import list_episodes  # noqa: E402
+from sdcli.evaluation.continual_matrix import matrix_from_episodes  # noqa: E402
+from sdcli.models.episodes import list_episodes  # noqa: E402
 
 
 def curve(run_dir: Path) -> tuple[list[float], list[float], list[float]]:

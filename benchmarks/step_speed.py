@@ -36,8 +36,8 @@ VARIANTS = {
 def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     import torch
 
-    from sdcli.config import load_recipe
-    from sdcli.train import train_episode
+    from sdcli.recipe.config import load_recipe
+    from sdcli.training.train import train_episode
 
     torch.set_num_threads(int(os.environ.get("SD_BENCH_THREADS", "2")))
     with tempfile.TemporaryDirectory() as tmp:

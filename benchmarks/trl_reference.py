@@ -39,7 +39,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from sdcli.builtin_model import ensure_builtin_model
+    from sdcli.models.builtin_model import ensure_builtin_model
 
     torch.set_num_threads(int(os.environ.get("SD_BENCH_THREADS", "2")))
     path = ensure_builtin_model()

@@ -19,7 +19,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from sdcli import __version__
-from sdcli.errors import DiskFullError, Interrupted, JobStopped, UserError, is_disk_full
+from sdcli.core.errors import DiskFullError, Interrupted, JobStopped, UserError, is_disk_full
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -131,7 +131,7 @@ def train(
     ),
 ):
     """Train one learning episode per recipe, each on top of the episodes already in run_dir."""
-    from sdcli import distributed
+    from sdcli.training import distributed
 
     if nproc > 1:
         if distributed.current().world > 1:
@@ -148,7 +148,7 @@ def train(
 
 
 def _train(args: list[str], quiet: bool, resume: bool, allow_mixed_base: bool) -> None:
-    from sdcli.config import load_recipe
+    from sdcli.recipe.config import load_recipe
     from sdcli.validate import check_model_folder
 
     recipe_paths, overrides = split_recipes_and_overrides(args)
@@ -167,7 +167,7 @@ def _train(args: list[str], quiet: bool, resume: bool, allow_mixed_base: bool) -
 
 
 def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | None = None, allow_mixed_base: bool = False):
-    from sdcli.train import train_episode
+    from sdcli.training.train import train_episode
 
     log = lambda message: console.print(message, markup=False, highlight=False)  # noqa: E731
     if quiet or not console.is_terminal:
@@ -209,7 +209,7 @@ def validate(
     args: List[str] = typer.Argument(..., metavar="RECIPE... [KEY=VALUE]...", help="Recipe files, then overrides"),
 ):
     """Check recipes, their data files and model paths without training."""
-    from sdcli.config import load_recipe
+    from sdcli.recipe.config import load_recipe
     from sdcli.validate import check_recipe
 
     recipe_paths, overrides = split_recipes_and_overrides(args)
@@ -247,11 +247,11 @@ def merge(
     import contextlib
     import math
 
-    from sdcli.episodes import EPISODES
-    from sdcli.merge import DEFAULT_TOLERANCE, merge_history
-    from sdcli.model import quiet_transformers
-    from sdcli.runlock import run_lock
-    from sdcli.source import select_episodes
+    from sdcli.models.episodes import EPISODES
+    from sdcli.models.merge import DEFAULT_TOLERANCE, merge_history
+    from sdcli.models.model import quiet_transformers
+    from sdcli.models.runlock import run_lock
+    from sdcli.models.source import select_episodes
 
     quiet_transformers()
     if into not in ("model", "adapter"):
@@ -306,7 +306,7 @@ def episodes(
     """Show the lineage of a run: one row per episode, in stacking order."""
     import json
 
-    from sdcli.episodes import list_episodes
+    from sdcli.models.episodes import list_episodes
 
     if not (run_dir / "episodes").is_dir():
         raise UserError(f"{run_dir} is not a run folder (no episodes/ inside).")
@@ -351,9 +351,9 @@ def generate(
     """Generate answers from a run (any prefix of its episodes) or a merged model."""
     import torch
 
-    from sdcli.rollout import SamplingSettings, sample_responses
-    from sdcli.sequences import PromptEncoder, eos_ids
-    from sdcli.source import load_source
+    from sdcli.models.rollout import SamplingSettings, sample_responses
+    from sdcli.models.sequences import PromptEncoder, eos_ids
+    from sdcli.models.source import load_source
 
     if not prompt and not chat:
         raise UserError("Give at least one --prompt, or --chat.", hint='Example: sd generate runs/quickstart --prompt "Hi"')
@@ -410,10 +410,10 @@ def inspect_command(
     html_file: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page"),
 ):
     """Show what the teacher wants: every token of a response coloured by the teacher's advantage."""
-    from sdcli.episodes import write_atomic
+    from sdcli.core.outputs import check_output_file
     from sdcli.inspection import inspect_example, print_inspection, render_html
-    from sdcli.model import quiet_transformers
-    from sdcli.outputs import check_output_file
+    from sdcli.models.episodes import write_atomic
+    from sdcli.models.model import quiet_transformers
 
     quiet_transformers()
     if html_file is not None:
@@ -460,11 +460,11 @@ def eval_command(
     """Score greedy answers on held-out sets, with the teacher's in-context score beside them."""
     import json
 
-    from sdcli.continual_matrix import matrix_table, metrics_lines
-    from sdcli.evaluate import evaluate_matrix, evaluate_source, fmt, load_eval_set, load_texts, stored_eval_sets
-    from sdcli.model import quiet_transformers
-    from sdcli.outputs import check_output_file
-    from sdcli.source import is_run_dir, select_episodes
+    from sdcli.core.outputs import check_output_file
+    from sdcli.evaluation.continual_matrix import matrix_table, metrics_lines
+    from sdcli.evaluation.evaluate import evaluate_matrix, evaluate_source, fmt, load_eval_set, load_texts, stored_eval_sets
+    from sdcli.models.model import quiet_transformers
+    from sdcli.models.source import is_run_dir, select_episodes
 
     quiet_transformers()
     if out_json is not None:  # before the evaluation, whose results would otherwise be lost
@@ -512,7 +512,7 @@ def eval_command(
             out_print(f"drift on {drift}: KL from base {fmt(d['kl_from_base'], 4)}, perplexity {fmt(d['perplexity'], 2)} "
                       f"(base {fmt(d['base_perplexity'], 2)}), {d['tokens']} tokens")
     if out_json is not None:
-        from sdcli.episodes import write_atomic
+        from sdcli.models.episodes import write_atomic
 
         write_atomic(out_json, json.dumps(payload, indent=2))
         console.print(f"wrote {out_json}")
@@ -541,8 +541,8 @@ def report(
     ),
 ):
     """Plot loss, divergence, reward, the continual-learning matrix and drift; write a Markdown summary."""
-    from sdcli.continual_matrix import matrix_table, metrics_lines
-    from sdcli.report import build_report
+    from sdcli.evaluation.continual_matrix import matrix_table, metrics_lines
+    from sdcli.evaluation.report import build_report
 
     result = build_report(run_dir, out_dir, matrix)
     _print_table(f"{run_dir}: {len(result.episode_rows)} episode(s)", result.episode_header, result.episode_rows)

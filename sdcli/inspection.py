@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from sdcli.data import Messages
-from sdcli.errors import UserError
+from sdcli.core.data import Messages
+from sdcli.core.errors import UserError
 
 FULL_COLOUR_AT = 3.0  # |advantage| at which a token's colour is at full strength
 
@@ -71,13 +71,13 @@ def inspect_example(
     samples: int | None = None, max_new_tokens: int | None = None, seed: int = 0, log=lambda message: None,
 ) -> Inspection:
     """Sample, build the teacher's context and score one example of `data` (0-based `index`)."""
-    from sdcli.config import load_recipe
-    from sdcli.losses import DivergenceSpec, packed_divergence_and_stats
-    from sdcli.rollout import SamplingSettings, sample_responses
-    from sdcli.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit
+    from sdcli.recipe.config import load_recipe
+    from sdcli.training.losses import DivergenceSpec, packed_divergence_and_stats
+    from sdcli.models.rollout import SamplingSettings, sample_responses
+    from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit
     from sdcli.signals import build_signal
-    from sdcli.source import is_run_dir, load_source, select_episodes
-    from sdcli.train import learning_metrics, rollout_sequences, signal_metrics, teacher_pass
+    from sdcli.models.source import is_run_dir, load_source, select_episodes
+    from sdcli.training.train import learning_metrics, rollout_sequences, signal_metrics, teacher_pass
 
     run_dir, data = Path(run_dir), Path(data)
     if not is_run_dir(run_dir):

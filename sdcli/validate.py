@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdcli.config import BUILTIN_MODEL, LoraSettings, ModelConfig, Recipe
-from sdcli.errors import UserError
-from sdcli.model_folder import check_model_folder as check_model_folder_files
+from sdcli.recipe.config import BUILTIN_MODEL, LoraSettings, ModelConfig, Recipe
+from sdcli.core.errors import UserError
+from sdcli.models.model_folder import check_model_folder as check_model_folder_files
 from sdcli.signals import build_signal
 
 
@@ -18,7 +18,7 @@ def check_model_folder(model: ModelConfig, lora: LoraSettings | None = None) -> 
     name_or_path = model.name_or_path
     targets = lora.target_modules if lora is not None else None
     if name_or_path == BUILTIN_MODEL:
-        from sdcli.builtin_model import FOLDER_NAME, cache_root, gguf_path
+        from sdcli.models.builtin_model import FOLDER_NAME, cache_root, gguf_path
 
         gguf_path()
         cached = cache_root() / "models" / FOLDER_NAME
@@ -28,7 +28,7 @@ def check_model_folder(model: ModelConfig, lora: LoraSettings | None = None) -> 
     path = Path(name_or_path)
     check_model_folder_files(path, targets, model.trust_remote_code)
     config = json.loads((path / "config.json").read_text(encoding="utf-8-sig"))
-    from sdcli.model import load_tokenizer
+    from sdcli.models.model import load_tokenizer
 
     load_tokenizer(path)  # raises when there is no chat template
     return f"{path} ({config.get('model_type', '?')})"
@@ -58,7 +58,7 @@ def check_recipe(recipe: Recipe) -> dict[str, object]:
     except UserError as e:
         problems.append(e.render())
     if recipe.eval is not None:
-        from sdcli.evaluate import load_eval_plan
+        from sdcli.evaluation.evaluate import load_eval_plan
 
         try:
             plan = load_eval_plan(recipe)
@@ -85,7 +85,7 @@ def check_recipe(recipe: Recipe) -> dict[str, object]:
         }
     )
     if getattr(recipe.signal, "environment", None) == "python_tests":
-        from sdcli.sandbox import isolation
+        from sdcli.verification.sandbox import isolation
 
         summary["sandbox"] = isolation().describe()  # which isolation the model's code gets on this machine
     return summary

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sdcli.sandbox import isolation
+from sdcli.verification.sandbox import isolation
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_USER = "sd-sandbox-test"

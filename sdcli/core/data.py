@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sdcli.errors import DataError, UserError
+from sdcli.core.errors import DataError, UserError
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")

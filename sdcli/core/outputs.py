@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sdcli.errors import UserError
+from sdcli.core.errors import UserError
 
 
 def folder_problem(folder: Path | str) -> str | None:

@@ -6,7 +6,7 @@ Eval set: a JSONL file with one held-out question per line,
 
 Score of a model on a set: the mean over lines of reward(greedy answer, line). The greedy answer
 is at most `max_new_tokens` tokens at temperature 0. The scorers are the rewards signal's
-(sdcli.rewards): exact_match, numeric, regex and contains, each 0 or 1, so the score is an
+(sdcli.verification.scorers): exact_match, numeric, regex and contains, each 0 or 1, so the score is an
 accuracy; or a user `package.module:function`, called as function(response, line). A line's own
 `reward` key wins. Otherwise `--reward` / `eval.reward` applies, and its default is `contains`.
 `contains` is the default because instruct models answer a short fact with a sentence ("The
@@ -50,9 +50,9 @@ from pathlib import Path
 
 import torch
 
-from sdcli.data import Messages, as_messages, file_sha256, last_user_text, read_jsonl, with_last_user_text
-from sdcli.errors import DataError, RecipeError
-from sdcli.rewards import BUILTIN_REWARDS, RewardFn, builtin_reward, call_reward, check_answer, check_callable
+from sdcli.core.data import Messages, as_messages, file_sha256, last_user_text, read_jsonl, with_last_user_text
+from sdcli.core.errors import DataError, RecipeError
+from sdcli.verification.scorers import BUILTIN_REWARDS, RewardFn, builtin_reward, call_reward, check_answer, check_callable
 
 DEFAULT_REWARD = "contains"
 DETAILS_FILE = "eval.json"
@@ -88,7 +88,7 @@ class EvalSet:
 
 def resolve_scorer(spec: str, key: str = "eval.reward", search_dirs: Sequence[Path] = ()) -> RewardFn:
     """A built-in reward name or `package.module:function` -> (response, example) -> float."""
-    from sdcli.config import RewardsSignal
+    from sdcli.recipe.config import RewardsSignal
 
     if spec in BUILTIN_REWARDS:
         return builtin_reward(spec, RewardsSignal(reward=spec))
@@ -98,7 +98,7 @@ def resolve_scorer(spec: str, key: str = "eval.reward", search_dirs: Sequence[Pa
 def load_eval_set(path: Path, default_reward: str = DEFAULT_REWARD, search_dirs: Sequence[Path] = ()) -> EvalSet:
     """Read and check an eval set. Raises DataError listing every bad line, and RecipeError for a
     reward that cannot be imported."""
-    from sdcli.config import RewardsSignal
+    from sdcli.recipe.config import RewardsSignal
     from sdcli.signals.rewards import example_id
 
     path = Path(path)
@@ -209,7 +209,7 @@ def can_fold(model) -> bool:
 @contextlib.contextmanager
 def using(model, adapters: Sequence[str] | None):
     """Run with exactly `adapters` active ([] = the bare base), in eval mode; None = as the model is."""
-    from sdcli.stack import active_adapters
+    from sdcli.models.stack import active_adapters
 
     was_training = model.training
     model.eval()  # no LoRA dropout while evaluating
@@ -225,8 +225,8 @@ def greedy_answers(
     merge: bool = True, batch_size: int = 16,
 ) -> list[str]:
     """Greedy answers, in order. Prompts are batched by length to keep padding small."""
-    from sdcli.rollout import SamplingSettings, sample_responses
-    from sdcli.sequences import eos_ids
+    from sdcli.models.rollout import SamplingSettings, sample_responses
+    from sdcli.models.sequences import eos_ids
 
     # merged_for_sampling folds the layers' *active* adapters. Inside the adapter-off context those
     # are still listed as active, so folding there would put them back: never fold the bare base.
@@ -338,7 +338,7 @@ class EvalPlan:
 
 def teacher_template(recipe) -> str:
     """The teacher's template: the recipe's own when it trains on demonstrations, else the default."""
-    from sdcli.config import DEFAULT_DEMONSTRATION_TEMPLATE
+    from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE
 
     signal = getattr(recipe, "signal", None)
     return signal.teacher_template if getattr(signal, "kind", None) == "demonstrations" else DEFAULT_DEMONSTRATION_TEMPLATE
@@ -378,8 +378,8 @@ def episode_eval(
 
 
 def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_tokens, merge, log) -> dict:
-    from sdcli.episodes import write_atomic
-    from sdcli.sequences import PromptEncoder
+    from sdcli.models.episodes import write_atomic
+    from sdcli.models.sequences import PromptEncoder
 
     started = time.perf_counter()
     cfg = plan.cfg
@@ -442,8 +442,8 @@ def describe_scores(summary: dict) -> str:
 def stored_eval_sets(episodes) -> tuple[list[Path], list[int | None]]:
     """The eval sets named in each episode's stored recipe: tasks in episode order, then retain
     sets. Returns (paths, taught_by). Raises UserError when none is named or a file is gone."""
-    from sdcli.config import load_recipe
-    from sdcli.errors import UserError
+    from sdcli.core.errors import UserError
+    from sdcli.recipe.config import load_recipe
 
     paths: list[Path] = []
     taught: list[int | None] = []
@@ -475,7 +475,7 @@ def stored_eval_sets(episodes) -> tuple[list[Path], list[int | None]]:
 
 
 def _source_template(loaded) -> str:
-    from sdcli.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+    from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
 
     if not loaded.episodes:
         return DEFAULT_DEMONSTRATION_TEMPLATE
@@ -488,8 +488,8 @@ def evaluate_source(
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """One model (a run prefix, the base, or a model folder) on every set: {"model", "sets", "drift"}."""
-    from sdcli.sequences import PromptEncoder
-    from sdcli.source import load_source
+    from sdcli.models.sequences import PromptEncoder
+    from sdcli.models.source import load_source
 
     loaded = load_source(source, upto=upto, no_adapters=no_adapters)
     log(loaded.description)
@@ -514,10 +514,10 @@ def evaluate_matrix(
 ):
     """Every prefix of a run's stack (base, after 1, ..., after E) on every set, from one loaded
     model whose adapters are switched per row. Returns (Matrix, details per row)."""
-    from sdcli.continual_matrix import Matrix
-    from sdcli.sequences import PromptEncoder
-    from sdcli.source import load_source
-    from sdcli.stack import adapter_name
+    from sdcli.evaluation.continual_matrix import Matrix
+    from sdcli.models.sequences import PromptEncoder
+    from sdcli.models.source import load_source
+    from sdcli.models.stack import adapter_name
 
     loaded = load_source(run_dir)
     names = [adapter_name(e.number) for e in loaded.episodes]

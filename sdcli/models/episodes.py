@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from sdcli import __version__
-from sdcli.data import file_sha256, read_text
-from sdcli.errors import UserError, write_error
+from sdcli.core.data import file_sha256, read_text
+from sdcli.core.errors import UserError, write_error
 
 EPISODES = "episodes"
 PARTIAL_PREFIX = ".partial-"

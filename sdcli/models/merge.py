@@ -1,6 +1,6 @@
 """Folding a history of episode adapters into one model or one adapter, checked numerically.
 
-A history is the base plus LoRA adapters 1..k, all active (see `sdcli.stack`). Each adds
+A history is the base plus LoRA adapters 1..k, all active (see `sdcli.models.stack`). Each adds
 s_i * B_i A_i to the weights it targets, so the stack can be folded exactly:
 
   into="model"    W' = W + sum_i s_i B_i A_i, written as a plain transformers model folder
@@ -53,9 +53,9 @@ from pathlib import Path
 
 import torch
 
-from sdcli.errors import DiskFullError, UserError, is_disk_full, write_error
-from sdcli.quantization import QUANTIZATIONS
-from sdcli.stack import WEIGHTS_FILE, adapter_dir_problems, attach_stack
+from sdcli.core.errors import DiskFullError, UserError, is_disk_full, write_error
+from sdcli.models.quantization import QUANTIZATIONS
+from sdcli.models.stack import WEIGHTS_FILE, adapter_dir_problems, attach_stack
 
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_PROBE_PROMPTS = [
@@ -137,13 +137,13 @@ class MergeReport:
 
 
 def load_base_model(path: Path, quantization: str):
-    """The base as `sd` trains on it (`sdcli.quantization`: NF4 with double quantization for 4bit,
+    """The base as `sd` trains on it (`sdcli.models.quantization`: NF4 with double quantization for 4bit,
     LLM.int8 for 8bit), computing in float32, the dtype the merge and its check run in.
 
     The quantized weights are those training used, so `quantized_stack_diff` compares against the
     stack as trained; a run trained in bfloat16 on CUDA computed in bfloat16 there.
     """
-    from sdcli.quantization import load_model
+    from sdcli.models.quantization import load_model
 
     try:
         return load_model(path, quantization, torch.float32)
@@ -487,11 +487,11 @@ def _check_inputs(base_path: Path, dirs: list[Path], out_dir: Path, force: bool)
     if not base_path.is_dir():
         problems.append(f"base model {base_path}: folder not found")
     else:
-        from sdcli.model_folder import model_folder_problems
+        from sdcli.models.model_folder import model_folder_problems
 
         problems += [f"base model: {p}" for p in model_folder_problems(base_path, trust_remote_code=None)]
     problems += [f"{d}: {p}" for d in dirs for p in adapter_dir_problems(d)]
-    from sdcli.outputs import folder_problem
+    from sdcli.core.outputs import folder_problem
 
     problem = folder_problem(out_dir.parent)  # a file in the way, no write permission: before anything loads
     if problem:

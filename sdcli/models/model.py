@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from sdcli.config import BUILTIN_MODEL, DType, LoraSettings, ModelConfig, Quantization
-from sdcli.errors import UserError
+from sdcli.core.errors import UserError
+from sdcli.recipe.config import BUILTIN_MODEL, DType, LoraSettings, ModelConfig, Quantization
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,10 +36,10 @@ def quiet_transformers() -> None:
 
 def resolve_model_path(name_or_path: str, trust_remote_code: bool | None = None) -> Path:
     """The folder of the base model, checked from its config and weight headers before anything
-    loads it (`sdcli.model_folder`): a missing or truncated weight file, or an architecture
+    loads it (`sdcli.models.model_folder`): a missing or truncated weight file, or an architecture
     transformers does not know, is a UserError naming the file, not a loader's traceback."""
     if name_or_path == BUILTIN_MODEL:
-        from sdcli.builtin_model import ensure_builtin_model
+        from sdcli.models.builtin_model import ensure_builtin_model
 
         return ensure_builtin_model()
     path = Path(name_or_path)
@@ -48,7 +48,7 @@ def resolve_model_path(name_or_path: str, trust_remote_code: bool | None = None)
             f"model.name_or_path: {path} is not a model folder (no config.json).",
             hint=f"sd never downloads models. Point it at a local folder, or use {BUILTIN_MODEL}.",
         )
-    from sdcli.model_folder import check_model_folder
+    from sdcli.models.model_folder import check_model_folder
 
     check_model_folder(path, trust_remote_code=trust_remote_code)
     return path
@@ -92,7 +92,7 @@ def load_tokenizer(path: Path, require_chat_template: bool = True):
 
 def load_base(cfg: ModelConfig, device: torch.device | None = None) -> LoadedModel:
     """Load the base model frozen, in eval mode (no dropout in either role)."""
-    from sdcli.quantization import load_model
+    from sdcli.models.quantization import load_model
 
     quiet_transformers()
     device = device or default_device()
@@ -115,7 +115,7 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMod
                 "which saves memory but is several times slower than float32 here. It is meant for CUDA.",
                 stacklevel=2,
             )
-    # quantized exactly as `sd merge` reloads it (sdcli.quantization)
+    # quantized exactly as `sd merge` reloads it (sdcli.models.quantization)
     model = load_model(path, cfg.quantization, dtype, **kwargs)
     if not quantized:
         model.to(device)
@@ -141,7 +141,7 @@ def add_trainable_adapter(model, name: str, settings: LoraSettings):
     """Add this episode's adapter on top of whatever is attached. Returns the PeftModel."""
     from peft import PeftModel, get_peft_model
 
-    from sdcli.stack import set_active_adapters
+    from sdcli.models.stack import set_active_adapters
 
     check_target_modules(model, settings)
     if isinstance(model, PeftModel):
@@ -160,7 +160,7 @@ def check_target_modules(model, settings: LoraSettings) -> None:
     (peft raises a ValueError for none matching, and says nothing when only some do)."""
     if not isinstance(settings.target_modules, list):
         return
-    from sdcli.model_folder import module_name_problems
+    from sdcli.models.model_folder import module_name_problems
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     modules = {name for name, _ in base.named_modules() if name}
@@ -209,7 +209,7 @@ def merged_for_sampling(model, enabled: bool):
                 delta = sum(layer.get_delta_weight(a) for a in names)
                 swapped.append((base.weight, original))
                 base.weight.data = original + delta.to(original.dtype)
-        from sdcli.stack import active_adapters
+        from sdcli.models.stack import active_adapters
 
         with active_adapters(model, []):  # the folded weights already hold the adapters
             yield
@@ -224,7 +224,7 @@ def student_train_mode(model, adapter: str) -> None:
 
     `model.train()` would also switch on the base model's own dropout (attention, residual), which
     the user never asked for and which makes the student a noisier network than the teacher it is
-    compared with; frozen adapters have none (`sdcli.stack`), and the teacher runs in `eval_mode`.
+    compared with; frozen adapters have none (`sdcli.models.stack`), and the teacher runs in `eval_mode`.
     """
     model.eval()
     for layer in lora_layers(model):

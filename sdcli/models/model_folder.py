@@ -25,7 +25,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from sdcli.errors import UserError
+from sdcli.core.errors import UserError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -1,5 +1,5 @@
-"""How sd quantizes a base model: one definition, for training (sdcli.model), merge (sdcli.merge)
-and the checks (benchmarks/cuda_check.py loads through sdcli.model).
+"""How sd quantizes a base model: one definition, for training (sdcli.models.model), merge (sdcli.models.merge)
+and the checks (benchmarks/cuda_check.py loads through sdcli.models.model).
 
   4bit  bitsandbytes NF4 with double quantization (the per-block scales are quantized too), the
         matmuls computed in the model's dtype, the 4-bit codes stored as uint8.
@@ -24,7 +24,7 @@ from then on every forward of that layer, gradient or not, goes through that ker
     quantization) or 0.27 (double) in logits on such CPUs, where the same check is ~1e-5 elsewhere.
 Turning that path off gives every x86-64 CPU the same portable path (dequantize to the compute
 dtype, then a plain matmul, with autograd), which is what the other CPUs and CUDA (its own
-kernels) do anyway. CPU 4-bit is for memory, not speed (see `sdcli.model.load_base`).
+kernels) do anyway. CPU 4-bit is for memory, not speed (see `sdcli.models.model.load_base`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 
 def quantization_config(quantization, dtype: torch.dtype):
     """The BitsAndBytesConfig a base is loaded with for `quantization` ("none", "4bit", "8bit", or a
-    `sdcli.config.Quantization`), computing in `dtype`; None for "none"."""
+    `sdcli.recipe.config.Quantization`), computing in `dtype`; None for "none"."""
     quantization = getattr(quantization, "value", quantization)
     if quantization == "none":
         return None

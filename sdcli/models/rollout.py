@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sdcli.model import eval_mode, merged_for_sampling
-from sdcli.sequences import cut_at_eos
+from sdcli.models.model import eval_mode, merged_for_sampling
+from sdcli.models.sequences import cut_at_eos
 
 
 @dataclass

@@ -24,8 +24,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from sdcli.episodes import now_iso
-from sdcli.errors import UserError
+from sdcli.core.errors import UserError
+from sdcli.models.episodes import now_iso
 
 LOCK_FILE = ".lock"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdcli.data import Messages
+from sdcli.core.data import Messages
 
 
 @dataclass

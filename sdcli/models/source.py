@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcli.episodes import EPISODES, Episode, list_episodes
-from sdcli.errors import UserError
+from sdcli.core.errors import UserError
+from sdcli.models.episodes import EPISODES, Episode, list_episodes
 
 
 @dataclass
@@ -35,9 +35,9 @@ def select_episodes(run_dir: Path, upto: int | None) -> list[Episode]:
 
 
 def load_source(source: Path, upto: int | None = None, no_adapters: bool = False, device=None) -> LoadedSource:
-    from sdcli.config import DType, ModelConfig, Quantization
-    from sdcli.model import load_base
-    from sdcli.stack import attach_stack
+    from sdcli.models.model import load_base
+    from sdcli.models.stack import attach_stack
+    from sdcli.recipe.config import DType, ModelConfig, Quantization
 
     source = Path(source)
     if is_run_dir(source):
@@ -50,8 +50,8 @@ def load_source(source: Path, upto: int | None = None, no_adapters: bool = False
         what = f"{source}: base + {len(names)} episode(s)" + (f" ({', '.join(e.label for e in chosen)})" if chosen else "")
         return LoadedSource(model, loaded.tokenizer, what, chosen, loaded.path)
     if (source / "config.json").is_file():
-        from sdcli.config import ModelConfig
-        from sdcli.model import load_base
+        from sdcli.models.model import load_base
+        from sdcli.recipe.config import ModelConfig
 
         loaded = load_base(ModelConfig(name_or_path=str(source)), device)
         return LoadedSource(loaded.model, loaded.tokenizer, f"{source} (model folder)", [], loaded.path)

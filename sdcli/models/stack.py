@@ -8,7 +8,7 @@ active and frozen. Every active LoRA adds its own term to a layer's output,
 
 which is exactly what peft computes when several adapters are active (`LoraLayer.forward` loops
 over `active_adapters`). The stack is therefore the same function as the base with every
-s_i * B_i A_i added to its weight; `sdcli.merge` folds it that way.
+s_i * B_i A_i added to its weight; `sdcli.models.merge` folds it that way.
 
 peft pitfalls this module guards against (peft 0.21):
   - `LoraModel.set_adapter(names)` sets requires_grad=True on every adapter it activates and False
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from sdcli.errors import DiskFullError, UserError, is_disk_full
+from sdcli.core.errors import DiskFullError, UserError, is_disk_full
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sdcli.data import read_text
-from sdcli.errors import RecipeError
+from sdcli.core.data import read_text
+from sdcli.core.errors import RecipeError
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 
@@ -820,7 +820,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), check_files:
         for key, file in recipe.eval.files() if recipe.eval is not None else []:
             if not file.is_file():
                 problems.append(f"{where(('eval', *key.split('.')))}: 'eval.{key}': file not found: {file}")
-        from sdcli.outputs import folder_problem
+        from sdcli.core.outputs import folder_problem
 
         run_dir_problem = folder_problem(recipe.run_dir)
         if run_dir_problem:

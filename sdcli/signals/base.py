@@ -11,7 +11,7 @@ that response too (off-policy), scored by the same teacher.
 
 A view also keeps its last user turn in `pieces`: the template's words and the question in some,
 the context (demonstration, solution, feedback, follow-up) in others. When the teacher's prompt
-is longer than it may be, only the context pieces are shortened (`sdcli.sequences.TeacherPromptEncoder`).
+is longer than it may be, only the context pieces are shortened (`sdcli.models.sequences.TeacherPromptEncoder`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sdcli.data import Messages, with_last_user_text
+from sdcli.core.data import Messages, with_last_user_text
 
 # A text in pieces, (text, is_context) each: "".join(text) is the text, and the pieces marked as
 # context are the ones that may be shortened.

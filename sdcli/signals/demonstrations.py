@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdcli.config import DemonstrationsSignal
-from sdcli.data import JsonlScan, LazyRecords, LineIndex, as_messages, last_user_text
-from sdcli.errors import DataError
+from sdcli.core.data import JsonlScan, LazyRecords, LineIndex, as_messages, last_user_text
+from sdcli.core.errors import DataError
+from sdcli.recipe.config import DemonstrationsSignal
 from sdcli.signals.base import Example, LoadReport, TeacherView, context, context_view, fill
 
 

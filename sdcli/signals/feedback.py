@@ -38,16 +38,9 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdcli.config import FeedbackSignal
-from sdcli.data import last_user_text
-from sdcli.environments import (
-    EnvFn,
-    call_environment,
-    check_python_tests,
-    load_environment,
-)
-from sdcli.errors import UserError
-from sdcli.sandbox import run_python
+from sdcli.core.data import last_user_text
+from sdcli.core.errors import UserError
+from sdcli.recipe.config import FeedbackSignal
 from sdcli.signals.base import Example, LoadReport, Pieces, TeacherView, context, context_view, fill
 from sdcli.signals.rewards import (
     SKIPPED_SUCCESSFUL,
@@ -57,6 +50,13 @@ from sdcli.signals.rewards import (
     render_solution,
     sibling_solution,
 )
+from sdcli.verification.environments import (
+    EnvFn,
+    call_environment,
+    check_python_tests,
+    load_environment,
+)
+from sdcli.verification.sandbox import run_python
 
 log = logging.getLogger(__name__)
 

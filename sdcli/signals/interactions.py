@@ -26,9 +26,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sdcli.config import InteractionsSignal
-from sdcli.data import ROLES, JsonlScan, LazyRecords, LineIndex, Messages, last_user_text
-from sdcli.errors import DataError
+from sdcli.recipe.config import InteractionsSignal
+from sdcli.core.data import ROLES, JsonlScan, LazyRecords, LineIndex, Messages, last_user_text
+from sdcli.core.errors import DataError
 from sdcli.signals.base import Example, LoadReport, TeacherView, context, context_view, fill
 
 # ShareGPT "from" values, mapped to chat roles.

@@ -34,17 +34,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdcli.config import RewardsSignal
-from sdcli.data import JsonlScan, LazyRecords, LineIndex, as_messages, last_user_text
-from sdcli.errors import DataError
-from sdcli.rewards import (
+from sdcli.core.data import JsonlScan, LazyRecords, LineIndex, as_messages, last_user_text
+from sdcli.core.errors import DataError
+from sdcli.recipe.config import RewardsSignal
+from sdcli.signals.base import Example, LoadReport, Pieces, TeacherView, context, context_view, fill
+from sdcli.verification.scorers import (
     BUILTIN_REWARDS,
     RewardFn,
     call_reward,
     check_answer,
     load_reward,
 )
-from sdcli.signals.base import Example, LoadReport, Pieces, TeacherView, context, context_view, fill
 
 log = logging.getLogger(__name__)
 

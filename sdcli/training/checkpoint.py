@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sdcli.errors import DiskFullError, UserError, is_disk_full, write_error
+from sdcli.core.errors import DiskFullError, UserError, is_disk_full, write_error
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.pt"

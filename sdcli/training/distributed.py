@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sdcli.errors import DiskFullError, Interrupted, JobStopped, UserError, is_disk_full
+from sdcli.core.errors import DiskFullError, Interrupted, JobStopped, UserError, is_disk_full
 
 # how long a rank waits in a collective for the others (rank 0 alone evaluates at the end of an
 # episode while the others wait): SD_DIST_TIMEOUT_MIN minutes
@@ -171,7 +171,7 @@ class Ranks:
         resumed run samples on every rank what the uninterrupted run would have."""
         if self.world == 1:
             return extra
-        from sdcli.checkpoint import rng_state
+        from sdcli.training.checkpoint import rng_state
 
         states = self.exchange(rng_state())
         return {**extra, "world_size": self.world, "rank_rng": states}

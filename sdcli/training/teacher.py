@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from sdcli.config import TeacherKind
-from sdcli.model import eval_mode
-from sdcli.sequences import ScoreBatch, response_hidden
-from sdcli.stack import active_adapters
+from sdcli.models.model import eval_mode
+from sdcli.models.sequences import ScoreBatch, response_hidden
+from sdcli.models.stack import active_adapters
+from sdcli.recipe.config import TeacherKind
 
 EMA_ADAPTER = "ema"
 
@@ -47,8 +47,8 @@ def teacher_hidden(model, decoder, batch: ScoreBatch, adapters: list[str]) -> to
 
 def add_ema_adapter(model, episode: str, lora_settings) -> None:
     """Add the frozen EMA adapter, equal to the episode's; the active set stays as it was."""
-    from sdcli.model import lora_config
-    from sdcli.stack import set_active_adapters
+    from sdcli.models.model import lora_config
+    from sdcli.models.stack import set_active_adapters
 
     active = list(model.base_model.active_adapters)
     model.add_adapter(EMA_ADAPTER, lora_config(lora_settings))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sdcli.errors import UserError
+from sdcli.core.errors import UserError
 
 
 class TensorBoardLog:

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from sdcli.anchors import load_anchor_prompts
-from sdcli.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from sdcli.config import Method, Quantization, Recipe, TeacherKind, dump_recipe
-from sdcli.data import file_sha256
-from sdcli.distributed import Ranks, current, stack_padded
-from sdcli.episodes import (
+from sdcli.training.anchors import load_anchor_prompts
+from sdcli.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from sdcli.recipe.config import Method, Quantization, Recipe, TeacherKind, dump_recipe
+from sdcli.core.data import file_sha256
+from sdcli.training.distributed import Ranks, current, stack_padded
+from sdcli.models.episodes import (
     adapter_hashes,
     check_same_base,
     episode_meta,
@@ -47,10 +47,10 @@ from sdcli.episodes import (
     publish,
     write_atomic,
 )
-from sdcli.errors import Interrupted, UserError
-from sdcli.evaluate import episode_eval, load_eval_plan
-from sdcli.memory import PeakMemory, return_freed_memory_to_os
-from sdcli.losses import (
+from sdcli.core.errors import Interrupted, UserError
+from sdcli.evaluation.evaluate import episode_eval, load_eval_plan
+from sdcli.training.memory import PeakMemory, return_freed_memory_to_os
+from sdcli.training.losses import (
     STAT_DISAGREE,
     STAT_STUDENT_LOGP,
     STAT_TEACHER_LOGP,
@@ -59,7 +59,7 @@ from sdcli.losses import (
     masked_sequence_mean,
     packed_divergence_and_stats,
 )
-from sdcli.model import (
+from sdcli.models.model import (
     add_trainable_adapter,
     enable_activation_checkpointing,
     load_base,
@@ -67,14 +67,14 @@ from sdcli.model import (
     student_train_mode,
     trainable_parameters,
 )
-from sdcli.rollout import SamplingSettings, sample_responses
-from sdcli.runlock import run_lock
-from sdcli.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit
+from sdcli.models.rollout import SamplingSettings, sample_responses
+from sdcli.models.runlock import run_lock
+from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit
 from sdcli.signals import build_signal
 from sdcli.signals.base import Example, TeacherView
-from sdcli.stack import adapter_name, attach_stack, combine_frozen, save_adapter
-from sdcli.tensorboard import TensorBoardLog
-from sdcli.teacher import EMA_ADAPTER, add_ema_adapter, teacher_adapters, teacher_hidden, update_ema
+from sdcli.models.stack import adapter_name, attach_stack, combine_frozen, save_adapter
+from sdcli.training.tensorboard import TensorBoardLog
+from sdcli.training.teacher import EMA_ADAPTER, add_ema_adapter, teacher_adapters, teacher_hidden, update_ema
 
 
 @contextmanager

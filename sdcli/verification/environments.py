@@ -41,7 +41,7 @@ runner that exits early or prints garbage scores 0 for the tests it did not answ
 
 A user environment is `package.module:function(response, example) -> (reward, feedback)`,
 loaded and checked like a user reward (see rewards.py). It runs in the training process: it is
-your code; to run the model's code, call `sdcli.sandbox.run_python` from it. `call_environment`
+your code; to run the model's code, call `sdcli.verification.sandbox.run_python` from it. `call_environment`
 contains its errors the same way `call_reward` does.
 """
 
@@ -59,11 +59,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sdcli import python_tests_child
-from sdcli.config import SandboxLimits
-from sdcli.python_tests_child import decode
-from sdcli.rewards import as_reward, callable_name, check_callable, show_value
-from sdcli.sandbox import SandboxResult, isolation, run_python
+from sdcli.recipe.config import SandboxLimits
+from sdcli.verification import python_tests_child
+from sdcli.verification.python_tests_child import decode
+from sdcli.verification.sandbox import SandboxResult, isolation, run_python
+from sdcli.verification.scorers import as_reward, callable_name, check_callable, show_value
 
 EnvFn = Callable[[str, dict], tuple]
 

@@ -2,7 +2,7 @@
 
 `run_python(code, limits)` runs `code` as `main.py` in a fresh folder and returns a
 `SandboxResult`; the folder is gone afterwards. The child starts with `python -I` (no user site,
-no PYTHON* variables) and runs sdcli/sandbox_child.py first, which sets the limits and the
+no PYTHON* variables) and runs sdcli/verification/sandbox_child.py first, which sets the limits and the
 Python-level guard and then runs main.py.
 
 How strongly the code is isolated depends on the machine; `isolation()` says which level this
@@ -48,9 +48,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdcli import sandbox_child
-from sdcli.config import SandboxLimits
-from sdcli.errors import UserError
+from sdcli.core.errors import UserError
+from sdcli.recipe.config import SandboxLimits
+from sdcli.verification import sandbox_child
 
 TRUNCATED = "\n[... output truncated: the sandbox keeps at most {n} bytes ...]\n"
 INSIDE = "/sandbox"  # the folder's path inside bubblewrap

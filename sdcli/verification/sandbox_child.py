@@ -1,6 +1,6 @@
 """The sandbox's child side: what runs inside the sandboxed process, before the untrusted code.
 
-sdcli/sandbox.py starts it as `python -I -c LAUNCH <this file's source> CONFIG_JSON` in the run's
+sdcli/verification/sandbox.py starts it as `python -I -c LAUNCH <this file's source> CONFIG_JSON` in the run's
 folder, directly or inside bubblewrap. It imports nothing from sdcli, so it works where the
 package itself cannot be read. In order, it:
 

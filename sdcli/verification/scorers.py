@@ -39,7 +39,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from sdcli.errors import RecipeError
+from sdcli.core.errors import RecipeError
 
 RewardFn = Callable[[str, dict], float]
 

@@ -571,7 +571,7 @@ def test_bad_input(case, fixtures, tmp_path, monkeypatch):
 
 
 def test_mapping_override_keeps_the_rest_of_the_section(fixtures, tmp_path, monkeypatch):
-    from sdcli.config import load_recipe
+    from sdcli.recipe.config import load_recipe
 
     (tmp_path / "data.jsonl").write_text(DEMO)
     (tmp_path / "r.yaml").write_text(_fill(RECIPE, fixtures).replace("lora: {r: 4, alpha: 8}", "lora: {r: 4, alpha: 8, dropout: 0.1}"))
@@ -597,8 +597,8 @@ def _torch_writer_fails(monkeypatch) -> None:
 def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch, fails):
     import torch
 
-    from sdcli.checkpoint import load_checkpoint, save_checkpoint
-    from sdcli.errors import DiskFullError
+    from sdcli.core.errors import DiskFullError
+    from sdcli.training.checkpoint import load_checkpoint, save_checkpoint
 
     param = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([param])
@@ -636,7 +636,7 @@ def test_disk_full_in_a_library_is_said_plainly(monkeypatch):
 def test_merge_removes_the_litter_of_killed_merges(fixtures, tmp_path, monkeypatch):
     import fcntl
 
-    from sdcli.merge import OWNER_FILE
+    from sdcli.models.merge import OWNER_FILE
 
     def litter(name: str, lock: bool = False, age: float = 0.0) -> Path:
         folder = tmp_path / name

@@ -16,15 +16,15 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from sdcli.config import LoraSettings, ModelConfig, TeacherKind, load_recipe
-from sdcli.episodes import list_episodes
-from sdcli.errors import Interrupted, UserError
-from sdcli.merge import merge_history
-from sdcli.model import add_trainable_adapter, load_base
-from sdcli.sequences import score_batch
-from sdcli.stack import attach_stack
-from sdcli.teacher import teacher_adapters, teacher_hidden
-from sdcli.train import train_episode
+from sdcli.core.errors import Interrupted, UserError
+from sdcli.models.episodes import list_episodes
+from sdcli.models.merge import merge_history
+from sdcli.models.model import add_trainable_adapter, load_base
+from sdcli.models.sequences import score_batch
+from sdcli.models.stack import attach_stack
+from sdcli.recipe.config import LoraSettings, ModelConfig, TeacherKind, load_recipe
+from sdcli.training.teacher import teacher_adapters, teacher_hidden
+from sdcli.training.train import train_episode
 
 TASKS = {
     "zorblax": [{"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."}],

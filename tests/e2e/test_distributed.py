@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdcli.config import load_recipe
-from sdcli.episodes import list_episodes
-from sdcli.train import train_episode
+from sdcli.models.episodes import list_episodes
+from sdcli.recipe.config import load_recipe
+from sdcli.training.train import train_episode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ ANCHORS = ["Say hello.", "Name a colour.", "What is 3+4?", "Give me a short tip 
 # `python -m sdcli ARGS` with a failure planted on one rank ("RANK:CALL", the CALL-th teacher pass)
 PLANTED = """
 import os
-import sdcli.train as train
+import sdcli.training.train as train
 rank, at = map(int, os.environ["SD_TEST_PLANT"].split(":"))
 real, calls = train.teacher_pass, [0]
 def teacher_pass(*args, **kwargs):
@@ -180,7 +180,7 @@ def test_a_failure_on_one_rank_stops_every_rank_with_one_message(tmp_path, tiny_
 def test_sd_train_nproc_refused_run_says_so_once(tmp_path, tiny_model_dir):
     """`sd train --nproc 2` starts the ranks itself; rank 0 cannot take the run (another command
     holds it): one message, exit 2 as for one process, nothing written."""
-    from sdcli.runlock import run_lock
+    from sdcli.models.runlock import run_lock
 
     recipe = write_recipe(tmp_path, tiny_model_dir, "off_policy_fraction: 1", "max_steps: 2", anchors=0)
     with run_lock(tmp_path / "run", "a test holding the run"):

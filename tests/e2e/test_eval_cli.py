@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sdcli.continual_matrix import Matrix, matrix_from_episodes
-from sdcli.episodes import list_episodes
+from sdcli.evaluation.continual_matrix import Matrix, matrix_from_episodes
+from sdcli.models.episodes import list_episodes
 
 TASKS = {
     "zorblax": ("What is the capital of Zorblax?", "The capital of Zorblax is Quenta.", "Quenta"),

@@ -13,9 +13,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chat_ids, response_logprobs
-from sdcli.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
 from sdcli.inspection import inspect_example, render_html
-from sdcli.train import train_episode
+from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+from sdcli.training.train import train_episode
 
 FACTS = [
     {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import REPO, build_tiny_model
-from sdcli.checkpoint import CHECKPOINT, STATE_FILE
-from sdcli.config import load_recipe
-from sdcli.data import file_sha256
-from sdcli.errors import UserError
-from sdcli.train import train_episode
+from sdcli.core.data import file_sha256
+from sdcli.core.errors import UserError
+from sdcli.recipe.config import load_recipe
+from sdcli.training.checkpoint import CHECKPOINT, STATE_FILE
+from sdcli.training.train import train_episode
 
 
 def recipe_for(tmp_path: Path, model_dir: Path, name: str, steps: int = 1) -> Path:

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chat_ids, response_logprobs
-from sdcli.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
 
 FACTS = [
     {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},
@@ -60,7 +60,7 @@ anchor:
 @pytest.fixture()
 def sampled(monkeypatch) -> list:
     """Records every call to the student sampler: (number of prompts, responses)."""
-    import sdcli.train as train_module
+    import sdcli.training.train as train_module
 
     calls: list = []
     real = train_module.sample_responses
@@ -102,7 +102,7 @@ def teacher_text(row: dict) -> str:
 
 
 def test_off_policy_loss_is_the_teacher_scored_demonstration_and_samples_nothing(tmp_path, tiny_model_dir, sampled):
-    from sdcli.train import train_episode
+    from sdcli.training.train import train_episode
 
     recipe = recipe_for(tmp_path, tiny_model_dir, "  max_steps: 2", "  off_policy_fraction: 1.0")
     metrics = metrics_of(train_episode(recipe))
@@ -121,7 +121,7 @@ def test_off_policy_loss_is_the_teacher_scored_demonstration_and_samples_nothing
 
 def test_on_policy_only_samples_every_prompt_and_distils_the_sample(tmp_path, tiny_model_dir, sampled):
     """Share 0 is the on-policy loop: every prompt sampled, the teacher scoring that very sample."""
-    from sdcli.train import train_episode
+    from sdcli.training.train import train_episode
 
     recipe = recipe_for(tmp_path, tiny_model_dir, "  max_steps: 2", "  off_policy_fraction: 0.0")
     metrics = metrics_of(train_episode(recipe))
@@ -135,7 +135,7 @@ def test_on_policy_only_samples_every_prompt_and_distils_the_sample(tmp_path, ti
 
 
 def test_a_mixed_step_splits_the_prompts_and_reports_both_parts(tmp_path, tiny_model_dir, sampled):
-    from sdcli.train import train_episode
+    from sdcli.training.train import train_episode
 
     recipe = recipe_for(tmp_path, tiny_model_dir, "  max_steps: 2", "  off_policy_fraction: 0.5")
     metrics = metrics_of(train_episode(recipe))
@@ -150,7 +150,7 @@ def test_a_mixed_step_splits_the_prompts_and_reports_both_parts(tmp_path, tiny_m
 
 
 def test_updates_per_rollout_reuse_one_rollout(tmp_path, tiny_model_dir, sampled):
-    from sdcli.train import train_episode
+    from sdcli.training.train import train_episode
 
     recipe = recipe_for(
         tmp_path, tiny_model_dir, "  max_steps: 5\n  updates_per_rollout: 2", "  off_policy_fraction: 0",
@@ -164,7 +164,7 @@ def test_updates_per_rollout_reuse_one_rollout(tmp_path, tiny_model_dir, sampled
 
 
 def test_epochs_set_the_number_of_steps_from_the_data(tmp_path, tiny_model_dir):
-    from sdcli.train import train_episode
+    from sdcli.training.train import train_episode
 
     recipe = recipe_for(tmp_path, tiny_model_dir, "  epochs: 1.5", "  off_policy_fraction: 1.0")
     result = train_episode(recipe)
@@ -174,14 +174,14 @@ def test_epochs_set_the_number_of_steps_from_the_data(tmp_path, tiny_model_dir):
 
 
 def test_max_steps_and_epochs_together_are_refused(tmp_path, tiny_model_dir):
-    from sdcli.errors import RecipeError
+    from sdcli.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="max_steps or train.epochs"):
         recipe_for(tmp_path, tiny_model_dir, "  epochs: 2\n  max_steps: 3")
 
 
 def test_off_policy_count_keeps_the_share_exact_over_rollouts():
-    from sdcli.train import off_policy_count
+    from sdcli.training.train import off_policy_count
 
     counts = [off_policy_count(0.3, 4, r) for r in range(10)]
     assert sum(counts) == 12 and set(counts) <= {1, 2}
@@ -193,7 +193,7 @@ def test_anchors_hold_the_student_to_the_start_without_moving_the_sampler(tmp_pa
     """Anchor prompts: answered once by the starting model, then scored by it with no context, so
     their loss is exactly zero at step 1 and grows only as the student drifts. Their sampling must
     not shift the random numbers of the episode's own rollouts."""
-    from sdcli.train import train_episode
+    from sdcli.training.train import train_episode
 
     anchors = tmp_path / "anchors.jsonl"
     anchors.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a colour.", "Count to three.", "Say hello."]))
@@ -216,7 +216,7 @@ def test_anchors_hold_the_student_to_the_start_without_moving_the_sampler(tmp_pa
 
 
 def test_the_builtin_anchor_set_loads_and_is_disjoint_from_the_benchmarks_general_questions():
-    from sdcli.anchors import load_anchor_prompts
+    from sdcli.training.anchors import load_anchor_prompts
 
     prompts = [p[-1]["content"] for p in load_anchor_prompts("builtin:general")]
     assert len(prompts) == len(set(prompts)) >= 40
@@ -228,7 +228,7 @@ def test_the_builtin_anchor_set_loads_and_is_disjoint_from_the_benchmarks_genera
 def test_teacher_temperature_applies_to_task_sequences_and_never_to_anchors():
     import torch
 
-    from sdcli.train import ANCHOR, KIND_INDEX, OFF_POLICY, ON_POLICY, teacher_temperatures
+    from sdcli.training.train import ANCHOR, KIND_INDEX, OFF_POLICY, ON_POLICY, teacher_temperatures
 
     kinds = torch.tensor([KIND_INDEX[ON_POLICY], KIND_INDEX[OFF_POLICY], KIND_INDEX[ANCHOR]])
     mask = torch.ones(3, 4, dtype=torch.bool)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sdcli.config import load_recipe
-from sdcli.train import train_episode
+from sdcli.recipe.config import load_recipe
+from sdcli.training.train import train_episode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def test_feedback_recipe_runs_in_the_sandbox(tmp_path, tiny_model_dir):
 
 
 def test_interactions_offline_never_generates(tmp_path, tiny_model_dir, monkeypatch):
-    import sdcli.train as train_module
+    import sdcli.training.train as train_module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("offline mode must not sample")
@@ -83,7 +83,7 @@ def test_interactions_offline_never_generates(tmp_path, tiny_model_dir, monkeypa
 
 
 def test_interactions_online_samples_from_the_student(tmp_path, tiny_model_dir, monkeypatch):
-    import sdcli.train as train_module
+    import sdcli.training.train as train_module
 
     calls = []
     real = train_module.sample_responses

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chat_ids, mean_kl, response_logprobs
-from sdcli.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
 
 FACTS = [
     {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},
@@ -96,7 +96,7 @@ def test_train_cli_learns_and_writes_a_loadable_episode(tmp_path, tiny_model_dir
 
 
 def test_in_training_model_equals_reloaded_adapter_and_base_is_untouched(tmp_path, tiny_model_dir, captured_model):
-    import sdcli.train as train_module
+    import sdcli.training.train as train_module
 
     captured = captured_model
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, steps=4))
@@ -139,8 +139,8 @@ def test_bad_data_line_exits_2_with_line_number(tmp_path, tiny_model_dir):
 
 def test_data_file_changed_during_training_stops_the_run(tmp_path, tiny_model_dir):
     """Examples are read from the file as training goes: one edited mid-run must not be trained on."""
-    from sdcli.errors import DataError
-    from sdcli.train import train_episode
+    from sdcli.core.errors import DataError
+    from sdcli.training.train import train_episode
 
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, steps=3))
 
@@ -164,7 +164,7 @@ def test_long_prompts_are_truncated_with_a_count_not_a_crash(tmp_path, tiny_mode
 
 @pytest.mark.parametrize("divergence,support", [("reverse_kl", "sampled"), ("jsd", "topk")])
 def test_other_losses_and_teachers_run(tmp_path, tiny_model_dir, divergence, support):
-    from sdcli.train import train_episode
+    from sdcli.training.train import train_episode
 
     recipe = load_recipe(
         make_recipe(tmp_path, tiny_model_dir, steps=2),
@@ -178,7 +178,7 @@ def test_other_losses_and_teachers_run(tmp_path, tiny_model_dir, divergence, sup
 def test_tensorboard_logging_mirrors_the_metrics(tmp_path, tiny_model_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sdcli.train import train_episode
+    from sdcli.training.train import train_episode
 
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, steps=2), ["logging.tensorboard=true"])
     result = train_episode(recipe)
@@ -192,8 +192,8 @@ def test_tensorboard_logging_mirrors_the_metrics(tmp_path, tiny_model_dir):
 
 
 def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
-    from sdcli.errors import UserError
-    from sdcli.train import train_episode
+    from sdcli.core.errors import UserError
+    from sdcli.training.train import train_episode
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, steps=1), ["logging.tensorboard=true"])

@@ -2,8 +2,8 @@
 
 import pytest
 
-from sdcli.config import Divergence, TeacherKind, load_recipe, parse_override
-from sdcli.errors import RecipeError
+from sdcli.core.errors import RecipeError
+from sdcli.recipe.config import Divergence, TeacherKind, load_recipe, parse_override
 
 
 def write(tmp_path, text, data=True):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sdcli.config import load_recipe
-from sdcli.errors import RecipeError
+from sdcli.core.errors import RecipeError
+from sdcli.recipe.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 

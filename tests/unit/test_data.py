@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from sdcli.config import DemonstrationsSignal
-from sdcli.data import as_messages
-from sdcli.errors import DataError
+from sdcli.core.data import as_messages
+from sdcli.core.errors import DataError
+from sdcli.recipe.config import DemonstrationsSignal
 from sdcli.signals.demonstrations import DemonstrationsBuilder
 
 

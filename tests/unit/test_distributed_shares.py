@@ -1,4 +1,4 @@
-"""Data parallel shares of a step (sdcli.distributed), without a process group: which examples each
+"""Data parallel shares of a step (sdcli.training.distributed), without a process group: which examples each
 rank takes, which of them go off-policy, and that one process gets everything unchanged."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdcli.distributed import Ranks, share_bounds, stack_padded
-from sdcli.train import ExampleSampler, off_policy_count
+from sdcli.training.distributed import Ranks, share_bounds, stack_padded
+from sdcli.training.train import ExampleSampler, off_policy_count
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from sdcli.config import LoraSettings, ModelConfig
-from sdcli.model import add_trainable_adapter, enable_activation_checkpointing, eval_mode, load_base, student_train_mode
-from sdcli.sequences import response_hidden, score_batch
-from sdcli.teacher import EMA_ADAPTER, add_ema_adapter, teacher_hidden
+from sdcli.models.model import add_trainable_adapter, enable_activation_checkpointing, eval_mode, load_base, student_train_mode
+from sdcli.models.sequences import response_hidden, score_batch
+from sdcli.recipe.config import LoraSettings, ModelConfig
+from sdcli.training.teacher import EMA_ADAPTER, add_ema_adapter, teacher_hidden
 
 EPISODE = "ep001"
 
@@ -53,7 +53,7 @@ def test_the_student_has_no_dropout_of_the_base_model(dropout_model_dir):
 
 
 def test_the_students_lora_dropout_still_acts_and_survives_the_teacher_and_sampling(dropout_model_dir):
-    from sdcli.rollout import SamplingSettings, sample_responses
+    from sdcli.models.rollout import SamplingSettings, sample_responses
     from transformers import AutoTokenizer
 
     model, decoder, batch = student_and_teacher(dropout_model_dir, lora_dropout=0.5)

@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
-from sdcli.config import FeedbackSignal, SandboxLimits
-from sdcli.environments import (
+from sdcli.core.errors import RecipeError
+from sdcli.recipe.config import FeedbackSignal, SandboxLimits
+from sdcli.verification.environments import (
     NO_CODE,
     call_environment,
     cap,
@@ -19,7 +20,6 @@ from sdcli.environments import (
     load_environment,
     python_tests,
 )
-from sdcli.errors import RecipeError
 
 needs_sandbox = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs Linux or macOS")
 
@@ -299,7 +299,7 @@ def test_stdout_of_the_code_does_not_matter():
 
 
 def test_the_value_format_round_trips_and_refuses_anything_else():
-    from sdcli.python_tests_child import NotPlain, decode, encode
+    from sdcli.verification.python_tests_child import NotPlain, decode, encode
 
     value = {"a": [1, 2.5, None, True], (1, "t"): {b"b", frozenset({3})}, "nan": float("nan"), "big": 3**90, "c": 1j}
     back = decode(json.loads(json.dumps(encode(value))))

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdcli.config import DEFAULT_DEMONSTRATION_TEMPLATE, EvalConfig, load_recipe
-from sdcli.continual_matrix import Matrix, gem_metrics, matrix_from_episodes, matrix_table
-from sdcli.errors import DataError, RecipeError
-from sdcli.evaluate import (
+from sdcli.core.errors import DataError, RecipeError
+from sdcli.evaluation.continual_matrix import Matrix, gem_metrics, matrix_from_episodes, matrix_table
+from sdcli.evaluation.evaluate import (
     EvalExample,
     EvalSet,
     greedy_answers,
@@ -25,6 +24,7 @@ from sdcli.evaluate import (
     teacher_messages,
     token_kl,
 )
+from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, EvalConfig, load_recipe
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -128,8 +128,8 @@ def test_token_kl_matches_torch_and_perplexity_of_uniform_is_vocab_size():
 
 
 def _with_random_adapter(model_dir: Path):
-    from sdcli.config import LoraSettings, ModelConfig
-    from sdcli.model import add_trainable_adapter, load_base
+    from sdcli.models.model import add_trainable_adapter, load_base
+    from sdcli.recipe.config import LoraSettings, ModelConfig
 
     loaded = load_base(ModelConfig(name_or_path=str(model_dir)))
     model = add_trainable_adapter(loaded.model, "ep001", LoraSettings(r=4, alpha=8))
@@ -170,8 +170,8 @@ def test_greedy_answers_with_adapters_off_are_the_bare_base(tiny_model_dir):
     """Folding adapters for speed must not fold them back in while they are switched off."""
     from transformers import AutoModelForCausalLM
 
-    from sdcli.model import load_tokenizer
-    from sdcli.sequences import PromptEncoder
+    from sdcli.models.model import load_tokenizer
+    from sdcli.models.sequences import PromptEncoder
 
     model, tokenizer = _with_random_adapter(tiny_model_dir)
     prompts = [[{"role": "user", "content": "What is the capital of Zorblax?"}], [{"role": "user", "content": "Hi"}]]
@@ -285,7 +285,7 @@ def test_eval_section_problems_are_located(tmp_path):
 
 
 def test_stored_eval_sets_follow_episode_order(tmp_path):
-    from sdcli.episodes import Episode
+    from sdcli.models.episodes import Episode
 
     def episode(number: int, name: str, eval_yaml: str) -> Episode:
         folder = tmp_path / f"{number:03d}-{name}"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sdcli.config import DemonstrationsSignal, InteractionsSignal, RewardsSignal, load_recipe
-from sdcli.data import JsonlScan, LazyRecords
-from sdcli.errors import DataError
+from sdcli.core.data import JsonlScan, LazyRecords
+from sdcli.core.errors import DataError
+from sdcli.recipe.config import DemonstrationsSignal, InteractionsSignal, RewardsSignal, load_recipe
 from sdcli.signals import build_signal
 from sdcli.signals import demonstrations, rewards
 from sdcli.signals.interactions import InteractionsBuilder, parse_conversation

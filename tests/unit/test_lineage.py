@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdcli.checkpoint import CHECKPOINT, STATE_FILE, load_checkpoint, save_checkpoint
-from sdcli.config import load_recipe
-from sdcli.data import file_sha256
-from sdcli.episodes import Episode, adapter_hashes, check_same_base, list_episodes
-from sdcli.errors import UserError
-from sdcli.train import ExampleSampler, _resume_key, restore_checkpoint
+from sdcli.core.data import file_sha256
+from sdcli.core.errors import UserError
+from sdcli.models.episodes import Episode, adapter_hashes, check_same_base, list_episodes
+from sdcli.recipe.config import load_recipe
+from sdcli.training.checkpoint import CHECKPOINT, STATE_FILE, load_checkpoint, save_checkpoint
+from sdcli.training.train import ExampleSampler, _resume_key, restore_checkpoint
 
 CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
 

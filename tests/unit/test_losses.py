@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from sdcli.losses import (
+from sdcli.training.losses import (
     DivergenceSpec,
     chunked_token_divergence,
     chunked_token_nll,
@@ -283,7 +283,7 @@ def test_packed_equals_masked_chunked_in_value_and_gradient():
 def test_teacher_temperature_is_kl_to_the_tempered_teacher_per_row_and_leaves_the_stats_alone():
     """Row 0 at temperature 0.5 is KL(softmax(t / 0.5) || s) by torch.distributions; row 1 at 1 is
     the plain KL; the stats (teacher log-prob of the token) describe the untempered teacher."""
-    from sdcli.losses import STAT_TEACHER_LOGP, packed_divergence_and_stats
+    from sdcli.training.losses import STAT_TEACHER_LOGP, packed_divergence_and_stats
 
     torch.manual_seed(5)
     head = torch.nn.Linear(H, V, bias=False)

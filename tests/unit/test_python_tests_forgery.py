@@ -17,10 +17,10 @@ import secrets
 import pytest
 from sandbox_helpers import level  # noqa: F401  (a fixture)
 
-from sdcli import sandbox
-from sdcli.config import SandboxLimits
-from sdcli.environments import python_tests
-from sdcli.sandbox import Isolation
+from sdcli.recipe.config import SandboxLimits
+from sdcli.verification import sandbox
+from sdcli.verification.environments import python_tests
+from sdcli.verification.sandbox import Isolation
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs Linux or macOS")
 

@@ -1,9 +1,9 @@
-"""One definition of a quantized base (sdcli.quantization), the same on every x86-64 CPU.
+"""One definition of a quantized base (sdcli.models.quantization), the same on every x86-64 CPU.
 
-Training (`sdcli.model.load_base`) and merge (`sdcli.merge.load_base_model`) must hold the same
+Training (`sdcli.models.model.load_base`) and merge (`sdcli.models.merge.load_base_model`) must hold the same
 4-bit weights, and a 4-bit base must neither change while it is in use nor lose its gradients
 after a no-grad forward. On CPUs with AVX512-BF16, bitsandbytes' packed inference path broke both
-(see the sdcli.quantization doc); on other CPUs those two tests pass trivially.
+(see the sdcli.models.quantization doc); on other CPUs those two tests pass trivially.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import warnings
 import pytest
 import torch
 
-from sdcli.config import LoraSettings, ModelConfig, Quantization
-from sdcli.merge import load_base_model
-from sdcli.model import add_trainable_adapter, load_base
+from sdcli.models.merge import load_base_model
+from sdcli.models.model import add_trainable_adapter, load_base
+from sdcli.recipe.config import LoraSettings, ModelConfig, Quantization
 
 PROMPT = torch.tensor([[5, 17, 42, 7, 99, 3, 64, 12]])
 
@@ -54,7 +54,7 @@ def test_one_construction_site_for_the_bitsandbytes_config():
         for i, line in enumerate(path.read_text().splitlines(), 1)
         if "BitsAndBytesConfig(" in line
     ]
-    assert len(sites) == 2 and all(s.startswith("sdcli/quantization.py:") for s in sites), sites  # 4bit, 8bit
+    assert len(sites) == 2 and all(s.startswith("sdcli/models/quantization.py:") for s in sites), sites  # 4bit, 8bit
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])

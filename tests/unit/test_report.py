@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sdcli.data import file_sha256
-from sdcli.errors import UserError
-from sdcli.report import build_report, episode_table, markdown_table
+from sdcli.core.data import file_sha256
+from sdcli.core.errors import UserError
+from sdcli.evaluation.report import build_report, episode_table, markdown_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -122,7 +122,7 @@ def test_not_a_run_folder(tmp_path):
 
 
 def test_episode_table_and_markdown(run_dir):
-    from sdcli.episodes import list_episodes
+    from sdcli.models.episodes import list_episodes
 
     header, rows = episode_table(list_episodes(run_dir))
     assert header[7:12] == ["demo NLL student / teacher", "disagreement", "task score", "teacher", "retain (mean)"]
@@ -132,8 +132,8 @@ def test_episode_table_and_markdown(run_dir):
 
 
 def test_training_plot_shows_the_learning_view_when_the_metrics_have_it(run_dir, tmp_path):
-    from sdcli.episodes import list_episodes
-    from sdcli.report import plot_training, require_matplotlib, training_panels
+    from sdcli.evaluation.report import plot_training, require_matplotlib, training_panels
+    from sdcli.models.episodes import list_episodes
 
     rows = [{"step": i + 1, "loss": 1.0 / (i + 1), "kl": 0.5, "learn/demo_nll_student": 3.0 - i,
              "learn/demo_nll_teacher": 0.4, "learn/disagreement": 0.3} for i in range(3)]

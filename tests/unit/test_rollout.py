@@ -3,8 +3,8 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from sdcli.rollout import SamplingSettings, decode, pick_next_tokens
-from sdcli.sequences import cut_at_eos
+from sdcli.models.rollout import SamplingSettings, decode, pick_next_tokens
+from sdcli.models.sequences import cut_at_eos
 
 
 def test_greedy_decoding_equals_transformers_generate_with_left_padding(tiny_model_dir):

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from sdcli.config import load_recipe
-from sdcli.errors import UserError
-from sdcli.runlock import LOCK_FILE, run_lock
-from sdcli.train import train_episode
+from sdcli.core.errors import UserError
+from sdcli.models.runlock import LOCK_FILE, run_lock
+from sdcli.recipe.config import load_recipe
+from sdcli.training.train import train_episode
 
 REPO = Path(__file__).resolve().parents[2]
 
 # holds the run's lock through the public API, says so, and sleeps until killed
 HOLDER = (
     "import sys, time\n"
-    "from sdcli.runlock import run_lock\n"
+    "from sdcli.models.runlock import run_lock\n"
     "with run_lock(sys.argv[1], 'test holder'):\n"
     "    print('held', flush=True)\n"
     "    time.sleep(300)\n"
@@ -136,7 +136,7 @@ def test_read_only_run_dir_is_a_clear_error(tmp_path):
 
 def fake_run(run: Path) -> None:
     """One finished episode as far as `sd merge` reads before loading anything."""
-    from sdcli.episodes import adapter_hashes
+    from sdcli.models.episodes import adapter_hashes
 
     folder = run / "episodes" / "001-facts"
     folder.mkdir(parents=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sandbox_helpers import level, marker, survivors  # noqa: F401  (level is a fixture)
 
-from sdcli.config import SandboxLimits
-from sdcli.sandbox import INSIDE, Isolation, isolation, run_python
+from sdcli.recipe.config import SandboxLimits
+from sdcli.verification.sandbox import INSIDE, Isolation, isolation, run_python
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs Linux or macOS")
 

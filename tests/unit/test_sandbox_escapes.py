@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from sandbox_helpers import marker, survivors
 
-from sdcli.config import SandboxLimits
-from sdcli import sandbox
-from sdcli.sandbox import isolation, run_python
+from sdcli.recipe.config import SandboxLimits
+from sdcli.verification import sandbox
+from sdcli.verification.sandbox import isolation, run_python
 
 pytestmark = pytest.mark.skipif(not os.uname().sysname == "Linux", reason="the escapes tested are Linux-specific")
 

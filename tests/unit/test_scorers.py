@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from sdcli.config import RewardsSignal
-from sdcli.errors import RecipeError, UserError
-from sdcli.rewards import (
+from sdcli.core.errors import RecipeError, UserError
+from sdcli.recipe.config import RewardsSignal
+from sdcli.verification.scorers import (
     call_reward,
     check_answer,
     contains,

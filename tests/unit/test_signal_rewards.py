@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from sdcli.config import RewardsSignal
-from sdcli.errors import DataError
+from sdcli.core.errors import DataError
+from sdcli.recipe.config import RewardsSignal
 from sdcli.signals.base import Example
 from sdcli.signals.rewards import RewardsBuilder, sibling_solution, strip_thinking
 
@@ -207,7 +207,7 @@ def test_braces_in_prompts_and_answers_are_kept_verbatim():
 
 
 def test_a_bad_user_reward_is_reported_by_check_not_by_construction():
-    from sdcli.errors import RecipeError
+    from sdcli.core.errors import RecipeError
 
     b = RewardsBuilder(RewardsSignal(reward="no_such_module_xyz:score"))  # `sd validate` builds it first
     with pytest.raises(RecipeError, match="module 'no_such_module_xyz' not found"):

@@ -1,4 +1,4 @@
-"""Adapter stacking (sdcli.stack) and merging (sdcli.merge) on a tiny Qwen2, checked against plain math.
+"""Adapter stacking (sdcli.models.stack) and merging (sdcli.models.merge) on a tiny Qwen2, checked against plain math.
 
 The reference for every stack is `_manual_merge`: W + s * B @ A written into the weights by hand,
 from the saved adapter files, without peft.
@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdcli.errors import UserError
-from sdcli.merge import MergeCheckError, merge_history
-from sdcli.stack import (
+from sdcli.core.errors import UserError
+from sdcli.models.merge import MergeCheckError, merge_history
+from sdcli.models.stack import (
     active_adapters,
     adapter_name,
     STACK_ADAPTER,
@@ -129,8 +129,8 @@ def test_stack_adds_adapters_like_merged_weights(tiny_model_dir, episodes):
 
 def test_combined_stack_is_the_same_function_as_the_stack_and_trains_like_it(tiny_model_dir, episodes):
     """Three adapters (ranks 4, 2, 3; rsLoRA; different targets) become one of rank 9 per layer."""
-    from sdcli.config import LoraSettings
-    from sdcli.model import add_trainable_adapter
+    from sdcli.models.model import add_trainable_adapter
+    from sdcli.recipe.config import LoraSettings
 
     reference = _logits(_manual_merge(tiny_model_dir, episodes))
     model, names = attach_stack(_load(tiny_model_dir), episodes)

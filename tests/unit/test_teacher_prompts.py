@@ -9,8 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import ASSETS
-from sdcli.config import DemonstrationsSignal, FeedbackSignal, load_recipe
-from sdcli.sequences import CUT_MARK, TeacherPromptEncoder, largest_cap, teacher_prompt_limit
+from sdcli.models.sequences import CUT_MARK, TeacherPromptEncoder, largest_cap, teacher_prompt_limit
+from sdcli.recipe.config import DemonstrationsSignal, FeedbackSignal, load_recipe
 from sdcli.signals.base import Example, TeacherView, context, fill, joined
 from sdcli.signals.demonstrations import DemonstrationsBuilder
 from sdcli.signals.feedback import FeedbackBuilder
@@ -112,8 +112,8 @@ def test_the_default_limit_is_the_context_left_after_the_response():
 def test_training_cuts_the_teacher_context_not_the_question(tmp_path, tiny_model_dir, monkeypatch):
     """Before, one encoder with model.max_prompt_tokens cut both roles from the left: a long
     demonstration pushed the chat header, the system prompt and the question out of the teacher's view."""
-    import sdcli.train as train_module
-    from sdcli.train import train_episode
+    import sdcli.training.train as train_module
+    from sdcli.training.train import train_episode
 
     long_demo = " ".join(f"Fact number {i} about Zorblax is true." for i in range(25))  # ~500 tokens here
     data = tmp_path / "d.jsonl"

@@ -8,8 +8,8 @@ BUILTIN_ANCHORS = {"builtin:general": Path(__file__).with_name("general_prompts.
 
 def load_anchor_prompts(path_or_builtin: str) -> list[list[dict[str, str]]]:
     """The anchor prompts as chat messages; raises DataError listing every bad line."""
-    from sdcli.data import as_messages, read_jsonl
-    from sdcli.errors import DataError
+    from sdcli.core.data import as_messages, read_jsonl
+    from sdcli.core.errors import DataError
 
     path = BUILTIN_ANCHORS.get(path_or_builtin, Path(path_or_builtin))
     prompts, problems = [], []
