@@ -270,6 +270,17 @@ class LazyRecords(Sequence):
         return f"<LazyRecords: {len(self)} item(s) from {self.path}>"
 
 
+def example_id(path: Path, line: int, record: dict) -> str:
+    """A line's name in messages: its "id" (a non-empty string or an integer), else FILE:LINE.
+    The rule of the rewards and feedback signals and of eval sets."""
+    given = record.get("id")
+    return (
+        str(given)
+        if isinstance(given, (str, int)) and not isinstance(given, bool) and str(given)
+        else f"{path.name}:{line}"
+    )
+
+
 def as_messages(value: Any, what: str = "prompt") -> Messages:
     """A prompt is a string (one user turn) or a list of {role, content} messages ending with a user turn."""
     if isinstance(value, str):

@@ -50,7 +50,15 @@ from pathlib import Path
 
 import torch
 
-from sdcli.core.data import Messages, as_messages, file_sha256, last_user_text, read_jsonl, with_last_user_text
+from sdcli.core.data import (
+    Messages,
+    as_messages,
+    example_id,
+    file_sha256,
+    last_user_text,
+    read_jsonl,
+    with_last_user_text,
+)
 from sdcli.core.errors import DataError, RecipeError
 from sdcli.verification.scorers import BUILTIN_REWARDS, RewardFn, builtin_reward, call_reward, check_answer, check_callable
 
@@ -99,7 +107,6 @@ def load_eval_set(path: Path, default_reward: str = DEFAULT_REWARD, search_dirs:
     """Read and check an eval set. Raises DataError listing every bad line, and RecipeError for a
     reward that cannot be imported."""
     from sdcli.recipe.config import RewardsSignal
-    from sdcli.signals.rewards import example_id
 
     path = Path(path)
     if not path.is_file():

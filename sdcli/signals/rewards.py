@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdcli.core.data import JsonlScan, LazyRecords, LineIndex, as_messages, last_user_text
+from sdcli.core.data import JsonlScan, LazyRecords, LineIndex, as_messages, example_id, last_user_text
 from sdcli.core.errors import DataError
 from sdcli.recipe.config import RewardsSignal
 from sdcli.signals.base import Example, LoadReport, Pieces, TeacherView, context, context_view, fill
@@ -57,15 +57,6 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 
 # ---------------------------------------------------------------------------------------------
 # Shared with the feedback signal
-
-
-def example_id(path: Path, line: int, record: dict) -> str:
-    given = record.get("id")
-    return (
-        str(given)
-        if isinstance(given, (str, int)) and not isinstance(given, bool) and str(given)
-        else f"{path.name}:{line}"
-    )
 
 
 def line_example(path: Path, line: int, record: dict, check: Callable[[dict], list[str]]) -> Example:
