@@ -1,4 +1,5 @@
-"""Learning signals. Each one builds the teacher's context; none touches the training loop."""
+"""Layer 5: learning signals. Each one builds the teacher's context; none touches the training loop.
+Imports verification (scorers, environments, the sandbox), the recipe and core."""
 
 from __future__ import annotations
 
