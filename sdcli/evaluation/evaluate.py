@@ -6,9 +6,9 @@ Eval set: a JSONL file with one held-out question per line,
 
 Score of a model on a set: the mean over lines of reward(greedy answer, line). The greedy answer
 is at most `max_new_tokens` tokens at temperature 0. The scorers are the rewards signal's
-(sdcli.verification.scorers): exact_match, numeric, regex and contains, each 0 or 1, so the score is an
-accuracy; or a user `package.module:function`, called as function(response, line). A line's own
-`reward` key wins. Otherwise `--reward` / `eval.reward` applies, and its default is `contains`.
+(sdcli.verification.scorers): exact_match, numeric, regex and contains, each 0 or 1, so the score
+is an accuracy; or a user `package.module:function`, called as function(response, line). A
+line's own `reward` key wins. Otherwise `--reward` / `eval.reward` applies, and its default is `contains`.
 `contains` is the default because instruct models answer a short fact with a sentence ("The
 capital of Zorblax is Quenta."), which exact_match marks wrong. If a scorer raises, that line
 scores 0 and is counted in `errors`.

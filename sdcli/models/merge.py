@@ -137,8 +137,8 @@ class MergeReport:
 
 
 def load_base_model(path: Path, quantization: str):
-    """The base as `sd` trains on it (`sdcli.models.quantization`: NF4 with double quantization for 4bit,
-    LLM.int8 for 8bit), computing in float32, the dtype the merge and its check run in.
+    """The base as `sd` trains on it (`sdcli.models.quantization`: NF4 with double quantization for
+    4bit, LLM.int8 for 8bit), computing in float32, the dtype the merge and its check run in.
 
     The quantized weights are those training used, so `quantized_stack_diff` compares against the
     stack as trained; a run trained in bfloat16 on CUDA computed in bfloat16 there.

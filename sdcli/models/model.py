@@ -2,7 +2,7 @@
 
 One copy of the base weights is ever in memory. The student is base + (earlier episodes' adapters,
 frozen) + this episode's adapter; the teacher is the same module with this episode's adapter
-switched off (see teacher.py).
+switched off (see training/teacher.py).
 """
 
 from __future__ import annotations
@@ -224,7 +224,8 @@ def student_train_mode(model, adapter: str) -> None:
 
     `model.train()` would also switch on the base model's own dropout (attention, residual), which
     the user never asked for and which makes the student a noisier network than the teacher it is
-    compared with; frozen adapters have none (`sdcli.models.stack`), and the teacher runs in `eval_mode`.
+    compared with; frozen adapters have none (`sdcli.models.stack`), and the teacher runs in
+    `eval_mode`.
     """
     model.eval()
     for layer in lora_layers(model):

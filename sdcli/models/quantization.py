@@ -1,5 +1,5 @@
-"""How sd quantizes a base model: one definition, for training (sdcli.models.model), merge (sdcli.models.merge)
-and the checks (benchmarks/cuda_check.py loads through sdcli.models.model).
+"""How sd quantizes a base model: one definition, for training (sdcli.models.model), merge
+(sdcli.models.merge) and the checks (benchmarks/cuda_check.py loads through sdcli.models.model).
 
   4bit  bitsandbytes NF4 with double quantization (the per-block scales are quantized too), the
         matmuls computed in the model's dtype, the 4-bit codes stored as uint8.

@@ -11,7 +11,8 @@ that response too (off-policy), scored by the same teacher.
 
 A view also keeps its last user turn in `pieces`: the template's words and the question in some,
 the context (demonstration, solution, feedback, follow-up) in others. When the teacher's prompt
-is longer than it may be, only the context pieces are shortened (`sdcli.models.sequences.TeacherPromptEncoder`).
+is longer than it may be, only the context pieces are shortened
+(`sdcli.models.sequences.TeacherPromptEncoder`).
 """
 
 from __future__ import annotations

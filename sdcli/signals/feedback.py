@@ -27,8 +27,9 @@ The sibling is chosen as in the rewards signal: the best successful other sample
 with <think> blocks stripped when strip_thinking is set.
 
 Data: one JSON object per line, `{"id"?: str, "prompt": str | messages, "tests"?: [...],
-"test_code"?: str, "entry_point"?: str}`; the tests format is in environments.py. The whole line
-is the `example` dict given to the environment, so a user environment may read any other key.
+"test_code"?: str, "entry_point"?: str}`; the tests format is in verification/environments.py.
+The whole line is the `example` dict given to the environment, so a user environment may read any
+other key.
 """
 
 from __future__ import annotations

@@ -40,9 +40,9 @@ result larger than its share of output_bytes (output_bytes / (tests + 3)) counts
 runner that exits early or prints garbage scores 0 for the tests it did not answer.
 
 A user environment is `package.module:function(response, example) -> (reward, feedback)`,
-loaded and checked like a user reward (see rewards.py). It runs in the training process: it is
-your code; to run the model's code, call `sdcli.verification.sandbox.run_python` from it. `call_environment`
-contains its errors the same way `call_reward` does.
+loaded and checked like a user reward (see scorers.py). It runs in the training process: it is
+your code; to run the model's code, call `sdcli.verification.sandbox.run_python` from it.
+`call_environment` contains its errors the same way `call_reward` does.
 """
 
 from __future__ import annotations

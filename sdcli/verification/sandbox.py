@@ -2,8 +2,8 @@
 
 `run_python(code, limits)` runs `code` as `main.py` in a fresh folder and returns a
 `SandboxResult`; the folder is gone afterwards. The child starts with `python -I` (no user site,
-no PYTHON* variables) and runs sdcli/verification/sandbox_child.py first, which sets the limits and the
-Python-level guard and then runs main.py.
+no PYTHON* variables) and runs sdcli/verification/sandbox_child.py first, which sets the limits
+and the Python-level guard and then runs main.py.
 
 How strongly the code is isolated depends on the machine; `isolation()` says which level this
 machine gets (`sd validate` prints it), and each result's `isolation` lists what took effect:

@@ -1,7 +1,7 @@
 """The sandbox's child side: what runs inside the sandboxed process, before the untrusted code.
 
-sdcli/verification/sandbox.py starts it as `python -I -c LAUNCH <this file's source> CONFIG_JSON` in the run's
-folder, directly or inside bubblewrap. It imports nothing from sdcli, so it works where the
+sdcli/verification/sandbox.py starts it as `python -I -c LAUNCH <this file's source> CONFIG_JSON`
+in the run's folder, directly or inside bubblewrap. It imports nothing from sdcli, so it works where the
 package itself cannot be read. In order, it:
 
 1. sets up what only the process itself can: resource limits and the process count; when there
