@@ -128,3 +128,13 @@ def test_sd_train_of_the_online_recipe_completes(online_run):
     assert len(metrics) == 2
     assert all(m["signal/simulated_followups"] == 4 for m in metrics)
     assert all(m["signal/context_fraction"] + m["signal/masked_fraction"] == pytest.approx(1.0) for m in metrics)
+
+
+def test_sd_inspect_shows_the_simulated_followups(online_run, tmp_path):
+    page = tmp_path / "teacher.html"
+    done = sd("inspect", str(online_run), "--data", str(REPO / "recipes" / "data" / "interactions.jsonl"), "--index", "0",
+              "--samples", "2", "--html", str(page))
+    assert done.returncode == 0, done.stderr
+    assert "user simulator's follow-up to this response" in done.stdout
+    assert "follow-ups written by the user simulator" in done.stdout
+    assert "the user simulator&#x27;s follow-up to this response" in page.read_text()
