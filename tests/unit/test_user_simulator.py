@@ -216,3 +216,15 @@ def test_braces_in_the_conversation_are_not_simulator_template_fields(tmp_path):
     builder.teacher_views(builder.load(path).examples[0], ["Use {y}."])
     text = fake.calls[0][0].messages[0]["content"]
     assert "User: Format {x}?" in text and "Use {y}." in text and "No, {{x}}." in text
+
+
+@pytest.mark.parametrize("mode, words", [
+    ("online", "a user simulator (the base model, every adapter off; greedy, at most 64 tokens)"),
+    ("online_logged_followup", "the teacher sees the logged follow-up, which answered the logged reply, not y"),
+    ("offline", "y = the logged reply (nothing generated)"),
+])
+def test_validate_says_what_each_mode_does(tiny_model_dir, mode, words):
+    from sdcli.validate import check_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "interactions_online.yaml", [f"model.name_or_path={tiny_model_dir}", f"signal.mode={mode}"])
+    assert words in check_recipe(recipe)["mode"]
