@@ -228,3 +228,9 @@ def test_validate_says_what_each_mode_does(tiny_model_dir, mode, words):
 
     recipe = load_recipe(REPO / "recipes" / "interactions_online.yaml", [f"model.name_or_path={tiny_model_dir}", f"signal.mode={mode}"])
     assert words in check_recipe(recipe)["mode"]
+
+
+def test_readme_shows_the_default_simulator_template():
+    readme = (REPO / "README.md").read_text()
+    shown = "\n".join(("  " + line) if line else "" for line in DEFAULT_SIMULATOR_TEMPLATE.splitlines())
+    assert f"  ```\n{shown}\n  ```" in readme
