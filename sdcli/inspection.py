@@ -53,6 +53,7 @@ class SampleView:
     success: bool | None = None
     feedback: str | None = None
     tokens: list[TokenRow] = field(default_factory=list)
+    simulated_followup: str | None = None  # interactions, online: the user simulator's follow-up to this response
 
 
 @dataclass
@@ -112,6 +113,10 @@ def inspect_example(
     rollout = recipe.rollout
     settings = SamplingSettings(max_new_tokens or rollout.max_new_tokens, 0.0 if greedy else rollout.temperature,
                                 rollout.top_p, rollout.top_k, merge=False)
+    from sdcli.training.simulator import attach_user_simulator
+
+    attach_user_simulator(signal, model, tokenizer, base.config, log=log,  # interactions, online: as in training
+                          sample=lambda prompts, simulator: sample_responses(model, tokenizer, prompts, simulator, stop))
     seqs, _ = rollout_sequences([example], samples or rollout.num_samples, encoder, tokenizer, stop,
                                 lambda prompts: sample_responses(model, tokenizer, prompts, settings, stop))
     texts = tokenizer.batch_decode([q.response for q in seqs], skip_special_tokens=True)
@@ -151,7 +156,7 @@ def inspect_example(
 
     views = [
         SampleView(text, q.view.messages, q.view.masked_reason, q.view.reward, q.view.success, q.view.feedback,
-                   rows.get(id(q), []))
+                   rows.get(id(q), []), q.view.simulated_followup)
         for q, text in zip(seqs, texts)
     ]
     what = loaded.description + (" (greedy)" if greedy else "")
@@ -171,6 +176,8 @@ SUMMARY_LABELS = {
     "signal/reward_mean": "mean reward",
     "signal/success_rate": "success rate",
     "signal/teacher_prompts_cut": "teacher prompts cut to fit",
+    "signal/simulated_followups": "follow-ups written by the user simulator",
+    "signal/simulated_followup_chars": "mean length of a simulated follow-up, in characters",
 }
 
 
@@ -225,6 +232,8 @@ def print_inspection(result: Inspection, console) -> None:
     console.print(legend)
     for i, sample in enumerate(result.samples):
         console.rule(sample_caption(i, sample, len(result.samples)))
+        if sample.simulated_followup is not None:
+            console.print(Text("the user simulator's follow-up to this response: ", style="bold") + Text(sample.simulated_followup))
         if sample.teacher_messages is not None:
             console.print(Text("the teacher sees, in place of the prompt:", style="bold"))
             console.print(Text(sample.teacher_messages[-1]["content"], style="dim"))
@@ -293,7 +302,9 @@ def render_html(result: Inspection) -> str:
     ]
     for i, sample in enumerate(result.samples):
         out.append(f"<h2>{_esc(sample_caption(i, sample, len(result.samples)).capitalize())}</h2>")
-        if sample.feedback:
+        if sample.simulated_followup is not None:
+            out.append(f"<p>the user simulator&#x27;s follow-up to this response:</p><pre>{_esc(sample.simulated_followup)}</pre>")
+        elif sample.feedback:
             out.append(f"<p>feedback:</p><pre>{_esc(sample.feedback)}</pre>")
         if sample.teacher_messages is None:
             out.append(f'<p class="masked">The teacher sees no context for this sample.</p><pre>{_esc(sample.response)}</pre>')

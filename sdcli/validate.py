@@ -46,6 +46,8 @@ def check_recipe(recipe: Recipe) -> dict[str, object]:
     problems: list[str] = []
     signal = build_signal(recipe.signal)
     summary: dict[str, object] = {"name": recipe.name, "method": recipe.method.value, "signal": recipe.signal.kind}
+    if hasattr(signal, "describe"):
+        summary["mode"] = signal.describe()  # interactions: what y is and which follow-up the teacher sees
     try:
         report = signal.load(recipe.data.path)
         summary["examples"] = len(report.examples)

@@ -57,6 +57,18 @@ DEFAULT_HINDSIGHT_TEMPLATE = (
     "{followup}\n\n"
     "Taking that reply into account, give an improved answer to the user's message."
 )
+DEFAULT_SIMULATOR_TEMPLATE = (
+    "You are the user in a conversation with an AI assistant. Write the user's next message.\n\n"
+    "The conversation so far:\n"
+    "{conversation}\n\n"
+    "The assistant's latest reply:\n"
+    "{response}\n\n"
+    "What the user wants, as shown by what they said next in the real conversation (to an earlier "
+    "version of that reply):\n"
+    "{followup}\n\n"
+    "Write the user's next message, reacting to the assistant's latest reply above with that intent. "
+    "If the reply already gives the user what they want, say so briefly. Write only the message."
+)
 
 
 class _Strict(BaseModel):
@@ -194,11 +206,31 @@ class FeedbackSignal(_Strict):
         return _check_template(v, required={"solution"}, allowed={"prompt", "solution"})
 
 
+class UserSimulator(_Strict):
+    template: str = Field(
+        DEFAULT_SIMULATOR_TEMPLATE,
+        description="The simulator's user turn; {response} (the student's sample) and {followup} (the logged "
+        "follow-up, as the user's intent), optional {conversation} (the history and the user's message) and {prompt}",
+    )
+    max_new_tokens: int = Field(64, ge=1, le=2048, description="Longest simulated follow-up, in tokens")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (repeatable); above 0, sampled")
+
+    @field_validator("template")
+    @classmethod
+    def _fields(cls, v: str) -> str:
+        return _check_template(v, required={"response", "followup"}, allowed={"conversation", "prompt", "response", "followup"})
+
+
 class InteractionsSignal(_Strict):
     kind: Literal["interactions"] = Field("interactions", description="The teacher sees the user's next message")
-    mode: Literal["offline", "online"] = Field(
-        "online", description="offline: the logged reply is y (off-policy); online: y is sampled from the student"
+    mode: Literal["online", "online_logged_followup", "offline"] = Field(
+        "online",
+        description="online: y is sampled from the student and a user simulator (the base model, every adapter off) "
+        "writes the follow-up to y that the teacher sees; online_logged_followup: y is sampled, the teacher sees the "
+        "logged follow-up, which answered the logged reply, not y (cheaper: no simulator); offline: the logged reply "
+        "is y (off-policy, nothing generated)",
     )
+    simulator: UserSimulator = UserSimulator()
     hindsight_template: str = Field(DEFAULT_HINDSIGHT_TEMPLATE, description="{prompt}, {followup}, optional {response}")
     min_followup_chars: int = Field(0, ge=0, description="Shorter follow-ups are skipped (counted)")
     max_history_messages: int | None = Field(

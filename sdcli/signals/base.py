@@ -45,6 +45,7 @@ class TeacherView:
     feedback: str | None = None
     masked_reason: str | None = None  # why messages is None, e.g. "no_successful_sibling", "skipped_successful"
     pieces: Pieces | None = None  # the last user turn of `messages` in pieces; None: no context to cut
+    simulated_followup: str | None = None  # interactions, online: the user simulator's follow-up to this sample
 
 
 def context(text: str) -> Pieces:
@@ -76,6 +77,19 @@ def joined(pieces: Pieces) -> str:
 def context_view(prompt: Messages, pieces: Pieces, **info: Any) -> TeacherView:
     """The teacher's view: the student's prompt with its last user turn replaced by `pieces`."""
     return TeacherView(messages=with_last_user_text(prompt, joined(pieces)), pieces=pieces, **info)
+
+
+def step_teacher_views(signal, examples: list[Example], responses: list[str], g: int) -> list[TeacherView]:
+    """The views for a step's samples, `g` responses per example in order: one `teacher_views`
+    call per example, or one `step_teacher_views` call for the whole step where the signal has it
+    (interactions, whose user simulator then samples once per step for every response)."""
+    groups = [responses[i * g : (i + 1) * g] for i in range(len(examples))]
+    whole_step = getattr(signal, "step_teacher_views", None)
+    if whole_step is not None:
+        views = whole_step(examples, groups)
+    else:
+        views = [signal.teacher_views(ex, rs) for ex, rs in zip(examples, groups)]
+    return [view for group in views for view in group]
 
 
 @dataclass

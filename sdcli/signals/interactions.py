@@ -11,9 +11,22 @@ from User Interactions", Kleine Buening et al., 2026):
 Every assistant turn that answers a user message and is itself answered by a user message
 gives one example: prompt = the conversation up to and including that user message (system
 prompts kept), response = the logged assistant reply, fields["followup"] = the user's next
-message. In `offline` mode y is the logged reply (off-policy: the loss is on logged tokens and
-nothing is generated); in `online` mode y is sampled from the student and the logged reply is
-kept only in fields["logged_response"].
+message. Modes:
+
+    offline                 y is the logged reply (off-policy: the loss is on logged tokens and
+                            nothing is generated); o is the logged follow-up, which answered y.
+    online (default)        y is sampled from the student, and o is a fresh follow-up to y, written
+                            by a user simulator that is told the logged follow-up as the user's
+                            intent (`simulator_prompt`). The paper's online method.
+    online_logged_followup  y is sampled, o is the logged follow-up, which answered the logged
+                            reply, not y: a cheaper approximation (no simulator pass), and the
+                            only online mode before the simulator.
+
+The simulator is a model, and this module imports none: the training loop hands one in with
+`set_user_simulator(fn)`, fn(prompts) -> one follow-up per prompt, each prompt a TeacherView
+(messages and pieces, so an over-long one is cut in its context). `step_teacher_views` asks it
+once for all of a step's samples. In the online modes the logged reply is kept only in
+fields["logged_response"].
 
 Simplifications: the follow-up must be the message right after the assistant turn, and the
 teacher's context is put into the last user turn (the assistant turn the follow-up reacted to
@@ -26,10 +39,17 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sdcli.recipe.config import InteractionsSignal
+from collections.abc import Callable
+
 from sdcli.core.data import ROLES, JsonlScan, LazyRecords, LineIndex, Messages, last_user_text
 from sdcli.core.errors import DataError
-from sdcli.signals.base import Example, LoadReport, TeacherView, context, context_view, fill
+from sdcli.recipe.config import InteractionsSignal
+from sdcli.signals.base import Example, LoadReport, TeacherView, context, context_view, fill, joined
+
+# A user simulator: one simulator prompt per sample in, one follow-up text per prompt out.
+UserSimulatorFn = Callable[[list[TeacherView]], list[str]]
+EMPTY_SIMULATED_FOLLOWUP = "empty_simulated_followup"  # masked: the simulator wrote nothing
+ROLE_LABELS = {"user": "User", "assistant": "Assistant"}
 
 # ShareGPT "from" values, mapped to chat roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -127,11 +147,28 @@ def truncate_history(prompt: Messages, max_history_messages: int | None) -> tupl
     return [m for j, m in enumerate(history) if m["role"] == "system" or j in keep] + [final], True
 
 
+def transcript(messages: Messages) -> str:
+    """The conversation as plain text, one "User: ..." / "Assistant: ..." block per turn; system
+    prompts (instructions to the assistant, not something the user said) left out."""
+    return "\n\n".join(f"{ROLE_LABELS[m['role']]}: {m['content']}" for m in messages if m["role"] in ROLE_LABELS)
+
+
+def clean_followup(text: str) -> str:
+    """The simulator's message as the user would send it: a leading "User:" label dropped (the
+    transcript invites one), and anything from a line starting "Assistant:" on (the model writing
+    the next turn too)."""
+    text = text.strip()
+    text = re.sub(r"^(?:user|the user)\s*:\s*", "", text, flags=re.IGNORECASE)
+    text = re.split(r"(?im)^\s*assistant\s*:", text, maxsplit=1)[0]
+    return text.strip()
+
+
 class InteractionsBuilder:
     """Context builder for `signal.kind: interactions`."""
 
-    def __init__(self, cfg: InteractionsSignal):
+    def __init__(self, cfg: InteractionsSignal, user_simulator: UserSimulatorFn | None = None):
         self.cfg = cfg
+        self.user_simulator = user_simulator
         # Patterns are searched anywhere in the follow-up; use (?i) for case-insensitive matching.
         self.include = re.compile(cfg.include) if cfg.include is not None else None
         self.exclude = re.compile(cfg.exclude) if cfg.exclude is not None else None
@@ -226,20 +263,83 @@ class InteractionsBuilder:
         (offline mode already trains on it, under the hindsight teacher)."""
         return None
 
+    @property
+    def needs_user_simulator(self) -> bool:
+        return self.cfg.mode == "online"
+
+    def set_user_simulator(self, fn: UserSimulatorFn) -> None:
+        """Hand in the user simulator the default online mode asks for its follow-ups."""
+        self.user_simulator = fn
+
+    def describe(self) -> str:
+        """The mode in a line, for `sd validate`."""
+        if self.cfg.mode == "offline":
+            return "offline: y = the logged reply (nothing generated); the teacher sees the logged follow-up"
+        if self.cfg.mode == "online_logged_followup":
+            return ("online_logged_followup: y sampled from the student; the teacher sees the logged follow-up, "
+                    "which answered the logged reply, not y (a cheaper approximation)")
+        sim = self.cfg.simulator
+        how = "greedy" if sim.temperature == 0 else f"temperature {sim.temperature:g}"
+        return (f"online: y sampled from the student; a user simulator (the base model, every adapter off; {how}, "
+                f"at most {sim.max_new_tokens} tokens) writes a follow-up to y, which the teacher sees")
+
+    def simulator_prompt(self, example: Example, response: str) -> TeacherView:
+        """What the user simulator sees for one sample: the conversation, the student's sampled reply
+        and the logged follow-up as the user's intent, in `signal.simulator.template` (one user turn).
+        Everything but the template's own words is context, so an over-long prompt is cut there."""
+        pieces = fill(
+            self.cfg.simulator.template,
+            conversation=context(transcript(example.prompt)),
+            prompt=context(last_user_text(example.prompt)),
+            response=context(response),
+            followup=context(example.fields["followup"]),
+        )
+        return TeacherView(messages=[{"role": "user", "content": joined(pieces)}], pieces=pieces)
+
     def teacher_views(self, example: Example, responses: list[str]) -> list[TeacherView]:
         """The teacher's prompt per response: the last user turn rewritten by the hindsight template.
 
         {prompt} is the user's message, {followup} the user's next message, and {response} the
-        response being scored. The default template leaves {response} out: in online mode that
-        response is a fresh sample the follow-up never reacted to, and showing the teacher the
-        very text it scores invites it to copy rather than revise. In offline mode {response} is
-        the logged reply, so a template that uses it shows the teacher the attempt the user
-        answered, closer to the paper's full hindsight context.
+        response being scored. The follow-up is the logged one (offline, online_logged_followup)
+        or, in online mode, the simulator's follow-up to that very response. The default template
+        leaves {response} out: in online_logged_followup mode that response is a fresh sample the
+        follow-up never reacted to, and showing the teacher the very text it scores invites it to
+        copy rather than revise. In offline mode {response} is the logged reply, so a template that
+        uses it shows the teacher the attempt the user answered, closer to the paper's full
+        hindsight context; so it is in online mode, where the follow-up answered the sample.
         """
-        prompt_text = last_user_text(example.prompt)
-        followup = example.fields["followup"]
-        views = []
-        for response in responses:
-            pieces = fill(self.cfg.hindsight_template, prompt=prompt_text, followup=context(followup), response=context(response))
-            views.append(context_view(example.prompt, pieces, feedback=followup))
-        return views
+        return self.step_teacher_views([example], [responses])[0]
+
+    def step_teacher_views(self, examples: list[Example], responses: list[list[str]]) -> list[list[TeacherView]]:
+        """`teacher_views` for every example of a step at once; in online mode the simulator is
+        asked once, for every sample of the step together."""
+        if self.cfg.mode != "online":
+            return [[self._view(ex, r, ex.fields["followup"]) for r in rs] for ex, rs in zip(examples, responses)]
+        if self.user_simulator is None:
+            raise RuntimeError(
+                "signal.mode: online needs a user simulator (set_user_simulator); "
+                "sd train and sd inspect hand one in"
+            )
+        prompts = [self.simulator_prompt(ex, r) for ex, rs in zip(examples, responses) for r in rs]
+        written = self.user_simulator(prompts) if prompts else []
+        if len(written) != len(prompts):
+            raise RuntimeError(f"the user simulator wrote {len(written)} follow-up(s) for {len(prompts)} prompt(s)")
+        followups = iter(clean_followup(text) for text in written)
+        out = []
+        for ex, rs in zip(examples, responses):
+            views = []
+            for r in rs:
+                followup = next(followups)
+                if followup:
+                    view = self._view(ex, r, followup)
+                else:
+                    view = TeacherView(messages=None, masked_reason=EMPTY_SIMULATED_FOLLOWUP)
+                view.simulated_followup = followup
+                views.append(view)
+            out.append(views)
+        return out
+
+    def _view(self, example: Example, response: str, followup: str) -> TeacherView:
+        pieces = fill(self.cfg.hindsight_template, prompt=last_user_text(example.prompt), followup=context(followup),
+                      response=context(response))
+        return context_view(example.prompt, pieces, feedback=followup)

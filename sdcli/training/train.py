@@ -71,8 +71,9 @@ from sdcli.models.rollout import SamplingSettings, sample_responses
 from sdcli.models.runlock import run_lock
 from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit
 from sdcli.signals import build_signal
-from sdcli.signals.base import Example, TeacherView
+from sdcli.signals.base import Example, TeacherView, step_teacher_views
 from sdcli.models.stack import adapter_name, attach_stack, combine_frozen, save_adapter
+from sdcli.training.simulator import attach_user_simulator
 from sdcli.training.tensorboard import TensorBoardLog
 from sdcli.training.teacher import EMA_ADAPTER, add_ema_adapter, teacher_adapters, teacher_hidden, update_ema
 
@@ -179,6 +180,10 @@ def signal_metrics(views: list[TeacherView]) -> dict[str, float]:
     successes = [v.success for v in views if v.success is not None]
     if successes:
         metrics["signal/success_rate"] = sum(successes) / len(successes)
+    simulated = [v.simulated_followup for v in views if v.simulated_followup is not None]
+    if simulated:  # interactions, online: the user simulator's follow-ups
+        metrics["signal/simulated_followups"] = len(simulated)
+        metrics["signal/simulated_followup_chars"] = sum(map(len, simulated)) / len(simulated)
     return metrics
 
 
@@ -474,6 +479,8 @@ def _train_episode(
         or (recipe.rollout.merge_for_generation == "auto" and recipe.model.quantization is Quantization.none),
     )
     spec = DivergenceSpec.from_config(recipe.loss)
+    attach_user_simulator(signal, model, tokenizer, loaded.model.config, log=log,  # interactions, online
+                          sample=lambda prompts, settings: sample_responses(model, tokenizer, prompts, settings, stop))
     teacher_set = teacher_adapters(recipe.teacher, earlier, episode)
     anchor_set = teacher_adapters(TeacherKind.base, earlier, episode)  # anchors hold to the start
     anchors: list[Sequence] = []
@@ -550,9 +557,8 @@ def _train_episode(
                 with timer("context"):
                     g = recipe.rollout.num_samples
                     texts = tokenizer.batch_decode([q.response for q in seqs_on], skip_special_tokens=True)
-                    for i, ex in enumerate(on_policy):
-                        for q, view in zip(seqs_on[i * g : (i + 1) * g], signal.teacher_views(ex, texts[i * g : (i + 1) * g])):
-                            q.view = view
+                    for q, view in zip(seqs_on, step_teacher_views(signal, on_policy, texts, g)):
+                        q.view = view
                     seqs = seqs_on + seqs + dist.split(take_anchors(
                         anchors, recipe.anchor.prompts_per_step, step // cfg.updates_per_rollout
                     ))

@@ -90,7 +90,8 @@ def test_interactions_online_samples_from_the_student(tmp_path, tiny_model_dir, 
     monkeypatch.setattr(train_module, "sample_responses", lambda *a, **k: calls.append(1) or real(*a, **k))
     recipe = load_recipe(REPO / "recipes" / "interactions_online.yaml", tiny_overrides(tiny_model_dir, tmp_path / "run"))
     result = train_episode(recipe)
-    assert len(calls) == 2 and math.isfinite(result.final["loss"])
+    # per step one call for the student's samples and one for the user simulator's follow-ups to them
+    assert len(calls) == 4 and math.isfinite(result.final["loss"])
 
 
 def test_interactions_recipe_via_cli_reports_skipped_examples(tmp_path, tiny_model_dir):

@@ -295,7 +295,7 @@ def test_no_warning_without_truncation(tmp_path):
 
 
 def test_default_template_renders_prompt_and_followup(tmp_path):
-    builder = InteractionsBuilder(InteractionsSignal())
+    builder = InteractionsBuilder(InteractionsSignal(mode="online_logged_followup"))
     ex = builder.load(write(tmp_path, [oa(("system", "Be brief."), *[(m["role"], m["content"]) for m in MATH["messages"]])])).examples[0]
     views = builder.teacher_views(ex, ["54.", "It is 56."])
     assert len(views) == 2
@@ -309,7 +309,7 @@ def test_default_template_renders_prompt_and_followup(tmp_path):
 
 
 def test_template_with_response_shows_the_scored_response(tmp_path):
-    cfg = InteractionsSignal(hindsight_template="Q: {prompt}\nYou said: {response}\nUser: {followup}")
+    cfg = InteractionsSignal(mode="online_logged_followup", hindsight_template="Q: {prompt}\nYou said: {response}\nUser: {followup}")
     builder = InteractionsBuilder(cfg)
     ex = builder.load(write(tmp_path, [MATH])).examples[0]
     a, b = builder.teacher_views(ex, ["54.", "It is {56}."])
@@ -319,7 +319,7 @@ def test_template_with_response_shows_the_scored_response(tmp_path):
 
 def test_braces_in_conversation_text_are_not_template_fields(tmp_path):
     row = oa(("user", "Format {x} in f-strings?"), ("assistant", "Use {x!r}."), ("user", "No, I meant {{x}}."))
-    builder = InteractionsBuilder(InteractionsSignal())
+    builder = InteractionsBuilder(InteractionsSignal(mode="online_logged_followup"))
     ex = builder.load(write(tmp_path, [row])).examples[0]
     text = builder.teacher_views(ex, ["y"])[0].messages[-1]["content"]
     assert "Format {x} in f-strings?" in text and "No, I meant {{x}}." in text
@@ -333,7 +333,7 @@ def test_template_without_followup_is_rejected_by_the_config():
 # --- the shipped log ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["offline", "online"])
+@pytest.mark.parametrize("mode", ["offline", "online", "online_logged_followup"])
 def test_shipped_log_loads_cleanly(mode):
     report = load(SHIPPED, mode=mode)
     assert len(report.examples) > 20
