@@ -107,8 +107,9 @@ def test_reporting_passes_and_exiting_scores_0(at_level, shape, when):
 # Look for the expected answers wherever the code can reach: the stack's frames, argv, the
 # environment, stdin and every fd, files in and above the folder, every process's /proc entry,
 # and any .json/.jsonl file on the machine. The file walk stops itself after 2 s, nearest folders
-# first, so that a score of 0 means nothing was found, not that the search ran out of time (a
-# machine with a large Python install under /root or /work takes longer to walk than the limits).
+# first, or as soon as it holds answers to f(1) and f(2), so that a score of 0 means nothing was
+# found, not that the search ran out of time (a large Python install under /root or /work takes
+# longer to walk than the limits allow, and a loaded machine longer still).
 FIND_THE_ANSWERS = """
 import os, re, sys, time
 PATTERN = re.compile(r"SECRET-[0-9a-f]+-\\d+")
@@ -162,8 +163,8 @@ def search():
         try:
             for root, dirs, files in os.walk(top):
                 dirs[:] = [d for d in dirs if d not in ("proc", "sys", "dev", "usr", "lib", "var", "etc", "boot")]
-                if time.monotonic() > STOP_WALKING_AT:
-                    raise TimeoutError
+                if time.monotonic() > STOP_WALKING_AT or {"1", "2"} <= {a.rsplit("-", 1)[1] for a in found}:
+                    raise TimeoutError  # out of time, or it has what the tests ask for
                 for name in files:
                     if name.endswith((".json", ".jsonl", ".py")):
                         attempt(lambda: read(os.path.join(root, name)))
