@@ -52,6 +52,8 @@ GRID: dict[str, list[str]] = {
     "defaults": [],
     "tt0.5": ["loss.teacher_temperature=0.5"],
     "tt0.25": ["loss.teacher_temperature=0.25"],
+    "tt0.5-anchor8": ["loss.teacher_temperature=0.5", "anchor.prompts_per_step=8"],
+    "tt0.5-lr2e-4": ["loss.teacher_temperature=0.5", "train.lr=2e-4"],
 }
 
 
