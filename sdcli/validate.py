@@ -12,7 +12,7 @@ from sdcli.signals import build_signal
 
 
 def check_model_folder(model: ModelConfig, lora: LoraSettings | None = None) -> str:
-    """The base model checked as far as it can be without loading its weights (`sdcli.model_folder`):
+    """The base model checked as far as it can be without loading its weights (`sdcli.models.model_folder`):
     config, model type, weight files whole, target modules present, a chat template. Returns a
     one-line description; raises UserError listing every problem."""
     name_or_path = model.name_or_path

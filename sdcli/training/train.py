@@ -114,7 +114,7 @@ class ExampleSampler:
 
     def _permutation(self) -> range | torch.Tensor:
         # a range or a tensor, 8 bytes an index at most: as a list of ints, a million-example
-        # epoch took ~40 MB, more than the data file's index (sdcli.data.LazyRecords)
+        # epoch took ~40 MB, more than the data file's index (sdcli.core.data.LazyRecords)
         if not self.shuffle:
             return range(self.n)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -402,7 +402,7 @@ def train_episode(
     """Run one episode described by `recipe`, holding its run_dir against other sd commands.
     `log(str)` gets human lines; `progress(step, metrics)` is called after every step.
     `allow_mixed_base` stacks earlier episodes even when they were trained on another base.
-    Under torchrun (sdcli.distributed) rank 0 holds the lock, logs and writes; the other ranks are silent."""
+    Under torchrun (sdcli.training.distributed) rank 0 holds the lock, logs and writes; the other ranks are silent."""
     dist = current()
     if not dist.is_main:
         return _train_episode(recipe, resume=resume, log=None, progress=None, recipe_file=recipe_file,
