@@ -317,6 +317,10 @@ def save_adapter(model, name: str, folder: Path | str) -> Path:
 
     config = copy.deepcopy(model.peft_config[name])
     config.inference_mode = True
+    if isinstance(config.target_modules, (set, frozenset)):
+        # peft keeps a set, whose order follows Python's per-process string hashing: sorted, two
+        # identical runs write identical configs (and adapter_config_sha256 agrees)
+        config.target_modules = sorted(config.target_modules)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.get_base_model(), "name_or_path", None)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".config-") as tmp:

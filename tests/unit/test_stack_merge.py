@@ -210,6 +210,17 @@ def test_active_adapters_restores_after_an_exception(tiny_model_dir, episodes):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_saved_config_lists_target_modules_sorted_whatever_the_set_order(tiny_model_dir, tmp_path):
+    """peft holds target_modules as a set, whose order changes between processes (string hashing);
+    the written config must not, or two identical runs hash their adapters differently."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_load(tiny_model_dir), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=ALL), adapter_name="ep001")
+    model.peft_config["ep001"].target_modules = {"v_proj", "q_proj", "up_proj", "down_proj", "o_proj", "k_proj", "gate_proj"}
+    written = json.loads((save_adapter(model, "ep001", tmp_path / "a") / "adapter_config.json").read_text())
+    assert written["target_modules"] == sorted(ALL)
+
+
 def test_save_adapter_writes_an_episode_folder_that_stacks(tiny_model_dir, episodes, tmp_path):
     from peft import LoraConfig
 
