@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,19 +26,11 @@ from pathlib import Path
 
 import yaml
 
+from machine import cpu_name  # benchmarks/machine.py: this folder is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = ["rollout.max_new_tokens=48", "train.prompts_per_step=4", "rollout.num_samples=1",
              "rollout.off_policy_fraction=0", "anchor.prompts_per_step=0"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def recipe_without_eval(recipe: Path, folder: Path) -> Path:

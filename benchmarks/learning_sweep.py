@@ -131,10 +131,10 @@ def fmt(value, digits: int = 2) -> str:
 
 def platform_line() -> str:
     import os
-    import platform
 
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return f"{model}, {os.cpu_count()} cores"
+    from machine import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":
