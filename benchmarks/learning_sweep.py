@@ -54,6 +54,9 @@ GRID: dict[str, list[str]] = {
     "tt0.25": ["loss.teacher_temperature=0.25"],
     "tt0.5-anchor8": ["loss.teacher_temperature=0.5", "anchor.prompts_per_step=8"],
     "tt0.5-lr2e-4": ["loss.teacher_temperature=0.5", "train.lr=2e-4"],
+    "tt0.5-ep6": ["loss.teacher_temperature=0.5", "train.epochs=6"],
+    "tt0.5-cosine": ["loss.teacher_temperature=0.5", "train.lr_schedule=cosine"],
+    "tt0.5-r4": ["loss.teacher_temperature=0.5", "lora.r=4", "lora.alpha=8"],
 }
 
 
