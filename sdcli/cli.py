@@ -8,6 +8,7 @@ lives in the app itself (`_Commands`), so `sd` and an in-process `CliRunner` agr
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # messages hold paths, overrides and hints like 'sd[plot]': text, not markup
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -49,7 +51,7 @@ class _Commands(TyperGroup):
                 print(e.render(), file=sys.stderr, flush=True)
             raise typer.Exit(e.code) from None
         except UserError as e:
-            console.print(f"[red]error:[/red] {e.render()}", highlight=False)
+            console.print(f"[red]error:[/red] {escape(e.render())}", highlight=False)
             raise typer.Exit(2) from None
         except Interrupted as e:
             console.print(str(e), markup=False, highlight=False)
@@ -60,7 +62,7 @@ class _Commands(TyperGroup):
         except SystemExit as e:  # code sd imported (a reward or environment module) called sys.exit()
             if os.environ.get("SD_DEBUG"):
                 raise
-            console.print(f"[red]internal error:[/red] code sd ran called sys.exit({e.code!r}).", highlight=False)
+            console.print(f"[red]internal error:[/red] {escape(f'code sd ran called sys.exit({e.code!r}).')}", highlight=False)
             console.print("Run again with SD_DEBUG=1 for the full traceback.")
             raise typer.Exit(1) from None
         except Exception as e:  # a bug or an environment failure: short message, traceback on request
@@ -68,9 +70,9 @@ class _Commands(TyperGroup):
                 raise
             if is_disk_full(e):  # written by a library that does not name the file
                 problem = DiskFullError(None, f" ({type(e).__name__}: {e})")
-                console.print(f"[red]error:[/red] {problem.render()}", highlight=False)
+                console.print(f"[red]error:[/red] {escape(problem.render())}", highlight=False)
                 raise typer.Exit(2) from None
-            console.print(f"[red]internal error:[/red] {type(e).__name__}: {e}", highlight=False)
+            console.print(f"[red]internal error:[/red] {escape(f'{type(e).__name__}: {e}')}", highlight=False)
             console.print("Run again with SD_DEBUG=1 for the full traceback, and please report it.")
             raise typer.Exit(1) from None
 
@@ -566,19 +568,37 @@ def main() -> None:
         console.print("aborted")
         sys.exit(130)
     except UserError as e:  # raised before a command ran (the commands' own are mapped in _Commands)
-        console.print(f"[red]error:[/red] {e.render()}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(e.render())}", highlight=False)
         sys.exit(2)
     except Exception as e:
         if os.environ.get("SD_DEBUG"):
             raise
-        console.print(f"[red]internal error:[/red] {type(e).__name__}: {e}", highlight=False)
+        console.print(f"[red]internal error:[/red] {escape(f'{type(e).__name__}: {e}')}", highlight=False)
         console.print("Run again with SD_DEBUG=1 for the full traceback, and please report it.")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 
+class _NoKernelsCommunityNote(logging.Filter):
+    """bitsandbytes (0.50), imported by peft in every command that loads a model, logs "Failed to load
+    CPU gemm_4bit_forward from kernels-community ..." on CPUs with AVX512-BF16 when the `kernels`
+    package is absent. That kernel is the fast path sd switches off on every 4-bit layer
+    (sdcli.models.quantization.keep_4bit_weights_unpacked), so the line says nothing about sd's run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop that one line; the logger's other messages still show. Idempotent."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _NoKernelsCommunityNote) for f in logger.filters):
+        logger.addFilter(_NoKernelsCommunityNote())
+
+
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit")):
+    quiet_bitsandbytes()  # before any command imports peft
     if version:
         out.print(f"sd {__version__}")
         raise typer.Exit(0)
