@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 
 from sdcli import __version__
 from sdcli.core.errors import DiskFullError, Interrupted, JobStopped, UserError, is_disk_full
+from sdcli.core.metric_names import DIVERGENCE, LOSS, TOKENS_PER_S, current_names
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -163,8 +164,8 @@ def _train(args: list[str], quiet: bool, resume: bool, allow_mixed_base: bool) -
         result = _run_with_progress(recipe, quiet=quiet, resume=resume, recipe_file=path, allow_mixed_base=allow_mixed_base)
         final = result.final
         console.print(
-            f"[green]done[/green] {result.path}  steps={result.steps}  loss={final.get('loss', float('nan')):.4f}  "
-            f"kl={final.get('kl', float('nan')):.4f}"
+            f"[green]done[/green] {result.path}  steps={result.steps}  loss={final.get(LOSS, float('nan')):.4f}  "
+            f"divergence={final.get(DIVERGENCE, float('nan')):.4f}"
         )
 
 
@@ -175,8 +176,8 @@ def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | No
     if quiet or not console.is_terminal:
         def progress(step, m):
             console.print(
-                f"step {step}/{m['steps_total']} loss={m['loss']:.4f} kl={m['kl']:.4f} "
-                f"len={m['response/mean_tokens']:.1f} tok/s={m['tokens_per_s']:.1f} step_s={m['time/step_s']:.2f}",
+                f"step {step}/{m['steps_total']} loss={m[LOSS]:.4f} divergence={m[DIVERGENCE]:.4f} "
+                f"len={m['response/mean_tokens']:.1f} tok/s={m[TOKENS_PER_S]:.1f} step_s={m['time/step_s']:.2f}",
                 markup=False, highlight=False,
             )
         return train_episode(recipe, resume=resume, log=log, progress=progress, recipe_file=recipe_file,
@@ -193,7 +194,8 @@ def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | No
         def progress(step, m):
             bar.update(
                 task, completed=step, total=m["steps_total"],
-                stats=f"loss {m['loss']:.4f}  kl {m['kl']:.4f}  {m['tokens_per_s']:.0f} tok/s  {m['time/step_s']:.1f} s/step",
+                stats=f"loss {m[LOSS]:.4f}  divergence {m[DIVERGENCE]:.4f}  {m[TOKENS_PER_S]:.0f} tok/s  "
+                      f"{m['time/step_s']:.1f} s/step",
             )
 
         return train_episode(
@@ -317,17 +319,17 @@ def episodes(
         out.print_json(json.dumps([e.meta for e in history]))
         return
     table = Table(title=f"{run_dir}: {len(history)} episode(s)")
-    for column in ("#", "name", "recipe", "signal", "method", "teacher", "steps", "data sha256", "final loss", "final kl",
+    for column in ("#", "name", "recipe", "signal", "method", "teacher", "steps", "data sha256", "final loss", "final divergence",
                    "eval", "adapter", "created"):
         table.add_column(column, overflow="fold")
     for e in history:
-        m, final = e.meta, e.meta.get("final", {})
+        m, final = e.meta, current_names(e.meta.get("final", {}))  # episodes written before the names changed
         size = (e.path / "adapter_model.safetensors").stat().st_size
         table.add_row(
             f"{e.number:03d}", e.name, Path(m["recipe_file"]).name if m.get("recipe_file") else "-",
             m.get("signal", "?"), m.get("method", "?"),
             m.get("teacher", "?"), str(m.get("steps")), m.get("data", {}).get("sha256", "")[:12],
-            f"{final.get('loss', float('nan')):.4f}", f"{final.get('kl', float('nan')):.4f}", _eval_cell(m),
+            f"{final.get(LOSS, float('nan')):.4f}", f"{final.get(DIVERGENCE, float('nan')):.4f}", _eval_cell(m),
             f"{size / 2**20:.1f} MB", str(m.get("finished", ""))[:19],
         )
     out.print(table)
