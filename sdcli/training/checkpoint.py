@@ -2,7 +2,8 @@
 
 A checkpoint holds everything that decides the rest of the run: the trainable adapter (and the
 EMA teacher), optimizer and scheduler state, every RNG, the data sampler's position and the step.
-Resuming from it with the same recipe gives the same adapter as an uninterrupted run.
+Resuming from it with the same recipe gives the same adapter as an uninterrupted run;
+`restore_checkpoint` refuses a checkpoint whose recipe (budget aside) or data file has changed.
 
 It is read with `torch.load(weights_only=True)`: a checkpoint holds only tensors and plain values,
 and a full unpickler would run whatever code a crafted `state.pt` names, just by resuming.

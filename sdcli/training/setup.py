@@ -218,6 +218,8 @@ def prepare_anchors(run: EpisodeState, prompts: list, log) -> None:
 
 
 def setup_episode(recipe: Recipe, *, resume: bool, log, dist: Ranks, allow_mixed_base: bool) -> EpisodeState:
+    """Everything before the first step, in the module doc's order; rank 0 alone checks the base
+    against earlier episodes and opens the episode folder, the other ranks are told which."""
     cfg, run_dir = recipe.train, Path(recipe.run_dir)
     signal, report, examples = load_examples(recipe, log)
     anchor_prompts = (

@@ -70,7 +70,7 @@ def test_feedback_recipe_runs_in_the_sandbox(tmp_path, tiny_model_dir):
 
 
 def test_interactions_offline_never_generates(tmp_path, tiny_model_dir, monkeypatch):
-    import sdcli.training.train as train_module
+    import sdcli.training.setup as train_module  # the episode's sampler calls sample_responses there
 
     def forbidden(*args, **kwargs):
         raise AssertionError("offline mode must not sample")
