@@ -61,6 +61,7 @@ def base_state(model) -> dict[str, torch.Tensor]:
 
 def check(name: str, tmp: Path, model_dir: Path, overrides: list[str], device: str, steps: int) -> dict:
     from sdcli.recipe.config import load_recipe
+    import sdcli.training.setup as setup_module  # the episode's setup loads the base
     import sdcli.training.train as train_module
 
     data = tmp / "facts.jsonl"
@@ -72,7 +73,7 @@ def check(name: str, tmp: Path, model_dir: Path, overrides: list[str], device: s
     )
     recipe = load_recipe(recipe_path, overrides)
     captured = {}
-    real = train_module.load_base
+    real = setup_module.load_base
 
     def capture(cfg, device_arg=None):
         loaded = real(cfg, torch.device(device))
@@ -80,13 +81,13 @@ def check(name: str, tmp: Path, model_dir: Path, overrides: list[str], device: s
         captured["before"] = base_state(loaded.model)
         return loaded
 
-    train_module.load_base = capture
+    setup_module.load_base = capture
     rows: list[dict] = []
     start = time.perf_counter()
     try:
         result = train_module.train_episode(recipe, progress=lambda s, m: rows.append(m))
     finally:
-        train_module.load_base = real
+        setup_module.load_base = real
     after = base_state(captured["model"])
     changed = [k for k, v in captured["before"].items() if k in after and not torch.equal(v, after[k])]
     from safetensors.torch import load_file
@@ -96,11 +97,11 @@ def check(name: str, tmp: Path, model_dir: Path, overrides: list[str], device: s
     out = {
         "check": name,
         "overrides": overrides,
-        "ok": all(math.isfinite(r["loss"]) for r in rows) and not changed and any(
+        "ok": all(math.isfinite(r["loss/total"]) for r in rows) and not changed and any(
             "lora_B" in k and v.abs().max() > 0 for k, v in adapter.items()
         ),
-        "final_loss": rows[-1]["loss"],
-        "final_kl": rows[-1]["kl"],
+        "final_loss": rows[-1]["loss/total"],
+        "final_divergence": rows[-1]["loss/divergence"],
         "base_tensors_changed": changed[:5],
         "s_per_step": sum(r["time/step_s"] for r in timed) / len(timed),
         "phase_s": {k: round(sum(r.get(k, 0) for r in timed) / len(timed), 3) for k in timed[0] if k.startswith("time/")},

@@ -67,7 +67,7 @@ def summary(rows: list[dict], warmup: int) -> dict:
     phases = sorted({k[5:-2] for r in timed for k in r if k.startswith("time/") and k != "time/step_s"})
     return {
         "s_per_step": statistics.mean(r["time/step_s"] for r in timed),
-        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in timed),
+        "tokens_per_s": statistics.mean(r["speed/tokens_per_s"] for r in timed),
         "phases": {p: statistics.mean(r.get(f"time/{p}_s", 0.0) for r in timed) for p in phases},
         "steps": len(timed),
     }

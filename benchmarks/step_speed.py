@@ -57,7 +57,7 @@ def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
         "overrides": overrides,
         "steps_timed": len(timed),
         "s_per_step": statistics.mean(r["time/step_s"] for r in timed),
-        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in timed),
+        "tokens_per_s": statistics.mean(r["speed/tokens_per_s"] for r in timed),
         "rollout_tokens_per_s": statistics.mean(r["rollout/tokens_per_s"] for r in timed),
         "mean_response_tokens": statistics.mean(r["response/mean_tokens"] for r in timed),
         "phase_s": {p: statistics.mean(r.get(f"time/{p}_s", 0.0) for r in timed) for p in phases},

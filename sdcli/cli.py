@@ -8,6 +8,7 @@ lives in the app itself (`_Commands`), so `sd` and an in-process `CliRunner` agr
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,11 +16,13 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # messages hold paths, overrides and hints like 'sd[plot]': text, not markup
 from rich.table import Table
 from typer.core import TyperGroup
 
 from sdcli import __version__
 from sdcli.core.errors import DiskFullError, Interrupted, JobStopped, UserError, is_disk_full
+from sdcli.core.metric_names import DIVERGENCE, LOSS, TOKENS_PER_S, current_names
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,7 +52,7 @@ class _Commands(TyperGroup):
                 print(e.render(), file=sys.stderr, flush=True)
             raise typer.Exit(e.code) from None
         except UserError as e:
-            console.print(f"[red]error:[/red] {e.render()}", highlight=False)
+            console.print(f"[red]error:[/red] {escape(e.render())}", highlight=False)
             raise typer.Exit(2) from None
         except Interrupted as e:
             console.print(str(e), markup=False, highlight=False)
@@ -60,7 +63,7 @@ class _Commands(TyperGroup):
         except SystemExit as e:  # code sd imported (a reward or environment module) called sys.exit()
             if os.environ.get("SD_DEBUG"):
                 raise
-            console.print(f"[red]internal error:[/red] code sd ran called sys.exit({e.code!r}).", highlight=False)
+            console.print(f"[red]internal error:[/red] {escape(f'code sd ran called sys.exit({e.code!r}).')}", highlight=False)
             console.print("Run again with SD_DEBUG=1 for the full traceback.")
             raise typer.Exit(1) from None
         except Exception as e:  # a bug or an environment failure: short message, traceback on request
@@ -68,9 +71,9 @@ class _Commands(TyperGroup):
                 raise
             if is_disk_full(e):  # written by a library that does not name the file
                 problem = DiskFullError(None, f" ({type(e).__name__}: {e})")
-                console.print(f"[red]error:[/red] {problem.render()}", highlight=False)
+                console.print(f"[red]error:[/red] {escape(problem.render())}", highlight=False)
                 raise typer.Exit(2) from None
-            console.print(f"[red]internal error:[/red] {type(e).__name__}: {e}", highlight=False)
+            console.print(f"[red]internal error:[/red] {escape(f'{type(e).__name__}: {e}')}", highlight=False)
             console.print("Run again with SD_DEBUG=1 for the full traceback, and please report it.")
             raise typer.Exit(1) from None
 
@@ -161,8 +164,8 @@ def _train(args: list[str], quiet: bool, resume: bool, allow_mixed_base: bool) -
         result = _run_with_progress(recipe, quiet=quiet, resume=resume, recipe_file=path, allow_mixed_base=allow_mixed_base)
         final = result.final
         console.print(
-            f"[green]done[/green] {result.path}  steps={result.steps}  loss={final.get('loss', float('nan')):.4f}  "
-            f"kl={final.get('kl', float('nan')):.4f}"
+            f"[green]done[/green] {result.path}  steps={result.steps}  loss={final.get(LOSS, float('nan')):.4f}  "
+            f"divergence={final.get(DIVERGENCE, float('nan')):.4f}"
         )
 
 
@@ -173,8 +176,8 @@ def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | No
     if quiet or not console.is_terminal:
         def progress(step, m):
             console.print(
-                f"step {step}/{m['steps_total']} loss={m['loss']:.4f} kl={m['kl']:.4f} "
-                f"len={m['response/mean_tokens']:.1f} tok/s={m['tokens_per_s']:.1f} step_s={m['time/step_s']:.2f}",
+                f"step {step}/{m['steps_total']} loss={m[LOSS]:.4f} divergence={m[DIVERGENCE]:.4f} "
+                f"len={m['response/mean_tokens']:.1f} tok/s={m[TOKENS_PER_S]:.1f} step_s={m['time/step_s']:.2f}",
                 markup=False, highlight=False,
             )
         return train_episode(recipe, resume=resume, log=log, progress=progress, recipe_file=recipe_file,
@@ -191,7 +194,8 @@ def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | No
         def progress(step, m):
             bar.update(
                 task, completed=step, total=m["steps_total"],
-                stats=f"loss {m['loss']:.4f}  kl {m['kl']:.4f}  {m['tokens_per_s']:.0f} tok/s  {m['time/step_s']:.1f} s/step",
+                stats=f"loss {m[LOSS]:.4f}  divergence {m[DIVERGENCE]:.4f}  {m[TOKENS_PER_S]:.0f} tok/s  "
+                      f"{m['time/step_s']:.1f} s/step",
             )
 
         return train_episode(
@@ -315,17 +319,17 @@ def episodes(
         out.print_json(json.dumps([e.meta for e in history]))
         return
     table = Table(title=f"{run_dir}: {len(history)} episode(s)")
-    for column in ("#", "name", "recipe", "signal", "method", "teacher", "steps", "data sha256", "final loss", "final kl",
+    for column in ("#", "name", "recipe", "signal", "method", "teacher", "steps", "data sha256", "final loss", "final divergence",
                    "eval", "adapter", "created"):
         table.add_column(column, overflow="fold")
     for e in history:
-        m, final = e.meta, e.meta.get("final", {})
+        m, final = e.meta, current_names(e.meta.get("final", {}))  # episodes written before the names changed
         size = (e.path / "adapter_model.safetensors").stat().st_size
         table.add_row(
             f"{e.number:03d}", e.name, Path(m["recipe_file"]).name if m.get("recipe_file") else "-",
             m.get("signal", "?"), m.get("method", "?"),
             m.get("teacher", "?"), str(m.get("steps")), m.get("data", {}).get("sha256", "")[:12],
-            f"{final.get('loss', float('nan')):.4f}", f"{final.get('kl', float('nan')):.4f}", _eval_cell(m),
+            f"{final.get(LOSS, float('nan')):.4f}", f"{final.get(DIVERGENCE, float('nan')):.4f}", _eval_cell(m),
             f"{size / 2**20:.1f} MB", str(m.get("finished", ""))[:19],
         )
     out.print(table)
@@ -566,19 +570,37 @@ def main() -> None:
         console.print("aborted")
         sys.exit(130)
     except UserError as e:  # raised before a command ran (the commands' own are mapped in _Commands)
-        console.print(f"[red]error:[/red] {e.render()}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(e.render())}", highlight=False)
         sys.exit(2)
     except Exception as e:
         if os.environ.get("SD_DEBUG"):
             raise
-        console.print(f"[red]internal error:[/red] {type(e).__name__}: {e}", highlight=False)
+        console.print(f"[red]internal error:[/red] {escape(f'{type(e).__name__}: {e}')}", highlight=False)
         console.print("Run again with SD_DEBUG=1 for the full traceback, and please report it.")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 
+class _NoKernelsCommunityNote(logging.Filter):
+    """bitsandbytes (0.50), imported by peft in every command that loads a model, logs "Failed to load
+    CPU gemm_4bit_forward from kernels-community ..." on CPUs with AVX512-BF16 when the `kernels`
+    package is absent. That kernel is the fast path sd switches off on every 4-bit layer
+    (sdcli.models.quantization.keep_4bit_weights_unpacked), so the line says nothing about sd's run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop that one line; the logger's other messages still show. Idempotent."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _NoKernelsCommunityNote) for f in logger.filters):
+        logger.addFilter(_NoKernelsCommunityNote())
+
+
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit")):
+    quiet_bitsandbytes()  # before any command imports peft
     if version:
         out.print(f"sd {__version__}")
         raise typer.Exit(0)

@@ -78,7 +78,9 @@ def inspect_example(
     from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit
     from sdcli.signals import build_signal
     from sdcli.models.source import is_run_dir, load_source, select_episodes
-    from sdcli.training.train import learning_metrics, rollout_sequences, signal_metrics, teacher_pass
+    from sdcli.training.batch import rollout_sequences
+    from sdcli.training.metrics import learning_metrics, signal_metrics
+    from sdcli.training.teacher import teacher_pass
 
     run_dir, data = Path(run_dir), Path(data)
     if not is_run_dir(run_dir):

@@ -78,7 +78,7 @@ def write_recipe(path: Path, text: str) -> Path:
 @pytest.fixture()
 def captured_model(monkeypatch) -> dict:
     """Records the model the next train_episode loads, and a copy of its base weights as loaded."""
-    import sdcli.training.train as train_module
+    import sdcli.training.setup as train_module  # the episode's setup loads the base
 
     captured: dict = {}
     real = train_module.load_base

@@ -235,10 +235,8 @@ def greedy_answers(
     from sdcli.models.rollout import SamplingSettings, sample_responses
     from sdcli.models.sequences import eos_ids
 
-    # merged_for_sampling folds the layers' *active* adapters. Inside the adapter-off context those
-    # are still listed as active, so folding there would put them back: never fold the bare base.
-    fold = merge and (adapters is None or len(adapters) > 0)
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, merge=fold)
+    # with adapters=[] (the bare base) merged_for_sampling folds nothing: it skips switched-off adapters
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, merge=merge)
     stop = eos_ids(tokenizer, model)
     encoded = [encoder.encode(p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdcli.core.errors import UserError, write_error
+from sdcli.core.metric_names import DIVERGENCE, LOSS, current_names
 from sdcli.core.outputs import check_output_folder
 from sdcli.evaluation.continual_matrix import Matrix, matrix_from_episodes, matrix_table, metrics_lines
 from sdcli.evaluation.evaluate import fmt
@@ -57,6 +58,7 @@ def require_matplotlib():
 
 
 def read_metrics(episode: Episode) -> list[dict]:
+    """The episode's metrics.jsonl, one dict per step, under today's names (older runs wrote `loss`, `kl`, ...)."""
     path = episode.path / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -64,7 +66,7 @@ def read_metrics(episode: Episode) -> list[dict]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append(current_names(json.loads(line)))
             except json.JSONDecodeError:
                 continue  # a line cut by a crash is not worth failing a report over
     return rows
@@ -118,11 +120,11 @@ def _matrix_problem(m: Matrix) -> str | None:
 
 
 def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
-    header = ["#", "episode", "method", "signal", "steps", "final loss", "final kl",
+    header = ["#", "episode", "method", "signal", "steps", "final loss", "final divergence",
               "demo NLL student / teacher", "disagreement", "task score", "teacher", "retain (mean)", "KL from base", "perplexity"]
     rows = []
     for e in episodes:
-        m, final = e.meta, e.meta.get("final", {})
+        m, final = e.meta, current_names(e.meta.get("final", {}))
         ev = m.get("eval") or {}
         sets = ev.get("sets", [])
         task = next((s for s in sets if s["role"] == "task"), None)
@@ -130,7 +132,7 @@ def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
         drift = ev.get("drift") or {}
         rows.append([
             f"{e.number:03d}", e.name, m.get("method", "?"), m.get("signal", "?"), str(m.get("steps", "?")),
-            fmt(final.get("loss"), 4), fmt(final.get("kl"), 4),
+            fmt(final.get(LOSS), 4), fmt(final.get(DIVERGENCE), 4),
             f"{fmt(final.get('learn/demo_nll_student'), 3)} / {fmt(final.get('learn/demo_nll_teacher'), 3)}",
             fmt(final.get("learn/disagreement"), 3),
             fmt(task["score"]) if task else "-", fmt(task.get("teacher_score")) if task else "-",
@@ -162,8 +164,8 @@ def _save(fig, path: Path) -> Path:
 
 
 TRAINING_PANELS = [
-    ("loss", [("loss", "-")]),
-    ("divergence (student vs teacher, per token)", [("kl", "-")]),
+    ("loss", [(LOSS, "-")]),
+    ("divergence (student vs teacher, per token)", [(DIVERGENCE, "-")]),
     # the knowledge moving in: the demonstrations' NLL under the student (solid) falls toward the
     # teacher's (dashed), which sees the demonstration in its context
     ("demonstration NLL per token: student (solid), teacher (dashed)",

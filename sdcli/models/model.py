@@ -194,8 +194,15 @@ def merged_for_sampling(model, enabled: bool):
         yield
         return
     layers = [(layer, layer.get_base_layer()) for layer in lora_layers(model)]
-    active = [(layer, base, [a for a in layer.active_adapters if a in layer.lora_A]) for layer, base in layers]
+    # Adapters switched off (peft's disable_adapter(); active_adapters(model, []) in sdcli.models.stack)
+    # are still listed as active: folding them would put them back, and the block below, leaving its
+    # own adapter-off context, would switch them on for the caller's. Such a layer folds nothing.
+    active = [(layer, base, [a for a in layer.active_adapters if a in layer.lora_A])
+              for layer, base in layers if not layer.disable_adapters]
     active = [(layer, base, names) for layer, base, names in active if names]
+    if not active:  # the bare base, or nothing to fold: sample as the model is
+        yield
+        return
     # quantized weights (int8 / packed 4-bit) cannot take a float delta; then fold nothing, since
     # the adapters are switched off while folded and an unfolded layer would lose its adapter
     if not all(getattr(base, "weight", None) is not None and base.weight.dtype.is_floating_point for _, base, _ in active):

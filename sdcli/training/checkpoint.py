@@ -2,7 +2,8 @@
 
 A checkpoint holds everything that decides the rest of the run: the trainable adapter (and the
 EMA teacher), optimizer and scheduler state, every RNG, the data sampler's position and the step.
-Resuming from it with the same recipe gives the same adapter as an uninterrupted run.
+Resuming from it with the same recipe gives the same adapter as an uninterrupted run;
+`restore_checkpoint` refuses a checkpoint whose recipe (budget aside) or data file has changed.
 
 It is read with `torch.load(weights_only=True)`: a checkpoint holds only tensors and plain values,
 and a full unpickler would run whatever code a crafted `state.pt` names, just by resuming.
@@ -18,7 +19,11 @@ from pathlib import Path
 
 import torch
 
+from sdcli.core.data import file_sha256
 from sdcli.core.errors import DiskFullError, UserError, is_disk_full, write_error
+from sdcli.models.episodes import write_atomic
+from sdcli.recipe.config import Recipe, dump_recipe
+from sdcli.training.distributed import Ranks
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.pt"
@@ -92,6 +97,58 @@ def load_checkpoint(partial: Path) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise _unreadable(path, partial, e) from None
+
+
+def resume_key(recipe: Recipe) -> dict[str, str]:
+    """Everything that must match for a resumed run to continue the same trajectory: the recipe
+    (budget aside) and the data file's content, which the recipe names only by path."""
+    recipe_text = dump_recipe(
+        recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": None, "epochs": None})})
+    )
+    return {"recipe": recipe_text, "data_sha256": file_sha256(recipe.data.path)}
+
+
+def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, scheduler, sampler, metrics_path: Path, log,
+                       dist: Ranks | None = None) -> int:
+    """Put the interrupted episode's state back; returns the step to continue from. Every rank
+    reads the checkpoint; rank 0 alone rewrites the metrics."""
+    dist = dist or Ranks()
+    state = load_checkpoint(partial)
+    if state is None:
+        log(f"resume: {partial.name} has no checkpoint; starting it from step 0")
+        if dist.is_main:
+            metrics_path.unlink(missing_ok=True)
+        return 0
+    key = resume_key(recipe)
+    if state["extra"].get("recipe") != key["recipe"]:
+        raise UserError(
+            f"--resume: the recipe differs from the one {partial.name} was started with "
+            "(only train.max_steps or train.epochs may change on resume).",
+            hint=f"Compare with {partial / 'recipe.yaml'}, or delete {partial} to start over.",
+        )
+    then = state["extra"].get("data_sha256")  # absent in checkpoints written before it was recorded
+    if then is not None and then != key["data_sha256"]:
+        raise UserError(
+            f"--resume: the data file {recipe.data.path} changed since {partial.name} was started "
+            f"(sha256 {then[:12]}... then, {key['data_sha256'][:12]}... now); the rest of the run would "
+            "continue on other examples than its first steps.",
+            hint=f"Put the original data file back, or delete {partial} to start over.",
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state["params"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.restore(state["sampler"])
+    rng = dist.own_rng(state, log)
+    if rng is not None:
+        set_rng_state(rng)
+    step = state["step"]
+    if dist.is_main:
+        lines = metrics_path.read_text().splitlines()[:step] if metrics_path.exists() else []
+        write_atomic(metrics_path, "".join(line + "\n" for line in lines))
+    log(f"resume: continuing {partial.name} from step {step}")
+    return step
 
 
 def _unreadable(path: Path, partial: Path, e: BaseException) -> UserError:

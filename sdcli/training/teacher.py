@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 
 from sdcli.models.model import eval_mode
-from sdcli.models.sequences import ScoreBatch, response_hidden
+from sdcli.models.sequences import ScoreBatch, response_hidden, score_batch
 from sdcli.models.stack import active_adapters
 from sdcli.recipe.config import TeacherKind
+from sdcli.training.batch import ANCHOR, KIND_INDEX, Sequence
 
 EMA_ADAPTER = "ema"
 
@@ -43,6 +44,56 @@ def teacher_hidden(model, decoder, batch: ScoreBatch, adapters: list[str]) -> to
     dropout included); the student's modes are restored afterwards."""
     with eval_mode(model), active_adapters(model, adapters):
         return response_hidden(decoder, batch)
+
+
+def teacher_pass(model, decoder, encoder, kept: list[Sequence], pad_id: int, device, teacher_set, anchor_set) -> torch.Tensor:
+    """[N, T, H] teacher hidden states for `kept`, in order: the episode's teacher for the task's
+    sequences, the model as the episode began for the anchors (one pass when they are the same).
+    `encoder` is the TeacherPromptEncoder; an anchor's teacher sees exactly the student's prompt."""
+    cached = [i for i, q in enumerate(kept) if q.teacher_hidden is not None]
+    groups = [[i for i, q in enumerate(kept) if q.kind != ANCHOR], [i for i, q in enumerate(kept) if q.kind == ANCHOR]]
+    if teacher_set == anchor_set:
+        groups = [list(range(len(kept))), []]
+    width = max(1, max(len(q.response) for q in kept))
+    size = next((q.teacher_hidden.shape[-1] for q in kept if q.teacher_hidden is not None), None)
+    hidden = None
+    for group, adapters in zip(groups, (teacher_set, anchor_set)):
+        group = [i for i in group if i not in cached]
+        if not group:
+            continue
+        prompts = [kept[i].prompt if kept[i].kind == ANCHOR else encoder.encode(kept[i].view) for i in group]
+        batch = score_batch(prompts, [kept[i].response for i in group], pad_id, device)
+        part = teacher_hidden(model, decoder, batch, adapters)
+        if hidden is None:
+            hidden = part.new_zeros((len(kept), width, part.shape[-1]))
+        hidden[group, : part.shape[1]] = part
+    for i in cached:
+        h = kept[i].teacher_hidden
+        if hidden is None:
+            hidden = h.new_zeros((len(kept), width, size))
+        hidden[i, : h.shape[0]] = h
+    return hidden
+
+
+@torch.no_grad()
+def cache_anchor_teacher(model, decoder, anchors: list[Sequence], pad_id: int, device, adapters: list[str]) -> None:
+    """Score the anchors under their teacher once: the model as the episode began never changes, so
+    its [T, H] hidden states per anchor (a few MB) replace a teacher pass at every step."""
+    for start in range(0, len(anchors), 16):
+        chunk = anchors[start : start + 16]
+        batch = score_batch([q.prompt for q in chunk], [q.response for q in chunk], pad_id, device)
+        hidden = teacher_hidden(model, decoder, batch, adapters)
+        for q, h in zip(chunk, hidden):
+            q.teacher_hidden = h[: len(q.response)].clone()
+
+
+def teacher_temperatures(kinds: torch.Tensor, temperature: float, mask: torch.Tensor) -> torch.Tensor | None:
+    """[N, T] the teacher's temperature at each response position: `temperature` on task
+    sequences, 1 on anchors (they hold the starting model as it is); None when all are 1."""
+    if temperature == 1.0:
+        return None
+    rows = torch.where(kinds == KIND_INDEX[ANCHOR], 1.0, temperature)
+    return rows.to(torch.float32).unsqueeze(1).expand(mask.shape)
 
 
 def add_ema_adapter(model, episode: str, lora_settings) -> None:

@@ -40,7 +40,7 @@ ANCHORS = ["Say hello.", "Name a colour.", "What is 3+4?", "Give me a short tip 
 # `python -m sdcli ARGS` with a failure planted on one rank ("RANK:CALL", the CALL-th teacher pass)
 PLANTED = """
 import os
-import sdcli.training.train as train
+import sdcli.training.step as train  # the rollout calls teacher_pass there
 rank, at = map(int, os.environ["SD_TEST_PLANT"].split(":"))
 real, calls = train.teacher_pass, [0]
 def teacher_pass(*args, **kwargs):
@@ -111,7 +111,7 @@ def test_two_ranks_train_the_adapter_of_one_process_on_the_same_global_batch(tmp
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
     want = [json.loads(line) for line in (one.path / "metrics.jsonl").read_text().splitlines()]
     for got, expected in zip(lines, want):
-        for key in ("loss", "kl", "grad_norm", "response/mean_tokens", "loss/off_policy", "loss/anchor", "learn/demo_nll_student"):
+        for key in ("loss/total", "loss/divergence", "optim/grad_norm", "response/mean_tokens", "loss/off_policy", "loss/anchor", "learn/demo_nll_student"):
             assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
         assert "time/sync_s" in got
 

@@ -66,9 +66,9 @@ def test_sft_reduces_its_own_loss(chain):
     for episode in list_episodes(chain / "run"):
         assert episode.meta["method"] == "sft"
         rows = [json.loads(line) for line in (episode.path / "metrics.jsonl").read_text().splitlines()]
-        losses = [r["loss"] for r in rows]
+        losses = [r["loss/total"] for r in rows]
         assert losses[-1] < 0.2 * losses[0], (episode.label, losses)
-        assert all(math.isnan(r["kl"]) for r in rows)  # no teacher, no divergence: not the NLL under another name
+        assert all(math.isnan(r["loss/divergence"]) for r in rows)  # no teacher, no divergence: not the NLL under another name
 
 
 def test_eval_after_each_episode_is_stored(chain):

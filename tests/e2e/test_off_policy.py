@@ -60,7 +60,7 @@ anchor:
 @pytest.fixture()
 def sampled(monkeypatch) -> list:
     """Records every call to the student sampler: (number of prompts, responses)."""
-    import sdcli.training.train as train_module
+    import sdcli.training.setup as train_module  # the episode's sampler calls sample_responses there
 
     calls: list = []
     real = train_module.sample_responses
@@ -110,7 +110,7 @@ def test_off_policy_loss_is_the_teacher_scored_demonstration_and_samples_nothing
     want = hand_forward_kl(
         tiny_model_dir, [(r["prompt"], demonstration_ids(tiny_model_dir, r["demonstration"]), teacher_text(r)) for r in FACTS[:2]]
     )
-    assert metrics[0]["loss"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert metrics[0]["loss/total"] == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert metrics[0]["loss/off_policy"] == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert "loss/on_policy" not in metrics[0]
     # the learning view: demonstration NLL under both roles, and the roles' disagreement
@@ -128,7 +128,7 @@ def test_on_policy_only_samples_every_prompt_and_distils_the_sample(tmp_path, ti
     assert [n for n, _ in sampled] == [2, 2]
     first_responses = sampled[0][1]
     want = hand_forward_kl(tiny_model_dir, [(r["prompt"], y, teacher_text(r)) for r, y in zip(FACTS[:2], first_responses)])
-    assert metrics[0]["loss"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert metrics[0]["loss/total"] == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert metrics[0]["loss/on_policy"] == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert "loss/off_policy" not in metrics[0]
     assert {"advantage/mean", "advantage/large_fraction", "advantage/positive_fraction"} <= set(metrics[0])
@@ -146,7 +146,7 @@ def test_a_mixed_step_splits_the_prompts_and_reports_both_parts(tmp_path, tiny_m
     off = hand_forward_kl(
         tiny_model_dir, [(FACTS[0]["prompt"], demonstration_ids(tiny_model_dir, FACTS[0]["demonstration"]), teacher_text(FACTS[0]))]
     )
-    assert metrics[0]["loss"] == pytest.approx((on + off) / 2, rel=1e-4, abs=1e-5)
+    assert metrics[0]["loss/total"] == pytest.approx((on + off) / 2, rel=1e-4, abs=1e-5)
 
 
 def test_updates_per_rollout_reuse_one_rollout(tmp_path, tiny_model_dir, sampled):
@@ -181,7 +181,7 @@ def test_max_steps_and_epochs_together_are_refused(tmp_path, tiny_model_dir):
 
 
 def test_off_policy_count_keeps_the_share_exact_over_rollouts():
-    from sdcli.training.train import off_policy_count
+    from sdcli.training.batch import off_policy_count
 
     counts = [off_policy_count(0.3, 4, r) for r in range(10)]
     assert sum(counts) == 12 and set(counts) <= {1, 2}
@@ -228,7 +228,8 @@ def test_the_builtin_anchor_set_loads_and_is_disjoint_from_the_benchmarks_genera
 def test_teacher_temperature_applies_to_task_sequences_and_never_to_anchors():
     import torch
 
-    from sdcli.training.train import ANCHOR, KIND_INDEX, OFF_POLICY, ON_POLICY, teacher_temperatures
+    from sdcli.training.batch import ANCHOR, KIND_INDEX, OFF_POLICY, ON_POLICY
+    from sdcli.training.teacher import teacher_temperatures
 
     kinds = torch.tensor([KIND_INDEX[ON_POLICY], KIND_INDEX[OFF_POLICY], KIND_INDEX[ANCHOR]])
     mask = torch.ones(3, 4, dtype=torch.bool)

@@ -43,7 +43,7 @@ def test_rewards_recipe_runs_with_a_user_reward(tmp_path, tiny_model_dir):
               "signal.reward=my_reward:even_length", "--quiet", env={"PYTHONPATH": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     metrics = metrics_of(run)
-    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(math.isfinite(m["loss/total"]) for m in metrics)
     for m in metrics:
         assert 0.0 <= m["signal/reward_mean"] <= 1.0
         assert m["signal/context_fraction"] + m["signal/masked_fraction"] == pytest.approx(1.0)
@@ -63,14 +63,14 @@ def test_feedback_recipe_runs_in_the_sandbox(tmp_path, tiny_model_dir):
               "signal.sandbox.wall_seconds=5", "--quiet")
     assert done.returncode == 0, done.stderr
     metrics = metrics_of(run)
-    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(math.isfinite(m["loss/total"]) for m in metrics)
     # a 2-layer random model writes no passing code: every sample fails, and its feedback is the context
     assert all(m["signal/success_rate"] == 0.0 for m in metrics)
     assert all(m["signal/context_fraction"] == 1.0 for m in metrics)
 
 
 def test_interactions_offline_never_generates(tmp_path, tiny_model_dir, monkeypatch):
-    import sdcli.training.train as train_module
+    import sdcli.training.setup as train_module  # the episode's sampler calls sample_responses there
 
     def forbidden(*args, **kwargs):
         raise AssertionError("offline mode must not sample")
@@ -78,12 +78,12 @@ def test_interactions_offline_never_generates(tmp_path, tiny_model_dir, monkeypa
     monkeypatch.setattr(train_module, "sample_responses", forbidden)
     recipe = load_recipe(REPO / "recipes" / "interactions_offline.yaml", tiny_overrides(tiny_model_dir, tmp_path / "run"))
     result = train_episode(recipe)
-    assert math.isfinite(result.final["loss"]) and result.final["loss"] > 0
+    assert math.isfinite(result.final["loss/total"]) and result.final["loss/total"] > 0
     assert result.final["signal/context_fraction"] == 1.0
 
 
 def test_interactions_online_samples_from_the_student(tmp_path, tiny_model_dir, monkeypatch):
-    import sdcli.training.train as train_module
+    import sdcli.training.setup as train_module  # the episode's sampler calls sample_responses there
 
     calls = []
     real = train_module.sample_responses
@@ -91,7 +91,7 @@ def test_interactions_online_samples_from_the_student(tmp_path, tiny_model_dir, 
     recipe = load_recipe(REPO / "recipes" / "interactions_online.yaml", tiny_overrides(tiny_model_dir, tmp_path / "run"))
     result = train_episode(recipe)
     # per step one call for the student's samples and one for the user simulator's follow-ups to them
-    assert len(calls) == 4 and math.isfinite(result.final["loss"])
+    assert len(calls) == 4 and math.isfinite(result.final["loss/total"])
 
 
 def test_interactions_recipe_via_cli_reports_skipped_examples(tmp_path, tiny_model_dir):
@@ -104,6 +104,6 @@ def test_interactions_recipe_via_cli_reports_skipped_examples(tmp_path, tiny_mod
 def test_sft_method_trains_on_demonstrations(tmp_path, tiny_model_dir):
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [*tiny_overrides(tiny_model_dir, tmp_path / "run", 3), "method=sft"])
     result = train_episode(recipe)
-    assert math.isfinite(result.final["loss"]) and result.final["loss"] > 0
+    assert math.isfinite(result.final["loss/total"]) and result.final["loss/total"] > 0
     meta = json.loads((result.path / "episode.json").read_text())
     assert meta["method"] == "sft"

@@ -75,8 +75,8 @@ def test_train_cli_learns_and_writes_a_loadable_episode(tmp_path, tiny_model_dir
     ]
     metrics = [json.loads(line) for line in (episode / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 20
-    assert all(math.isfinite(m["loss"]) and math.isfinite(m["kl"]) for m in metrics)
-    assert {"time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s", "tokens_per_s"} <= set(metrics[0])
+    assert all(math.isfinite(m["loss/total"]) and math.isfinite(m["loss/divergence"]) for m in metrics)
+    assert {"time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s", "speed/tokens_per_s"} <= set(metrics[0])
     meta = json.loads((episode / "episode.json").read_text())
     assert meta["number"] == 1 and meta["parents"] == [] and meta["steps"] == 20
     assert len(meta["base_model"]["sha256"]) == 64 and len(meta["data"]["sha256"]) == 64
@@ -172,7 +172,7 @@ def test_other_losses_and_teachers_run(tmp_path, tiny_model_dir, divergence, sup
          "loss.skip_first_tokens=1"],
     )
     result = train_episode(recipe)
-    assert math.isfinite(result.final["loss"])
+    assert math.isfinite(result.final["loss/total"])
 
 
 def test_tensorboard_logging_mirrors_the_metrics(tmp_path, tiny_model_dir):
@@ -185,10 +185,10 @@ def test_tensorboard_logging_mirrors_the_metrics(tmp_path, tiny_model_dir):
     events = EventAccumulator(str(result.path / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"loss", "kl", "time/rollout_s"} <= set(tags)
-    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert {"loss/total", "loss/divergence", "loss/forward_kl", "time/rollout_s"} <= set(tags)
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2]
     metrics = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
-    assert events.Scalars("loss")[1].value == pytest.approx(metrics[1]["loss"], rel=1e-6)
+    assert events.Scalars("loss/total")[1].value == pytest.approx(metrics[1]["loss/total"], rel=1e-6)
 
 
 def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):

@@ -41,11 +41,12 @@ def adapters_off(model) -> bool:
 @pytest.fixture()
 def recorded(monkeypatch):
     """Every sampling call of the loop (the student's and the simulator's) and every teacher pass."""
-    import sdcli.training.train as train_module
+    import sdcli.training.setup as setup_module  # the episode's sampler calls sample_responses there
+    import sdcli.training.step as step_module  # the rollout calls teacher_pass there
 
     calls: list[dict] = []
     teacher_views: list[list] = []
-    real_sample, real_teacher = train_module.sample_responses, train_module.teacher_pass
+    real_sample, real_teacher = setup_module.sample_responses, step_module.teacher_pass
 
     def sample(model, tokenizer, prompts, settings, stop):
         out = real_sample(model, tokenizer, prompts, settings, stop)
@@ -58,8 +59,8 @@ def recorded(monkeypatch):
         teacher_views.append([q.view for q in kept])
         return real_teacher(model, decoder, encoder, kept, *args)
 
-    monkeypatch.setattr(train_module, "sample_responses", sample)
-    monkeypatch.setattr(train_module, "teacher_pass", teacher)
+    monkeypatch.setattr(setup_module, "sample_responses", sample)
+    monkeypatch.setattr(step_module, "teacher_pass", teacher)
     return calls, teacher_views
 
 

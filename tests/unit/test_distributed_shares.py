@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdcli.training.distributed import Ranks, share_bounds, stack_padded
-from sdcli.training.train import ExampleSampler, off_policy_count
+from sdcli.training.batch import ExampleSampler, off_policy_count
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -14,7 +14,8 @@ from sdcli.core.errors import UserError
 from sdcli.models.episodes import Episode, adapter_hashes, check_same_base, list_episodes
 from sdcli.recipe.config import load_recipe
 from sdcli.training.checkpoint import CHECKPOINT, STATE_FILE, load_checkpoint, save_checkpoint
-from sdcli.training.train import ExampleSampler, _resume_key, restore_checkpoint
+from sdcli.training.batch import ExampleSampler
+from sdcli.training.checkpoint import restore_checkpoint, resume_key
 
 CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
 
@@ -148,7 +149,7 @@ def interrupted(tmp_path):
 
 def test_resume_refuses_a_changed_data_file(interrupted):
     recipe, save, restore = interrupted
-    save(_resume_key(recipe))
+    save(resume_key(recipe))
     assert restore() == 1  # unchanged: continues, through weights_only loading
     before = file_sha256(recipe.data.path)
     recipe.data.path.write_text('{"prompt": "q", "demonstration": "another answer"}\n')
@@ -160,6 +161,6 @@ def test_resume_refuses_a_changed_data_file(interrupted):
 
 def test_resume_of_a_checkpoint_without_a_data_hash_still_works(interrupted):
     recipe, save, restore = interrupted
-    save({"recipe": _resume_key(recipe)["recipe"]})  # written before the data's hash was recorded
+    save({"recipe": resume_key(recipe)["recipe"]})  # written before the data's hash was recorded
     recipe.data.path.write_text('{"prompt": "q", "demonstration": "another answer"}\n')
     assert restore() == 1

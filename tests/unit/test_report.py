@@ -16,12 +16,16 @@ from sdcli.evaluation.report import build_report, episode_table, markdown_table
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_episode(run: Path, number: int, name: str, method: str, losses: list[float], eval_: dict | None) -> None:
+def fake_episode(run: Path, number: int, name: str, method: str, losses: list[float], eval_: dict | None,
+                 old_names: bool = True) -> None:
+    """An episode folder as sd writes it; `old_names`: with the metric names of runs written before
+    they were namespaced (`loss`, `kl`), which users' run folders still hold."""
     folder = run / "episodes" / f"{number:03d}-{name}"
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
     (folder / "adapter_model.safetensors").write_bytes(b"not really weights, but not empty")
-    rows = [{"step": i + 1, "loss": v, "kl": v if method == "self_distillation" else float("nan"),
+    loss, divergence = ("loss", "kl") if old_names else ("loss/total", "loss/divergence")
+    rows = [{"step": i + 1, loss: v, divergence: v if method == "self_distillation" else float("nan"),
              **({"signal/reward_mean": 0.1 * i} if method == "self_distillation" else {})} for i, v in enumerate(losses)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 99, "lo')  # torn last line
     meta = {"number": number, "name": name, "method": method, "signal": "demonstrations", "steps": len(losses),
@@ -135,7 +139,7 @@ def test_training_plot_shows_the_learning_view_when_the_metrics_have_it(run_dir,
     from sdcli.evaluation.report import plot_training, require_matplotlib, training_panels
     from sdcli.models.episodes import list_episodes
 
-    rows = [{"step": i + 1, "loss": 1.0 / (i + 1), "kl": 0.5, "learn/demo_nll_student": 3.0 - i,
+    rows = [{"step": i + 1, "loss/total": 1.0 / (i + 1), "loss/divergence": 0.5, "learn/demo_nll_student": 3.0 - i,
              "learn/demo_nll_teacher": 0.4, "learn/disagreement": 0.3} for i in range(3)]
     titles = [title for title, _ in training_panels([rows])]
     assert any("demonstration NLL" in t for t in titles) and any("top tokens differ" in t for t in titles)
@@ -143,3 +147,36 @@ def test_training_plot_shows_the_learning_view_when_the_metrics_have_it(run_dir,
     episodes = list_episodes(run_dir)[:1]
     path = plot_training(require_matplotlib(), episodes, [rows], tmp_path / "training.png")
     assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_runs_written_with_the_old_metric_names_report_as_new_ones(tmp_path):
+    """metrics.jsonl and episode.json of older runs say `loss` and `kl`; `sd report` reads them as
+    loss/total and loss/divergence: the same table and the same training panels as a new run."""
+    from sdcli.evaluation.report import read_metrics, training_panels
+    from sdcli.models.episodes import list_episodes
+
+    tables, panels, rows = [], [], []
+    for old in (True, False):
+        run = tmp_path / ("old" if old else "new")
+        fake_episode(run, 1, "a", "self_distillation", [2.0, 1.0], None, old_names=old)
+        episodes = list_episodes(run)
+        tables.append(episode_table(episodes))
+        rows.append(read_metrics(episodes[0]))
+        panels.append([title for title, _ in training_panels([rows[-1]])])
+    assert tables[0] == tables[1]
+    assert tables[0][1][0][5:7] == ["1.0000", "1.0000"]  # final loss and divergence, read from the old names
+    assert rows[0] == rows[1] and rows[0][0]["loss/total"] == 2.0 and "loss" not in rows[0][0]
+    assert panels[0] == panels[1] and panels[0][:2] == ["loss", "divergence (student vs teacher, per token)"]
+
+
+def test_sd_report_without_matplotlib_prints_the_install_command(run_dir, monkeypatch):
+    """The command as the user sees it: rich markup used to swallow `[plot]`, leaving "pip install 'sd'"."""
+    from typer.testing import CliRunner
+
+    from sdcli.cli import app
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    done = CliRunner().invoke(app, ["report", str(run_dir)])
+    printed = done.output + (done.stderr if done.stderr_bytes is not None else "")
+    assert done.exit_code == 2, printed
+    assert "pip install 'sd[plot]'" in printed

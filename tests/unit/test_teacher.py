@@ -106,3 +106,38 @@ def test_folding_is_skipped_for_a_quantized_base_and_the_adapter_still_counts(ti
             bare = response_hidden(decoder, b)
     torch.testing.assert_close(inside, unfolded)
     assert (inside - bare).abs().max() > 1e-3
+
+
+def test_folding_inside_an_adapter_off_context_folds_nothing_and_keeps_them_off(student, tiny_model_dir):
+    """merged_for_sampling owns the fold decision: under active_adapters(model, []) (the bare base) the
+    adapters are still listed as active, and folding them put them back, inside the block and after it."""
+    from transformers import AutoTokenizer
+
+    from sdcli.models.rollout import SamplingSettings, sample_responses
+    from sdcli.models.stack import active_adapters
+
+    b = batch()
+    decoder = student.get_base_model().get_decoder()
+    with torch.no_grad():
+        adapted = response_hidden(decoder, b)
+        with active_adapters(student, []):
+            bare = response_hidden(decoder, b)
+            with merged_for_sampling(student, True):
+                inside = response_hidden(decoder, b)
+            after = response_hidden(decoder, b)  # the caller's context is still adapter-off
+    assert (adapted - bare).abs().max() > 1e-3  # the adapter matters, so folding it would show
+    torch.testing.assert_close(inside, bare)
+    torch.testing.assert_close(after, bare)
+
+    # the same through the sampling helper: greedy with merge=True under adapters-off is the bare base
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [[1, 5, 9, 12], [1, 7, 3]]
+    settings = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0)
+    with active_adapters(student, []):
+        folded = sample_responses(student, tokenizer, prompts, SamplingSettings(**settings, merge=True), {-1})
+        plain = sample_responses(student, tokenizer, prompts, SamplingSettings(**settings, merge=False), {-1})
+    with student.disable_adapter():
+        base = sample_responses(student, tokenizer, prompts, SamplingSettings(**settings, merge=False), {-1})
+    adapted_answers = sample_responses(student, tokenizer, prompts, SamplingSettings(**settings, merge=False), {-1})
+    assert folded == plain == base
+    assert adapted_answers != base  # greedy answers that can tell the two apart

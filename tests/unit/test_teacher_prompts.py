@@ -112,7 +112,7 @@ def test_the_default_limit_is_the_context_left_after_the_response():
 def test_training_cuts_the_teacher_context_not_the_question(tmp_path, tiny_model_dir, monkeypatch):
     """Before, one encoder with model.max_prompt_tokens cut both roles from the left: a long
     demonstration pushed the chat header, the system prompt and the question out of the teacher's view."""
-    import sdcli.training.train as train_module
+    import sdcli.training.teacher as train_module  # teacher_pass calls teacher_hidden there
     from sdcli.training.train import train_episode
 
     long_demo = " ".join(f"Fact number {i} about Zorblax is true." for i in range(25))  # ~500 tokens here
@@ -148,7 +148,7 @@ def test_training_cuts_the_teacher_context_not_the_question(tmp_path, tiny_model
         assert CUT_MARK in text and "Fact number 0 " in text and "Fact number 24 " in text
     assert len(train_module_tokenizer(seen[0], add_special_tokens=False)["input_ids"]) <= 160
     assert result.final["signal/teacher_prompts_cut"] == 1
-    assert math.isfinite(result.final["loss"])
+    assert math.isfinite(result.final["loss/total"])
     assert sum("model.max_teacher_prompt_tokens=160" in line for line in logs) == 1
     meta = json.loads((result.path / "episode.json").read_text())
     assert meta["teacher_prompts_cut"] == 2
