@@ -372,6 +372,10 @@ class AnchorConfig(_Strict):
     max_new_tokens: int = Field(
         32, ge=1, le=8192, description="Length of the starting model's answers to them (each costs student compute every step)"
     )
+    weight: float = Field(
+        1.0, ge=0.0, le=100.0,
+        description="Each anchor's weight in the loss, next to a task sequence's 1: more holds general answers harder, at no compute cost",
+    )
 
     @field_validator("path")
     @classmethod

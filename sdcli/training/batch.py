@@ -138,3 +138,10 @@ def take_anchors(anchors: list[Sequence], k: int, rollout_index: int) -> list[Se
     if not anchors or k == 0:
         return []
     return [anchors[(rollout_index * k + j) % len(anchors)] for j in range(k)]
+
+
+def anchor_weights(kinds: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """[N] each sequence's weight in the loss: `anchor.weight` on anchors, 1 on the task; None when all are 1."""
+    if weight == 1.0:
+        return None
+    return torch.where(kinds == KIND_INDEX[ANCHOR], weight, 1.0)

@@ -280,11 +280,13 @@ def _over_chunks(fn, grad_input: torch.Tensor, *others: torch.Tensor | None, chu
     return torch.cat(pieces, dim=1)
 
 
-def masked_sequence_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over each sequence's unmasked tokens, then over sequences that have any.
 
-    per_token: [B, T]; mask: [B, T] bool or {0,1}. Returns a scalar. With an empty mask the
-    result is a zero still attached to the graph (so backward() is a no-op, never NaN).
+    per_token: [B, T]; mask: [B, T] bool or {0,1}; weights: [B] or None (all 1). Returns a scalar:
+    sum_b w_b * mean_t(per_token[b]) / (number of sequences with tokens), so a weight scales one
+    sequence's pull without changing the others'. With an empty mask the result is a zero still
+    attached to the graph (so backward() is a no-op, never NaN).
     """
     mask = mask.to(per_token.dtype)
     counts = mask.sum(-1)
@@ -292,6 +294,8 @@ def masked_sequence_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.T
     if not bool(has_tokens.any()):
         return (per_token * 0.0).sum()
     per_sequence = (per_token * mask).sum(-1) / counts.clamp(min=1.0)
+    if weights is not None:
+        per_sequence = per_sequence * weights.to(per_sequence.dtype)
     return per_sequence[has_tokens].mean()
 
 

@@ -22,6 +22,7 @@ import torch
 from sdcli.core.metric_names import DIVERGENCE, GRAD_NORM, LOSS, LR, TOKENS_PER_S, divergence_name
 from sdcli.signals.base import TeacherView
 from sdcli.training.distributed import stack_padded
+from sdcli.training.batch import anchor_weights
 from sdcli.training.losses import STAT_DISAGREE, STAT_STUDENT_LOGP, STAT_TEACHER_LOGP, masked_sequence_mean
 from sdcli.training.memory import PeakMemory
 
@@ -153,7 +154,8 @@ def step_figures(out, rollout) -> dict:
     }
 
 
-def global_step_metrics(shares: list[dict], divergence: str | None, step_seconds: float, rollout_seconds: float) -> dict:
+def global_step_metrics(shares: list[dict], divergence: str | None, step_seconds: float, rollout_seconds: float,
+                        anchor_weight: float = 1.0) -> dict:
     """The figures of the step's log line over the whole global batch (every rank's share), computed
     as one process computes them on its batch; times and memory stay rank 0's own."""
     per_token = stack_padded([s["per_token"] for s in shares])
@@ -164,7 +166,7 @@ def global_step_metrics(shares: list[dict], divergence: str | None, step_seconds
     lengths = [n for s in shares for n in s["lengths"]]
     generated = sum(s["generated"] for s in shares)
     return {
-        LOSS: float(masked_sequence_mean(per_token, mask)) if per_token is not None else 0.0,
+        LOSS: float(masked_sequence_mean(per_token, mask, anchor_weights(kinds, anchor_weight))) if per_token is not None else 0.0,
         **divergence_metrics(per_token, mask, divergence),
         "response/mean_tokens": sum(lengths) / max(1, len(lengths)),
         TOKENS_PER_S: generated / step_seconds,

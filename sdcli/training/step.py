@@ -22,6 +22,7 @@ from sdcli.recipe.config import Method
 from sdcli.signals.base import Example, TeacherView, step_teacher_views
 from sdcli.training.batch import (
     KIND_INDEX,
+    anchor_weights,
     Sequence,
     demonstration_sequences,
     off_policy_sequences,
@@ -102,7 +103,9 @@ def distillation_loss(run, rollout: Rollout) -> StepLoss:
     )
     if rollout.old_logp is None and run.spec.support == "sampled":
         rollout.old_logp = stats[..., STAT_STUDENT_LOGP].detach()  # the sampler, for the rollout's later updates
-    return StepLoss(masked_sequence_mean(per_token, mask), per_token, stats, mask)
+    return StepLoss(masked_sequence_mean(per_token, mask, anchor_weights(rollout.kinds, run.recipe.anchor.weight)),
+                    per_token, stats, mask)
+
 
 
 def sft_rollout(run, batch: list[Example], n_off: int, rollout_index: int, timer) -> Rollout:

@@ -138,7 +138,8 @@ def _train_episode(
                                     divergence=run.divergence, lr=run.scheduler.get_last_lr()[0], grad_norm=norm,
                                     update=update, timer=timer, step_seconds=step_seconds)
                 if shares is not None:
-                    last.update(global_step_metrics(shares, run.divergence, step_seconds, timer.seconds.get("rollout", 0.0)))
+                    last.update(global_step_metrics(shares, run.divergence, step_seconds, timer.seconds.get("rollout", 0.0),
+                                                    run.recipe.anchor.weight))
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
                 if board:

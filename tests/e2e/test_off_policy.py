@@ -215,6 +215,23 @@ def test_anchors_hold_the_student_to_the_start_without_moving_the_sampler(tmp_pa
     assert metrics[2]["loss/anchor"] > 1e-4
 
 
+def test_anchor_weight_scales_the_anchors_part_of_the_loss(tmp_path, tiny_model_dir):
+    """anchor.weight multiplies each anchor's term in the loss; the task's terms keep weight 1."""
+    from sdcli.training.train import train_episode
+
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a colour.", "Count to three."]))
+    recipe = recipe_for(tmp_path, tiny_model_dir, "  max_steps: 3", "  off_policy_fraction: 1",
+                        anchor=f"  path: {anchors}\n  prompts_per_step: 2\n  weight: 3")
+    last = metrics_of(train_episode(recipe))[-1]
+    assert last["loss/anchor"] > 1e-4  # the student has drifted, so the weight shows
+    # 2 demonstrations (weight 1) and 2 anchors (weight 3), averaged over the 4 sequences
+    expected = (2 * last["loss/off_policy"] + 3 * 2 * last["loss/anchor"]) / 4
+    unweighted = (2 * last["loss/off_policy"] + 2 * last["loss/anchor"]) / 4
+    assert abs(expected - unweighted) > 1e-3 * expected  # the check below can tell the two apart
+    assert last["loss/total"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_the_builtin_anchor_set_loads_and_is_disjoint_from_the_benchmarks_general_questions():
     from sdcli.training.anchors import load_anchor_prompts
 

@@ -306,3 +306,20 @@ def test_teacher_temperature_is_kl_to_the_tempered_teacher_per_row_and_leaves_th
     # sharpening moves the target: row 0 differs from the untempered KL
     plain = kl_divergence(Categorical(logits=t_logits[0]), Categorical(logits=s_logits[0]))
     assert (per_token[0] - plain).abs().max() > 1e-2
+
+
+def test_masked_sequence_mean_weights_scale_one_sequence_only():
+    per_token = torch.tensor([[1.0, 3.0, 100.0], [2.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    weights = torch.tensor([1.0, 3.0, 5.0])
+    # sequence means 2 and 2, weighted 1 and 3, over the 2 sequences with tokens; the empty one is left out
+    assert masked_sequence_mean(per_token, mask, weights).item() == pytest.approx((2.0 + 3 * 2.0) / 2)
+    assert masked_sequence_mean(per_token, mask, torch.ones(3)).item() == masked_sequence_mean(per_token, mask).item()
+
+
+def test_anchor_weights_only_on_anchors():
+    from sdcli.training.batch import ANCHOR, KIND_INDEX, OFF_POLICY, ON_POLICY, anchor_weights
+
+    kinds = torch.tensor([KIND_INDEX[ON_POLICY], KIND_INDEX[OFF_POLICY], KIND_INDEX[ANCHOR]])
+    assert anchor_weights(kinds, 1.0) is None
+    assert anchor_weights(kinds, 4.0).tolist() == [1.0, 1.0, 4.0]
