@@ -6,8 +6,8 @@
 
 Each setting trains the task's first episode from the bare base (recipe defaults plus the
 setting's overrides) and is scored by the training loop's own evaluation: the task's held-out
-questions (next to the teacher's ceiling: the base model with the fact in its prompt), eight
-general questions the base model mostly answers (forgetting), and drift on general text (KL from
+questions (next to the teacher's ceiling: the base model with the fact in its prompt), forty
+general questions (the base model answers about two thirds) (forgetting), and drift on general text (KL from
 the base and perplexity). All settings run one after another in one invocation, so their
 wall-clock times are comparable with each other (this machine drifts +-20% between hours; do not
 compare numbers across invocations). Results go to OUT/sweep.json.
@@ -57,6 +57,9 @@ GRID: dict[str, list[str]] = {
     "tt0.5-ep6": ["loss.teacher_temperature=0.5", "train.epochs=6"],
     "tt0.5-cosine": ["loss.teacher_temperature=0.5", "train.lr_schedule=cosine"],
     "tt0.5-r4": ["loss.teacher_temperature=0.5", "lora.r=4", "lora.alpha=8"],
+    "tt0.5-aw3": ["loss.teacher_temperature=0.5", "anchor.weight=3"],
+    "tt0.5-aw6": ["loss.teacher_temperature=0.5", "anchor.weight=6"],
+    "aw3": ["anchor.weight=3"],
 }
 
 
