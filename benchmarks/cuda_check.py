@@ -140,6 +140,50 @@ def teacher_equals_base(model_dir: Path, quantization: str, device: str) -> dict
     return {"check": f"teacher_equals_base_{quantization}", "ok": diff < 1e-2, "max_abs_diff": diff}
 
 
+def failure(name: str, e: Exception) -> dict:
+    return {"check": name, "ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+
+
+def run_checks(tmp: Path, device: str, small: bool, steps: int, emit=lambda r: None, model_dir: Path | None = None) -> list[dict]:
+    """Every check, in order; `emit` sees each result as soon as it is known (benchmarks/gpu_check.py
+    prints and saves it, so that a crash later on still leaves what ran). model_dir: a model
+    build_model already wrote, else it is built in tmp."""
+    results: list[dict] = []
+
+    def done(result: dict) -> None:
+        results.append(result)
+        emit(result)
+
+    model_dir = model_dir or build_model(tmp / "model", small)
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    plans = [
+        ("bf16", [f"model.dtype={dtype}"]),
+        ("nf4", ["model.quantization=4bit", f"model.dtype={dtype}"]),
+        ("int8", ["model.quantization=8bit", f"model.dtype={dtype}"]),
+        ("nf4_ema_jsd", ["model.quantization=4bit", f"model.dtype={dtype}", "teacher=ema", "loss.divergence=jsd",
+                         "train.gradient_checkpointing=true"]),
+    ]
+    for name, overrides in plans:
+        try:
+            done(check(name, tmp, model_dir, overrides, device, steps))
+        except Exception as e:  # report and go on: one broken path must not hide the others
+            done(failure(name, e))
+    for quantization in ("none", "4bit"):
+        try:
+            done(teacher_equals_base(model_dir, quantization, device))
+        except Exception as e:
+            done(failure(f"teacher_equals_base_{quantization}", e))
+    try:
+        from sdcli.models.merge import merge_history
+
+        nf4_episode = next(r["episode"] for r in results if r["check"] == "nf4" and r.get("ok"))
+        report = merge_history(model_dir, [nf4_episode], tmp / "merged", into="model", quantization="4bit")
+        done({"check": "merge_nf4_into_model", "ok": report.passed, "report": report.to_dict()})
+    except Exception as e:
+        done(failure("merge_nf4_into_model", e))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -148,41 +192,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    results = []
     with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        model_dir = build_model(tmp / "model", args.small)
-        dtype = "bfloat16" if args.device == "cuda" else "float32"
-        plans = [
-            ("bf16", [f"model.dtype={dtype}"]),
-            ("nf4", ["model.quantization=4bit", f"model.dtype={dtype}"]),
-            ("int8", ["model.quantization=8bit", f"model.dtype={dtype}"]),
-            ("nf4_ema_jsd", ["model.quantization=4bit", f"model.dtype={dtype}", "teacher=ema", "loss.divergence=jsd",
-                             "train.gradient_checkpointing=true"]),
-        ]
-        for name, overrides in plans:
-            try:
-                results.append(check(name, tmp, model_dir, overrides, args.device, args.steps))
-            except Exception as e:  # report and go on: one broken path must not hide the others
-                results.append({"check": name, "ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]})
-            print(json.dumps(results[-1]), flush=True)
-        for quantization in ("none", "4bit"):
-            try:
-                results.append(teacher_equals_base(model_dir, quantization, args.device))
-            except Exception as e:
-                results.append({"check": f"teacher_equals_base_{quantization}", "ok": False, "error": f"{type(e).__name__}: {e}",
-                                "trace": traceback.format_exc()[-1500:]})
-            print(json.dumps(results[-1]), flush=True)
-        try:
-            from sdcli.models.merge import merge_history
-
-            nf4_episode = next(r["episode"] for r in results if r["check"] == "nf4" and r.get("ok"))
-            report = merge_history(model_dir, [nf4_episode], tmp / "merged", into="model", quantization="4bit")
-            results.append({"check": "merge_nf4_into_model", "ok": report.passed, "report": report.to_dict()})
-        except Exception as e:
-            results.append({"check": "merge_nf4_into_model", "ok": False, "error": f"{type(e).__name__}: {e}",
-                            "trace": traceback.format_exc()[-1500:]})
-        print(json.dumps(results[-1], default=str), flush=True)
+        results = run_checks(Path(tmp_name), args.device, args.small, args.steps,
+                             emit=lambda r: print(json.dumps(r, default=str), flush=True))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, default=str))
     failed = [r["check"] for r in results if not r.get("ok")]

@@ -7,6 +7,10 @@
 Each variant runs in its own process so that peak RSS belongs to that variant alone. For the peer
 (TRL's SDFTTrainer) on the same setting, run benchmarks/side_by_side.py: it alternates the two in
 one session, because numbers from different hours on these machines differ by 20%.
+
+On CUDA (sd trains there whenever a GPU is visible) each phase is bracketed by
+torch.cuda.synchronize(), so that a phase's queued kernels count in that phase, and the JSON
+carries gpu_peak_mb: the largest torch.cuda.max_memory_allocated() of any phase of the timed steps.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +38,38 @@ VARIANTS = {
 }
 
 
+@contextmanager
+def cuda_synchronized_phases():
+    """Yields True while sd's phase timer waits for the GPU at both ends of every phase.
+
+    Without it a phase's time is when its Python returned, and kernels still queued on the GPU are
+    billed to whichever later phase waits for them first (or to nothing, for the step's last one).
+    Yields False, changing nothing, on a CPU or where the training loop has no PhaseTimer any more.
+    """
+    import torch
+
+    import sdcli.training.train as train_module
+
+    original = getattr(train_module, "PhaseTimer", None)
+    if not torch.cuda.is_available() or original is None:
+        yield False
+        return
+
+    class SynchronizedPhaseTimer(original):
+        @contextmanager
+        def __call__(self, name: str):
+            torch.cuda.synchronize()
+            with original.__call__(self, name):
+                yield
+                torch.cuda.synchronize()
+
+    train_module.PhaseTimer = SynchronizedPhaseTimer
+    try:
+        yield True
+    finally:
+        train_module.PhaseTimer = original
+
+
 def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     import torch
 
@@ -40,7 +77,7 @@ def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     from sdcli.training.train import train_episode
 
     torch.set_num_threads(int(os.environ.get("SD_BENCH_THREADS", "2")))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, cuda_synchronized_phases() as synchronized:
         recipe_obj = load_recipe(
             recipe,
             [f"run_dir={tmp}", f"train.max_steps={steps}", "rollout.max_new_tokens=48", "train.prompts_per_step=4",
@@ -63,7 +100,12 @@ def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
         "phase_s": {p: statistics.mean(r.get(f"time/{p}_s", 0.0) for r in timed) for p in phases},
         "phase_peak_mb": {p: max(r.get(f"memory/{p}_peak_mb", 0.0) for r in timed) for p in phases},
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+    if torch.cuda.is_available():  # phase peaks are torch.cuda.max_memory_allocated() there, reset per phase
+        result["gpu_peak_mb"] = max(result["phase_peak_mb"].values(), default=0.0)
+        result["gpu_name"] = torch.cuda.get_device_name()
+        result["phases_synchronized"] = synchronized
     return result
 
 
@@ -73,6 +115,8 @@ def show(name: str, r: dict) -> None:
     print(f"  tokens/s (step)     {r['tokens_per_s']:.1f}")
     print(f"  tokens/s (rollout)  {r['rollout_tokens_per_s']:.1f}   mean response {r['mean_response_tokens']:.1f} tokens")
     print(f"  peak RSS, process   {r['process_peak_rss_mb']:.0f} MB   (includes loading)")
+    if "gpu_peak_mb" in r:
+        print(f"  peak GPU allocated  {r['gpu_peak_mb']:.0f} MB   ({r['gpu_name']}; phase peaks below are GPU too)")
     print(f"  {'phase':<12}{'seconds':>10}{'peak MB':>10}")
     for p, s in r["phase_s"].items():
         print(f"  {p:<12}{s:>10.3f}{r['phase_peak_mb'].get(p, 0):>10.0f}")
