@@ -26,6 +26,9 @@ from sdcli.core.errors import RecipeError
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 
+# loss.teacher_temperature: auto sharpens the teacher on demonstrations (measured in README, "Learning new knowledge")
+AUTO_DEMONSTRATION_TEMPERATURE = 0.5
+
 DEFAULT_DEMONSTRATION_TEMPLATE = (
     "{prompt}\n\n"
     "This is an example for a response to the question:\n"
@@ -299,13 +302,21 @@ class LossConfig(_Strict):
         0.2, gt=0.0, lt=1.0, description="sampled, with train.updates_per_rollout > 1: PPO clip of the importance ratio"
     )
     skip_first_tokens: int = Field(0, ge=0, description="Response tokens at the start that carry no loss")
-    teacher_temperature: float = Field(
-        1.0, gt=0.0, le=10.0,
-        description="The target is softmax(teacher logits / this) on task responses (anchors keep 1); below 1 sharpens it",
+    teacher_temperature: float | Literal["auto"] = Field(
+        "auto",
+        description="The target is softmax(teacher logits / this) on task responses (anchors keep 1); below 1 sharpens it. "
+        f"auto: {AUTO_DEMONSTRATION_TEMPERATURE} on demonstrations learned off-policy, 1 on samples",
     )
     chunk_tokens: int = Field(
         32, ge=1, description="Response positions per chunk of [batch, chunk, vocab] logits; smaller uses less memory"
     )
+
+    @field_validator("teacher_temperature")
+    @classmethod
+    def _temperature_range(cls, value):
+        if value != "auto" and not 0.0 < value <= 10.0:
+            raise ValueError("must be auto or a number in (0, 10]")
+        return value
 
     @model_validator(mode="after")
     def _sampled_needs_reverse(self) -> "LossConfig":
@@ -373,7 +384,7 @@ class AnchorConfig(_Strict):
         32, ge=1, le=8192, description="Length of the starting model's answers to them (each costs student compute every step)"
     )
     weight: float = Field(
-        1.0, ge=0.0, le=100.0,
+        6.0, ge=0.0, le=100.0,
         description="Each anchor's weight in the loss, next to a task sequence's 1: more holds general answers harder, at no compute cost",
     )
 

@@ -20,8 +20,8 @@ import torch
 from sdcli.models.model import eval_mode
 from sdcli.models.sequences import ScoreBatch, response_hidden, score_batch
 from sdcli.models.stack import active_adapters
-from sdcli.recipe.config import TeacherKind
-from sdcli.training.batch import ANCHOR, KIND_INDEX, Sequence
+from sdcli.recipe.config import AUTO_DEMONSTRATION_TEMPERATURE, TeacherKind
+from sdcli.training.batch import ANCHOR, KIND_INDEX, OFF_POLICY, Sequence
 
 EMA_ADAPTER = "ema"
 
@@ -87,12 +87,19 @@ def cache_anchor_teacher(model, decoder, anchors: list[Sequence], pad_id: int, d
             q.teacher_hidden = h[: len(q.response)].clone()
 
 
-def teacher_temperatures(kinds: torch.Tensor, temperature: float, mask: torch.Tensor) -> torch.Tensor | None:
+def teacher_temperatures(kinds: torch.Tensor, temperature: float | str, mask: torch.Tensor) -> torch.Tensor | None:
     """[N, T] the teacher's temperature at each response position: `temperature` on task
-    sequences, 1 on anchors (they hold the starting model as it is); None when all are 1."""
-    if temperature == 1.0:
+    sequences, 1 on anchors (they hold the starting model as it is); "auto": the sharpening
+    measured for demonstrations (AUTO_DEMONSTRATION_TEMPERATURE) on off-policy sequences only, 1 on
+    samples. None when every position has temperature 1."""
+    if temperature == "auto":
+        rows = torch.where(kinds == KIND_INDEX[OFF_POLICY], AUTO_DEMONSTRATION_TEMPERATURE, 1.0)
+    elif temperature == 1.0:
         return None
-    rows = torch.where(kinds == KIND_INDEX[ANCHOR], 1.0, temperature)
+    else:
+        rows = torch.where(kinds == KIND_INDEX[ANCHOR], 1.0, temperature)
+    if bool((rows == 1.0).all()):
+        return None
     return rows.to(torch.float32).unsqueeze(1).expand(mask.shape)
 
 

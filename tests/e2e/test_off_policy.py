@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chat_ids, response_logprobs
-from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+from sdcli.recipe.config import AUTO_DEMONSTRATION_TEMPERATURE, DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
 
 FACTS = [
     {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},
@@ -78,16 +78,16 @@ def metrics_of(result) -> list[dict]:
     return [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
 
 
-def hand_forward_kl(model_dir: Path, pairs: list[tuple[str, list[int], str]]) -> float:
+def hand_forward_kl(model_dir: Path, pairs: list[tuple[str, list[int], str]], temperature: float = 1.0) -> float:
     """Mean over sequences of the mean per-token KL(teacher || student), from plain transformers.
 
-    pairs: (question, response token ids, teacher's user text)."""
+    pairs: (question, response token ids, teacher's user text); the target is the teacher at `temperature`."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     per_sequence = []
     for question, response, teacher_text in pairs:
         s = response_logprobs(base, chat_ids(tokenizer, question), response)
-        t = response_logprobs(base, chat_ids(tokenizer, teacher_text), response)
+        t = (response_logprobs(base, chat_ids(tokenizer, teacher_text), response) / temperature).log_softmax(-1)
         per_sequence.append(float((t.exp() * (t - s)).sum(-1).mean()))
     return sum(per_sequence) / len(per_sequence)
 
@@ -107,8 +107,9 @@ def test_off_policy_loss_is_the_teacher_scored_demonstration_and_samples_nothing
     recipe = recipe_for(tmp_path, tiny_model_dir, "  max_steps: 2", "  off_policy_fraction: 1.0")
     metrics = metrics_of(train_episode(recipe))
     assert sampled == []  # no sampling at all
-    want = hand_forward_kl(
-        tiny_model_dir, [(r["prompt"], demonstration_ids(tiny_model_dir, r["demonstration"]), teacher_text(r)) for r in FACTS[:2]]
+    want = hand_forward_kl(  # the default loss.teacher_temperature (auto) sharpens demonstrations
+        tiny_model_dir, [(r["prompt"], demonstration_ids(tiny_model_dir, r["demonstration"]), teacher_text(r)) for r in FACTS[:2]],
+        AUTO_DEMONSTRATION_TEMPERATURE,
     )
     assert metrics[0]["loss/total"] == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert metrics[0]["loss/off_policy"] == pytest.approx(want, rel=1e-4, abs=1e-5)
@@ -144,7 +145,8 @@ def test_a_mixed_step_splits_the_prompts_and_reports_both_parts(tmp_path, tiny_m
     # the first prompt of the batch (shuffle off: fact 0) went off-policy, the second was sampled
     on = hand_forward_kl(tiny_model_dir, [(FACTS[1]["prompt"], sampled[0][1][0], teacher_text(FACTS[1]))])
     off = hand_forward_kl(
-        tiny_model_dir, [(FACTS[0]["prompt"], demonstration_ids(tiny_model_dir, FACTS[0]["demonstration"]), teacher_text(FACTS[0]))]
+        tiny_model_dir, [(FACTS[0]["prompt"], demonstration_ids(tiny_model_dir, FACTS[0]["demonstration"]), teacher_text(FACTS[0]))],
+        AUTO_DEMONSTRATION_TEMPERATURE,
     )
     assert metrics[0]["loss/total"] == pytest.approx((on + off) / 2, rel=1e-4, abs=1e-5)
 
@@ -252,3 +254,17 @@ def test_teacher_temperature_applies_to_task_sequences_and_never_to_anchors():
     mask = torch.ones(3, 4, dtype=torch.bool)
     assert teacher_temperatures(kinds, 1.0, mask) is None  # the default path is untouched
     assert teacher_temperatures(kinds, 0.5, mask).tolist() == [[0.5] * 4, [0.5] * 4, [1.0] * 4]
+    # auto (the default): demonstrations learned off-policy are sharpened, samples and anchors are not
+    assert teacher_temperatures(kinds, "auto", mask).tolist() == [[1.0] * 4, [0.5] * 4, [1.0] * 4]
+    on_policy_only = torch.tensor([KIND_INDEX[ON_POLICY], KIND_INDEX[ANCHOR]])
+    assert teacher_temperatures(on_policy_only, "auto", mask[:2]) is None  # the on-policy loop is unchanged
+
+
+def test_teacher_temperature_accepts_auto_or_a_positive_number(tmp_path):
+    from sdcli.recipe.config import LossConfig
+
+    assert LossConfig().teacher_temperature == "auto"
+    assert LossConfig(teacher_temperature=0.25).teacher_temperature == 0.25
+    for bad in (0, -1, 11, "hot"):
+        with pytest.raises(ValueError):
+            LossConfig(teacher_temperature=bad)
