@@ -9,8 +9,8 @@ Each episode teaches six fictional facts (task1: the Kingdom of Veloria, task2: 
 task3: three creatures), given only as demonstrations, to the built-in SmolLM2-135M-Instruct.
 Every episode is evaluated by the training loop itself, from the `eval:` section of its recipe.
 Greedy answers to held-out paraphrases of all three tasks are scored with `contains` (a few
-lines use numeric or regex), and so are eight general questions that the base model mostly
-gets right. Drift is measured on general text. The loop scores the task set with the model as
+lines use numeric or regex), and so are forty general questions (the base model answers about
+two thirds). Drift is measured on general text. The loop scores the task set with the model as
 the episode began and with the bare base too, so the episode.json files alone fill the
 continual-learning matrix R[i][j] (row 0 = base, row i = after episode i):
 
