@@ -31,7 +31,7 @@ import torch
 
 from sdcli.training.anchors import load_anchor_prompts
 from sdcli.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from sdcli.recipe.config import Method, Quantization, Recipe, TeacherKind, dump_recipe
+from sdcli.recipe.config import Method, Quantization, Recipe, Support, TeacherKind, dump_recipe
 from sdcli.core.data import file_sha256
 from sdcli.training.distributed import Ranks, current, stack_padded
 from sdcli.models.episodes import (
@@ -67,6 +67,7 @@ from sdcli.models.model import (
     student_train_mode,
     trainable_parameters,
 )
+from sdcli.models.int8_sampling import sample_in_int8
 from sdcli.models.rollout import SamplingSettings, sample_responses
 from sdcli.models.runlock import run_lock
 from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit
@@ -477,6 +478,9 @@ def _train_episode(
         top_k=recipe.rollout.top_k,
         merge=recipe.rollout.merge_for_generation == "always"
         or (recipe.rollout.merge_for_generation == "auto" and recipe.model.quantization is Quantization.none),
+        # the loss still scores the samples with the float student (score_batch + response_hidden below)
+        int8=sample_in_int8(recipe.rollout.sample_precision, device, loaded.quantized,
+                            recipe.loss.support is Support.sampled and recipe.method is Method.self_distillation),
     )
     spec = DivergenceSpec.from_config(recipe.loss)
     attach_user_simulator(signal, model, tokenizer, loaded.model.config, log=log,  # interactions, online
