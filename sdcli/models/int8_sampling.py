@@ -14,6 +14,7 @@ What is quantized, and when:
 - the LoRA adapters stay in float and run unfused beside the int8 base, so the adapter being
   trained is sampled exactly as it stands (folding it in would mean quantizing again every step;
   README "Speed and memory" has both measured).
+- for the decoding steps only: the prompt pass stays in float (`int8_linear` says why).
 
 The sampler is then a slightly different policy from the student being trained. Only which tokens
 are drawn changes: the loss scores them again with the float model.
@@ -125,7 +126,7 @@ def float_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
 @contextmanager
 def int8_for_sampling(model: torch.nn.Module, enabled: bool):
-    """Inside the block every base linear (and the LM head) computes with its int8 copy; the LoRA
+    """Inside the block the base linears of `float_linears` compute with their int8 copies; the LoRA
     layers around them add their float adapters as usual. The float modules and weights are not
     changed: each linear's `forward` is shadowed for the block and restored afterwards."""
     if not enabled:
