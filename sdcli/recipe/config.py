@@ -276,12 +276,13 @@ class RolloutConfig(_Strict):
     top_k: int = Field(0, ge=0, description="0 = off")
     merge_for_generation: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="Fold the adapter into the weights while sampling (much faster). auto: when the base is not quantized",
+        description="Fold the adapter into the weights while sampling in float (much faster). auto: when the base is not quantized",
     )
     sample_precision: Literal["auto", "float", "int8"] = Field(
         "auto",
-        description="Weights the sampler reads. int8: dynamic-quantized copies of the base linears and LM head, "
-        "made once per episode (CPU only; the loss still scores the samples with the float model). "
+        description="Weights the sampler reads. int8: dynamic-quantized copies of the base linears (not the MLP "
+        "output projections) and LM head for the decoding steps, made once per episode (CPU only; the loss still "
+        "scores the samples with the float model). "
         "auto: int8 on a CPU when the base is not bitsandbytes-quantized and loss.support is not sampled",
     )
     off_policy_fraction: float = Field(

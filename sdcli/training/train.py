@@ -482,6 +482,8 @@ def _train_episode(
         int8=sample_in_int8(recipe.rollout.sample_precision, device, loaded.quantized,
                             recipe.loss.support is Support.sampled and recipe.method is Method.self_distillation),
     )
+    if sampling.int8:
+        log("rollout: sampling from int8 copies of the base (rollout.sample_precision); the loss scores in float")
     spec = DivergenceSpec.from_config(recipe.loss)
     attach_user_simulator(signal, model, tokenizer, loaded.model.config, log=log,  # interactions, online
                           sample=lambda prompts, settings: sample_responses(model, tokenizer, prompts, settings, stop))
