@@ -2,7 +2,8 @@
 
     python benchmarks/step_speed.py                                  # quickstart, 6 steps (1 warm-up)
     python benchmarks/step_speed.py --steps 11 rollout.merge_for_generation=never
-    python benchmarks/step_speed.py --variants                       # folded vs unfolded sampling, ...
+    python benchmarks/step_speed.py --variants                       # int8 vs float sampling, folded vs not, ...
+    python benchmarks/step_speed.py --variants --only "float sampling (folded)" --only "int8 sampling"
 
 Each variant runs in its own process so that peak RSS belongs to that variant alone. For the peer
 (TRL's SDFTTrainer) on the same setting, run benchmarks/side_by_side.py: it alternates the two in
@@ -29,11 +30,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
-    "sd default (folded sampling)": [],
-    "sampling with adapter unfolded": ["rollout.merge_for_generation=never"],
+    "sd default": [],
+    "float sampling (folded)": ["rollout.sample_precision=float"],
+    "int8 sampling": ["rollout.sample_precision=int8"],
+    "float sampling, adapter unfolded": ["rollout.sample_precision=float", "rollout.merge_for_generation=never"],
     "gradient checkpointing on": ["train.gradient_checkpointing=true"],
     "checkpointing half the layers": ["train.gradient_checkpointing=0.5"],
-    "unfolded + half checkpointing": ["rollout.merge_for_generation=never", "train.gradient_checkpointing=0.5"],
+    "unfolded + half checkpointing": ["rollout.sample_precision=float", "rollout.merge_for_generation=never",
+                                      "train.gradient_checkpointing=0.5"],
     "logit chunks of 256 positions": ["loss.chunk_tokens=256"],
 }
 
@@ -129,11 +133,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", action="store_true", help="run each variant in VARIANTS in its own process")
+    parser.add_argument("--only", action="append", choices=list(VARIANTS), help="with --variants: just these (repeat)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.variants:
         for name, extra in VARIANTS.items():
+            if args.only and name not in args.only:
+                continue
             cmd = [sys.executable, __file__, "--json", "--recipe", args.recipe, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), *args.overrides, *extra]
             done = subprocess.run(cmd, capture_output=True, text=True)

@@ -2,8 +2,11 @@
 
 Sampling is the most expensive phase on a CPU, and at a few sequences per step each new token
 costs one read of every weight. What keeps it cheap:
-- the adapters are folded into the weights while sampling (`merged_for_sampling`): one matmul
-  per linear layer instead of three;
+- on a CPU, the base linears and the LM head are read from int8 copies made once per episode,
+  with the float adapters unfused beside them (`sdcli.models.int8_sampling`, rollout.sample_precision):
+  a quarter of the bytes per token. The loss scores the samples again with the float model;
+- otherwise the adapters are folded into the weights while sampling (`merged_for_sampling`): one
+  matmul per linear layer instead of three;
 - a plain decoding loop over the KV cache (no logits processors, stopping criteria or per-step
   bookkeeping of `generate`), logits only for the last position, and sampling by inverse CDF
   (one uniform number per row instead of a multinomial draw over the whole vocabulary);
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdcli.models.int8_sampling import int8_for_sampling
 from sdcli.models.model import eval_mode, merged_for_sampling
 from sdcli.models.sequences import cut_at_eos
 
@@ -28,6 +32,7 @@ class SamplingSettings:
     top_p: float
     top_k: int
     merge: bool
+    int8: bool = False  # sample from int8 copies of the base (sdcli.models.int8_sampling); then nothing is folded
 
 
 def pick_next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -98,6 +103,7 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], settings: Sampl
     """prompts: token ids, one list per sample (repeat a prompt for several samples).
     Returns the response token ids for each, cut after the first stop token."""
     # no dropout, and the KV cache stays on even where training mode would drop it
-    with eval_mode(model), merged_for_sampling(model, settings.merge):
+    with eval_mode(model), merged_for_sampling(model, settings.merge and not settings.int8), \
+            int8_for_sampling(model, settings.int8):
         generated = decode(model, prompts, settings, stop_ids, tokenizer.pad_token_id)
     return [cut_at_eos(ids, stop_ids) for ids in generated]

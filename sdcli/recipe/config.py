@@ -279,7 +279,14 @@ class RolloutConfig(_Strict):
     top_k: int = Field(0, ge=0, description="0 = off")
     merge_for_generation: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="Fold the adapter into the weights while sampling (much faster). auto: when the base is not quantized",
+        description="Fold the adapter into the weights while sampling in float (much faster). auto: when the base is not quantized",
+    )
+    sample_precision: Literal["auto", "float", "int8"] = Field(
+        "auto",
+        description="Weights the sampler reads. int8: dynamic-quantized copies of the base linears (not the MLP "
+        "output projections) and LM head for the decoding steps, made once per episode (CPU only; the loss still "
+        "scores the samples with the float model). "
+        "auto: int8 on a CPU when the base is not bitsandbytes-quantized and loss.support is not sampled",
     )
     off_policy_fraction: float = Field(
         1.0, ge=0.0, le=1.0,
@@ -493,6 +500,26 @@ class Recipe(_Strict):
                 "loss.support 'sampled' estimates reverse KL from tokens drawn from the student's own distribution, "
                 f"but {' and '.join(changed)} sample from another one, which biases the estimate: set "
                 "rollout.temperature=1, rollout.top_p=1 and rollout.top_k=0, or use loss.support=full or topk"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _int8_sampling_needs_a_float_base(self) -> "Recipe":
+        """int8 sampling quantizes copies of float weights; a bitsandbytes base has none to copy.
+        And `sampled` support needs y drawn from the student itself (as above): an int8 sampler is
+        another distribution, so the estimate would be biased by their difference."""
+        if self.rollout.sample_precision != "int8":
+            return self
+        if self.model.quantization is not Quantization.none:
+            raise ValueError(
+                f"rollout.sample_precision 'int8' quantizes float weights for sampling, but the base is already "
+                f"model.quantization={self.model.quantization.value}: use rollout.sample_precision=float or auto"
+            )
+        if self.loss.support is Support.sampled and self.method is Method.self_distillation:
+            raise ValueError(
+                "loss.support 'sampled' estimates reverse KL from tokens drawn from the student itself, but "
+                "rollout.sample_precision=int8 draws them from an int8 copy of it, which biases the estimate: "
+                "use rollout.sample_precision=float or auto (auto samples in float with this support), or loss.support=full or topk"
             )
         return self
 

@@ -36,10 +36,11 @@ from sdcli.models.model import (
     resolve_model_path,
     trainable_parameters,
 )
+from sdcli.models.int8_sampling import sample_in_int8
 from sdcli.models.rollout import SamplingSettings, sample_responses
 from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, teacher_prompt_limit
 from sdcli.models.stack import adapter_name, attach_stack, combine_frozen
-from sdcli.recipe.config import Method, Quantization, Recipe, TeacherKind, dump_recipe
+from sdcli.recipe.config import Method, Quantization, Recipe, Support, TeacherKind, dump_recipe
 from sdcli.signals import build_signal
 from sdcli.training.anchors import load_anchor_prompts
 from sdcli.training.batch import ExampleSampler, Sequence, answer_anchors
@@ -166,8 +167,9 @@ def open_episode_folder(run_dir: Path, name: str, resume: bool) -> tuple[Path, i
     return partial, number
 
 
-def sampling_settings(recipe: Recipe) -> SamplingSettings:
-    """How the student samples its responses."""
+def sampling_settings(recipe: Recipe, device: torch.device, quantized: bool) -> SamplingSettings:
+    """How the student samples its responses. The loss scores every sample with the float student
+    (score_batch + response_hidden), whatever precision sampled it."""
     return SamplingSettings(
         max_new_tokens=recipe.rollout.max_new_tokens,
         temperature=recipe.rollout.temperature,
@@ -175,6 +177,8 @@ def sampling_settings(recipe: Recipe) -> SamplingSettings:
         top_k=recipe.rollout.top_k,
         merge=recipe.rollout.merge_for_generation == "always"
         or (recipe.rollout.merge_for_generation == "auto" and recipe.model.quantization is Quantization.none),
+        int8=sample_in_int8(recipe.rollout.sample_precision, device, quantized,
+                            recipe.loss.support is Support.sampled and recipe.method is Method.self_distillation),
     )
 
 
@@ -247,12 +251,14 @@ def setup_episode(recipe: Recipe, *, resume: bool, log, dist: Ranks, allow_mixed
         sampler=ExampleSampler(len(examples), cfg.seed, recipe.data.shuffle),
         encoder=PromptEncoder(tokenizer, recipe.model.max_prompt_tokens),
         teacher_encoder=TeacherPromptEncoder(tokenizer, teacher_limit, warn=log),
-        stop=eos_ids(tokenizer, m["model"]), sampling=sampling_settings(recipe), spec=DivergenceSpec.from_config(recipe.loss),
+        stop=eos_ids(tokenizer, m["model"]), sampling=sampling_settings(recipe, m["loaded"].device, m["loaded"].quantized), spec=DivergenceSpec.from_config(recipe.loss),
         teacher_set=teacher_adapters(recipe.teacher, m["earlier"], m["episode"]),
         anchor_set=teacher_adapters(TeacherKind.base, m["earlier"], m["episode"]),  # anchors hold to the start
         anchors=[], resume_key={},
         off_fraction=recipe.rollout.off_policy_fraction if recipe.method is Method.self_distillation else 0.0,
     )
+    if run.sampling.int8:
+        log("rollout: sampling from int8 copies of the base (rollout.sample_precision); the loss scores in float")
     attach_user_simulator(signal, run.model, tokenizer, model_config, log=log, sample=run.sample)  # interactions, online
     prepare_anchors(run, anchor_prompts, log)
     restore_and_check(run, resume, log)

@@ -1,0 +1,144 @@
+"""Sampling from int8 copies of the linear weights, on a CPU.
+
+At a few sequences per step every new token reads every weight once, so CPU decoding is bound by
+memory bandwidth. An int8 weight is a quarter of the bytes of a float32 one, and PyTorch's dynamic
+int8 linear (fbgemm: weights quantized per output channel, activations to uint8 per call) ran the
+SmolLM2-135M layers 3-5x and its 49152x576 LM head ~18x faster than float32 on our 2-core machine.
+
+What is quantized, and when:
+- the base linear layers and the LM head, but for the MLP output projections, whose inputs carry
+  the outliers (`MLP_OUTPUT_NAMES`). The LM head is tied to the embeddings in SmolLM2: a copy is
+  quantized, and no float weight is ever written.
+- once per episode, not per step: the base is frozen, so the int8 copy is made at the first
+  sampling call and reused for as long as the float weight tensor is the same, unchanged one.
+- the LoRA adapters stay in float and run unfused beside the int8 base, so the adapter being
+  trained is sampled exactly as it stands (folding it in would mean quantizing again every step;
+  README "Speed and memory" has both measured).
+- for the decoding steps only: the prompt pass stays in float (`int8_linear` says why).
+
+The sampler is then a slightly different policy from the student being trained. Only which tokens
+are drawn changes: the loss scores them again with the float model.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+from contextlib import contextmanager
+
+import torch
+
+from sdcli.core.errors import UserError
+
+# float linear -> (its weight, the weight's storage and version when packed, the int8 copy); weak
+# keys, so the copies go when the model does
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def sample_in_int8(choice: str, device: torch.device, quantized: bool, sampled_support: bool) -> bool:
+    """`rollout.sample_precision` resolved for this run. auto: int8 on a CPU with a float base,
+    except for loss.support=sampled, whose estimator needs samples from the float student itself
+    (an explicit int8 with it is refused by the recipe check)."""
+    if choice == "float":
+        return False
+    if choice == "int8" and device.type != "cpu":
+        raise UserError(f"rollout.sample_precision=int8 runs on a CPU only (its kernels are fbgemm's); this run is on {device.type}.",
+                        hint="Use rollout.sample_precision=auto or float.")
+    if choice == "int8" and not _kernels_available():
+        raise UserError("rollout.sample_precision=int8 needs PyTorch's fbgemm int8 kernels, which this build of torch lacks.",
+                        hint="Use rollout.sample_precision=auto or float.")
+    return choice == "int8" or (device.type == "cpu" and not quantized and not sampled_support and _kernels_available())
+
+
+def _kernels_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None):
+    """A float [out, in] weight -> fbgemm's packed int8 copy: symmetric, one scale per output row."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+    zeros = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao; no kernel replaces this one yet
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+
+
+def int8_linear(packed, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x [..., positions, in]: one new position per row (a decoding step) in int8; more (the prompt) in float.
+
+    fbgemm quantizes the whole input with one scale, and a prompt holds the few positions with
+    "massive activations" (MLP inputs in SmolLM2 reach ~3000 against a typical 0.2): with them in
+    the same tensor every other position rounds to a handful of levels. The prompt
+    pass is one compute-bound forward, so float costs little there; the decoding steps are the
+    bandwidth-bound part that int8 speeds up.
+    """
+    if x.dim() > 2 and x.shape[-2] > 1:
+        return torch.nn.functional.linear(x, linear.weight, linear.bias)
+    return torch.ops.quantized.linear_dynamic(x.float(), packed, _seven_bit_activations()).to(x.dtype)
+
+
+@functools.cache
+def _seven_bit_activations() -> bool:
+    """fbgemm's "reduce_range": without VNNI, x86 adds pairs of uint8 x int8 products in int16
+    (vpmaddubsw), which saturates unless the activations keep to 7 bits; AVX512-VNNI accumulates in
+    int32 and takes all 8 (on the quickstart prompts that cut the int8 sampler's KL by ~3x)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True
+    return "avx512_vnni" not in flags
+
+
+def packed_copy(linear: torch.nn.Linear):
+    """The int8 copy of `linear`, made once and reused while its weight is the same unchanged tensor."""
+    weight = linear.weight
+    cached = _PACKED.get(linear)
+    state = (weight.data_ptr(), weight._version)
+    if cached is not None and cached[0]() is weight and cached[1] == state:
+        return cached[2]
+    packed = pack_int8(weight, linear.bias)
+    _PACKED[linear] = (weakref.ref(weight), state, packed)
+    return packed
+
+
+# The MLP's output projection (Llama/Qwen/SmolLM2 names, and Phi's and Falcon's) stays in float:
+# its input, the gated activation, is where the outliers are (max/mean |x| of 300 to 16000 in
+# SmolLM2's layers, against ~10 elsewhere), and with one scale per input tensor they cost the most.
+# On the quickstart prompts keeping it in float cut KL(float || int8) from 0.10 to 0.03 nats per
+# token, for ~20% of int8's decoding time (README "Speed and memory").
+MLP_OUTPUT_NAMES = ("down_proj", "fc2", "dense_4h_to_h")
+
+
+def float_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The plain float nn.Linear layers to sample in int8: the base layers under LoRA and the LM
+    head, not LoRA's A and B, and not the MLP output projections (`MLP_OUTPUT_NAMES`)."""
+    from peft.tuners.lora import LoraLayer
+
+    lora = {id(m) for layer in model.modules() if isinstance(layer, LoraLayer)
+            for d in (layer.lora_A, layer.lora_B) for m in d.modules()}
+    return [m for name, m in model.named_modules()
+            if type(m) is torch.nn.Linear and id(m) not in lora and m.weight.dtype.is_floating_point
+            and name.removesuffix(".base_layer").rsplit(".", 1)[-1] not in MLP_OUTPUT_NAMES]
+
+
+@contextmanager
+def int8_for_sampling(model: torch.nn.Module, enabled: bool):
+    """Inside the block the base linears of `float_linears` compute with their int8 copies; the LoRA
+    layers around them add their float adapters as usual. The float modules and weights are not
+    changed: each linear's `forward` is shadowed for the block and restored afterwards."""
+    if not enabled:
+        yield
+        return
+    shadowed = []
+    try:
+        for linear in float_linears(model):
+            packed = packed_copy(linear)
+            linear.forward = lambda x, packed=packed, linear=linear: int8_linear(packed, linear, x)
+            shadowed.append(linear)
+        yield
+    finally:
+        for linear in shadowed:
+            del linear.forward
