@@ -59,6 +59,7 @@ from sdcli.core.data import (
     read_jsonl,
     with_last_user_text,
 )
+from sdcli.core.divergence import kl as token_kl  # KL(p || q) per position: [T, V] x2 -> [T]
 from sdcli.core.errors import DataError, RecipeError
 from sdcli.verification.scorers import BUILTIN_REWARDS, RewardFn, builtin_reward, call_reward, check_answer, check_callable
 
@@ -193,11 +194,6 @@ def score_responses(eval_set: EvalSet, responses: Sequence[str]) -> tuple[list[f
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position from log-probabilities: [T, V], [T, V] -> [T]."""
-    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def perplexity(nll_sum: float, tokens: int) -> float | None:
