@@ -55,12 +55,12 @@ from sdcli.core.data import (
     as_messages,
     example_id,
     file_sha256,
-    last_user_text,
     read_jsonl,
     with_last_user_text,
 )
 from sdcli.core.divergence import kl as token_kl  # KL(p || q) per position: [T, V] x2 -> [T]
 from sdcli.core.errors import DataError, RecipeError
+from sdcli.core.prompts import demonstration_turn, joined
 from sdcli.verification.scorers import BUILTIN_REWARDS, RewardFn, builtin_reward, call_reward, check_answer, check_callable
 
 DEFAULT_REWARD = "contains"
@@ -177,8 +177,7 @@ def teacher_messages(example: EvalExample, template: str) -> Messages | None:
     """The teacher's view of a line: the demonstrations signal's template, or None without a demonstration."""
     if example.demonstration is None:
         return None
-    text = template.format(prompt=last_user_text(example.prompt), demonstration=example.demonstration)
-    return with_last_user_text(example.prompt, text)
+    return with_last_user_text(example.prompt, joined(demonstration_turn(template, example.prompt, example.demonstration)))
 
 
 def score_responses(eval_set: EvalSet, responses: Sequence[str]) -> tuple[list[float], list[str]]:
