@@ -143,9 +143,8 @@ def load_eval_set(path: Path, default_reward: str = DEFAULT_REWARD, search_dirs:
             continue
         examples.append(EvalExample(example_id(path, line, record), prompt, record, reward, demo))
     if problems:
-        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
         raise DataError(
-            f"{path}: {len(problems)} bad line(s) in the eval set:", shown,
+            f"{path}: {len(problems)} bad line(s) in the eval set:", problems,
             hint='Each line needs {"prompt": "...", "answer": "..."}; optional "demonstration" (for the teacher score) '
             f"and \"reward\" ({', '.join(BUILTIN_REWARDS)} or package.module:function).",
         )
@@ -165,7 +164,7 @@ def load_texts(path: Path) -> list[str]:
         else:
             texts.append(text)
     if problems:
-        raise DataError(f"{path}: {len(problems)} bad line(s) in the drift text file:", problems[:50])
+        raise DataError(f"{path}: {len(problems)} bad line(s) in the drift text file:", problems)
     return texts
 
 
