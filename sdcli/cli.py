@@ -289,7 +289,9 @@ def _eval_cell(meta: dict) -> str:
     """The task score after the episode, from episode.json, if the recipe had an eval: section."""
     sets = (meta.get("eval") or {}).get("sets") or []
     scores = [s.get("score") for s in sets if isinstance(s, dict) and s.get("role") == "task"]
-    return f"{scores[0]:.2f}" if scores and isinstance(scores[0], (int, float)) else "-"
+    from sdcli.core.numbers import fmt
+
+    return fmt(scores[0], 2) if scores and isinstance(scores[0], (int, float)) else "-"
 
 
 def out_print(line: str) -> None:
@@ -462,7 +464,8 @@ def eval_command(
 
     from sdcli.core.outputs import check_output_file
     from sdcli.evaluation.continual_matrix import matrix_table, metrics_lines
-    from sdcli.evaluation.evaluate import evaluate_matrix, evaluate_source, fmt, load_eval_set, load_texts, stored_eval_sets
+    from sdcli.core.numbers import fmt
+    from sdcli.evaluation.evaluate import evaluate_matrix, evaluate_source, load_eval_set, load_texts, stored_eval_sets
     from sdcli.models.model import quiet_transformers
     from sdcli.models.source import is_run_dir, select_episodes
 

@@ -60,6 +60,7 @@ from sdcli.core.data import (
 )
 from sdcli.core.divergence import kl as token_kl  # KL(p || q) per position: [T, V] x2 -> [T]
 from sdcli.core.errors import DataError, RecipeError
+from sdcli.core.numbers import fmt
 from sdcli.core.prompts import demonstration_turn, joined
 from sdcli.verification.scorers import BUILTIN_REWARDS, RewardFn, builtin_reward, call_reward, check_answer, check_callable
 
@@ -417,10 +418,6 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
             f"perplexity {fmt(drift['perplexity'], 2)} (base {fmt(drift['base_perplexity'], 2)})")
     write_atomic(folder / DETAILS_FILE, json.dumps({"sets": details, "drift": drift}, indent=2))
     return {"eval": {"sets": sets, "drift": drift, "seconds": round(time.perf_counter() - started, 2), "details": DETAILS_FILE}}
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def describe_scores(summary: dict) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from sdcli.core.errors import UserError, write_error
 from sdcli.core.outputs import check_output_folder
 from sdcli.evaluation.continual_matrix import Matrix, matrix_from_episodes, matrix_table, metrics_lines
-from sdcli.evaluation.evaluate import fmt
+from sdcli.core.numbers import fmt
 from sdcli.models.episodes import Episode, list_episodes, write_atomic
 
 
@@ -231,7 +231,7 @@ def plot_matrix(Figure, matrix: Matrix, path: Path) -> Path:
         image = ax.imshow(data, cmap=cmap, vmin=0.0 if unit else None, vmax=1.0 if unit else None, aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, "-" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, fmt(v, 2), ha="center", va="center", fontsize=8,
                         color="dimgray" if v is None else "black" if unit and v > 0.6 else "white")
         ax.set_xticks(range(len(matrix.columns)))
         ax.set_xticklabels([c if e is None else f"{c}\n(task {e})" for c, e in zip(matrix.columns, matrix.taught_by)],
