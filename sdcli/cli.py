@@ -414,7 +414,7 @@ def inspect_command(
     """Show what the teacher wants: every token of a response coloured by the teacher's advantage."""
     from sdcli.core.outputs import check_output_file
     from sdcli.inspection import inspect_example, print_inspection, render_html
-    from sdcli.models.episodes import write_atomic
+    from sdcli.core.atomic import write_atomic
     from sdcli.models.model import quiet_transformers
 
     quiet_transformers()
@@ -515,7 +515,7 @@ def eval_command(
             out_print(f"drift on {drift}: KL from base {fmt(d['kl_from_base'], 4)}, perplexity {fmt(d['perplexity'], 2)} "
                       f"(base {fmt(d['base_perplexity'], 2)}), {d['tokens']} tokens")
     if out_json is not None:
-        from sdcli.models.episodes import write_atomic
+        from sdcli.core.atomic import write_atomic
 
         write_atomic(out_json, json.dumps(payload, indent=2))
         console.print(f"wrote {out_json}")

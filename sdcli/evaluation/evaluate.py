@@ -380,7 +380,7 @@ def episode_eval(
 
 
 def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_tokens, merge, log) -> dict:
-    from sdcli.models.episodes import write_atomic
+    from sdcli.core.atomic import write_atomic
     from sdcli.models.sequences import PromptEncoder
 
     started = time.perf_counter()

@@ -25,11 +25,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdcli.core.atomic import write_atomic
 from sdcli.core.errors import UserError, write_error
+from sdcli.core.numbers import fmt
 from sdcli.core.outputs import check_output_folder
 from sdcli.evaluation.continual_matrix import Matrix, matrix_from_episodes, matrix_table, metrics_lines
-from sdcli.core.numbers import fmt
-from sdcli.models.episodes import Episode, list_episodes, write_atomic
+from sdcli.models.episodes import Episode, list_episodes
 
 
 @dataclass

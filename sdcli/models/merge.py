@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from sdcli.core.atomic import swap_folder
 from sdcli.core.errors import DiskFullError, UserError, is_disk_full, write_error
 from sdcli.models.quantization import QUANTIZATIONS
 from sdcli.models.stack import WEIGHTS_FILE, adapter_dir_problems, attach_stack
@@ -512,15 +513,6 @@ def _check_inputs(base_path: Path, dirs: list[Path], out_dir: Path, force: bool)
 
 def _publish(tmp: Path, out_dir: Path, force: bool) -> None:
     """Move the checked result into place; an existing out_dir (force) is swapped out, then removed."""
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        os.replace(tmp, out_dir)
-        return
-    if not force:
+    if (out_dir.exists() or out_dir.is_symlink()) and not force:
         raise UserError(f"{out_dir} appeared while merging; not overwriting it.", hint="Pass --force to replace it.")
-    old = tmp.with_name(tmp.name.replace(".partial-", ".replaced-"))
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
+    swap_folder(tmp, out_dir, aside=tmp.with_name(tmp.name.replace(PARTIAL, REPLACED)))
