@@ -248,14 +248,13 @@ def merge(
     import math
 
     from sdcli.models.episodes import EPISODES
-    from sdcli.models.merge import DEFAULT_TOLERANCE, merge_history
+    from sdcli.models.merge import DEFAULT_TOLERANCE, check_into, merge_history
     from sdcli.models.model import quiet_transformers
     from sdcli.models.runlock import run_lock
     from sdcli.models.source import select_episodes
 
     quiet_transformers()
-    if into not in ("model", "adapter"):
-        raise UserError(f"--into {into!r}: expected 'model' or 'adapter'.")
+    check_into(into, "--into")
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
         raise UserError(f"--tolerance {tolerance}: expected a number >= 0 (the largest logit difference "
                         f"the check allows; default {DEFAULT_TOLERANCE:g}).")

@@ -171,7 +171,7 @@ def merge_history(
     is written at `out_dir`; an existing `out_dir` is replaced only with `force`. `log(line)` hears
     about folders of killed merges that were removed.
     """
-    into = _choice(getattr(into, "value", into), INTO_CHOICES, "into")
+    into = check_into(into)
     quantization = _choice(getattr(quantization, "value", quantization), QUANTIZATION_CHOICES, "quantization")
     base_path, out_dir = Path(base_path), Path(out_dir)
     dirs = [Path(d) for d in adapter_dirs]
@@ -479,6 +479,12 @@ def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise UserError(f"Unknown {what} {value!r}; choose one of: {', '.join(choices)}.")
     return value
+
+
+def check_into(into: str, what: str = "into") -> str:
+    """`into` if it is one of INTO_CHOICES, else a UserError naming it as `what` (`sd merge` says
+    "--into"); merge_history checks with it too, so the CLI and the library refuse the same values."""
+    return _choice(getattr(into, "value", into), INTO_CHOICES, what)
 
 
 def _check_inputs(base_path: Path, dirs: list[Path], out_dir: Path, force: bool) -> None:
