@@ -21,9 +21,10 @@ from typer.core import TyperGroup
 from sdcli import __version__
 from sdcli.core.errors import DiskFullError, Interrupted, JobStopped, UserError, is_disk_full
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# What sd sets in its own environment when a command runs (not at import: importing sdcli.cli, as
+# the tests do, changes nothing). A variable the user set wins. sd never downloads: models are
+# folders, or the built-in one.
+ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _click_module():
@@ -581,6 +582,8 @@ def main() -> None:
 
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit")):
+    for key, value in ENV_DEFAULTS.items():  # before any command imports transformers
+        os.environ.setdefault(key, value)
     if version:
         out.print(f"sd {__version__}")
         raise typer.Exit(0)
