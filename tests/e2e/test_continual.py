@@ -16,6 +16,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from sd_runner import sd
 from sdcli.core.errors import Interrupted, UserError
 from sdcli.models.episodes import list_episodes
 from sdcli.models.merge import merge_history
@@ -42,10 +43,6 @@ def recipe_for(tmp_path: Path, model_dir: Path, name: str, steps: int = 3, run: 
         f"train: {{max_steps: {steps}, prompts_per_step: 2, lr: 0.01{extra}}}\n"
     )
     return path
-
-
-def sd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chat_ids, mean_kl, response_logprobs
+from sd_runner import sd
 from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
 
 FACTS = [
@@ -47,10 +47,6 @@ train:
 {extra}"""
     )
     return recipe
-
-
-def sd(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def context_kl(student, base, tokenizer) -> float:
