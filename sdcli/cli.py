@@ -287,10 +287,10 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 def _eval_cell(meta: dict) -> str:
     """The task score after the episode, from episode.json, if the recipe had an eval: section."""
-    sets = (meta.get("eval") or {}).get("sets") or []
-    scores = [s.get("score") for s in sets if isinstance(s, dict) and s.get("role") == "task"]
     from sdcli.core.numbers import fmt
 
+    sets = (meta.get("eval") or {}).get("sets") or []
+    scores = [s.get("score") for s in sets if isinstance(s, dict) and s.get("role") == "task"]
     return fmt(scores[0], 2) if scores and isinstance(scores[0], (int, float)) else "-"
 
 
@@ -412,9 +412,9 @@ def inspect_command(
     html_file: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page"),
 ):
     """Show what the teacher wants: every token of a response coloured by the teacher's advantage."""
+    from sdcli.core.atomic import write_atomic
     from sdcli.core.outputs import check_output_file
     from sdcli.inspection import inspect_example, print_inspection, render_html
-    from sdcli.core.atomic import write_atomic
     from sdcli.models.model import quiet_transformers
 
     quiet_transformers()
@@ -462,9 +462,9 @@ def eval_command(
     """Score greedy answers on held-out sets, with the teacher's in-context score beside them."""
     import json
 
+    from sdcli.core.numbers import fmt
     from sdcli.core.outputs import check_output_file
     from sdcli.evaluation.continual_matrix import matrix_table, metrics_lines
-    from sdcli.core.numbers import fmt
     from sdcli.evaluation.evaluate import evaluate_matrix, evaluate_source, load_eval_set, load_texts, stored_eval_sets
     from sdcli.models.model import quiet_transformers
     from sdcli.models.source import is_run_dir, select_episodes

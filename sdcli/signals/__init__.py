@@ -4,7 +4,6 @@ Imports verification (scorers, environments, the sandbox), the recipe and core."
 from __future__ import annotations
 
 import importlib
-
 from collections.abc import Callable, Sequence
 
 from sdcli.core.errors import UserError
