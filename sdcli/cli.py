@@ -291,7 +291,7 @@ def _eval_cell(meta: dict) -> str:
 
     sets = (meta.get("eval") or {}).get("sets") or []
     scores = [s.get("score") for s in sets if isinstance(s, dict) and s.get("role") == "task"]
-    return fmt(scores[0], 2) if scores and isinstance(scores[0], (int, float)) else "-"
+    return fmt(scores[0] if scores and isinstance(scores[0], (int, float)) else None, 2)
 
 
 def out_print(line: str) -> None:
@@ -507,7 +507,7 @@ def eval_command(
         payload = {"source": str(source), "matrix": result.to_json(), "details": details}
     else:
         payload = evaluate_source(source, sets, upto=upto, no_adapters=no_adapters, **common)
-        rows = [[r["name"], str(r["n"]), fmt(r["score"]), fmt(r["teacher_score"]) if r["teacher_n"] else "-",
+        rows = [[r["name"], str(r["n"]), fmt(r["score"]), fmt(r["teacher_score"] if r["teacher_n"] else None),
                  str(r["teacher_n"]), str(r["errors"])] for r in payload["sets"]]
         _print_table(payload["model"], ["set", "n", "score", "teacher", "teacher n", "scorer errors"], rows)
         if payload["drift"]:

@@ -134,8 +134,8 @@ def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
             fmt(final.get("loss"), 4), fmt(final.get("kl"), 4),
             f"{fmt(final.get('learn/demo_nll_student'), 3)} / {fmt(final.get('learn/demo_nll_teacher'), 3)}",
             fmt(final.get("learn/disagreement"), 3),
-            fmt(task["score"]) if task else "-", fmt(task.get("teacher_score")) if task else "-",
-            fmt(sum(retain) / len(retain)) if retain else "-",
+            fmt(task["score"] if task else None), fmt(task.get("teacher_score") if task else None),
+            fmt(sum(retain) / len(retain) if retain else None),
             fmt(drift.get("kl_from_base"), 4), fmt(drift.get("perplexity"), 2),
         ])
     return header, rows

@@ -72,6 +72,7 @@ def test_numbers_are_shown_by_one_rule():
     assert fmt(0.12345) == "0.123" and fmt(0.12345, 2) == "0.12" and fmt(2, 4) == "2.0000"
     assert fmt(None) == fmt(math.nan) == "-"
     assert fmt(0.25, sign=True) == "+0.250" and fmt(-0.25, sign=True) == "-0.250"
+    assert fmt(0.000123456, 4, significant=True) == "0.0001235" and fmt(3, 4, significant=True) == "3"
 
 
 def test_evaluation_and_the_demonstrations_signal_render_the_teacher_turn_alike(tmp_path):
