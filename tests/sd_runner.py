@@ -27,10 +27,12 @@ class Done:
     stderr: str
 
 
-def sd(*args: str | Path, cwd: str | Path | None = None, env: dict[str, str] | None = None) -> Done:
-    """Run `sd ARGS` in this process (in `cwd`, with `env` added to the environment meanwhile)."""
+def sd(*args: str | Path, cwd: str | Path | None = None, env: dict[str, str] | None = None,
+       input: str | None = None) -> Done:
+    """Run `sd ARGS` in this process (in `cwd`, with `env` added to the environment meanwhile and
+    `input` as its standard input)."""
     with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
-        result = CliRunner().invoke(app, [os.fspath(a) for a in args], prog_name="sd", env=env)
+        result = CliRunner().invoke(app, [os.fspath(a) for a in args], prog_name="sd", env=env, input=input)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # escaped the app's own mapping: a bug in the test or in sd, shown as one
     return Done(result.exit_code, result.stdout, result.stderr)

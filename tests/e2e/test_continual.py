@@ -217,9 +217,6 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model_dir):
 
 
 def test_generate_chat_keeps_the_conversation(chained_run):
-    done = subprocess.run(
-        [sys.executable, "-m", "sdcli.cli", "generate", str(chained_run), "--chat", "--max-new-tokens", "4"],
-        input="Hello\nAnd again\n\n", capture_output=True, text=True, timeout=300,
-    )
+    done = sd("generate", str(chained_run), "--chat", "--max-new-tokens", "4", input="Hello\nAnd again\n\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("model>") == 2
