@@ -24,9 +24,10 @@ from sdcli import __version__
 from sdcli.core.errors import DiskFullError, Interrupted, JobStopped, UserError, is_disk_full
 from sdcli.core.metric_names import DIVERGENCE, LOSS, TOKENS_PER_S, current_names
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# What sd sets in its own environment when a command runs (not at import: importing sdcli.cli, as
+# the tests do, changes nothing). A variable the user set wins. sd never downloads: models are
+# folders, or the built-in one.
+ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _click_module():
@@ -252,14 +253,13 @@ def merge(
     import math
 
     from sdcli.models.episodes import EPISODES
-    from sdcli.models.merge import DEFAULT_TOLERANCE, merge_history
+    from sdcli.models.merge import DEFAULT_TOLERANCE, check_into, merge_history
     from sdcli.models.model import quiet_transformers
     from sdcli.models.runlock import run_lock
     from sdcli.models.source import select_episodes
 
     quiet_transformers()
-    if into not in ("model", "adapter"):
-        raise UserError(f"--into {into!r}: expected 'model' or 'adapter'.")
+    check_into(into, "--into")
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
         raise UserError(f"--tolerance {tolerance}: expected a number >= 0 (the largest logit difference "
                         f"the check allows; default {DEFAULT_TOLERANCE:g}).")
@@ -291,9 +291,11 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 def _eval_cell(meta: dict) -> str:
     """The task score after the episode, from episode.json, if the recipe had an eval: section."""
+    from sdcli.core.numbers import fmt
+
     sets = (meta.get("eval") or {}).get("sets") or []
     scores = [s.get("score") for s in sets if isinstance(s, dict) and s.get("role") == "task"]
-    return f"{scores[0]:.2f}" if scores and isinstance(scores[0], (int, float)) else "-"
+    return fmt(scores[0] if scores and isinstance(scores[0], (int, float)) else None, 2)
 
 
 def out_print(line: str) -> None:
@@ -414,9 +416,9 @@ def inspect_command(
     html_file: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page"),
 ):
     """Show what the teacher wants: every token of a response coloured by the teacher's advantage."""
+    from sdcli.core.atomic import write_atomic
     from sdcli.core.outputs import check_output_file
     from sdcli.inspection import inspect_example, print_inspection, render_html
-    from sdcli.models.episodes import write_atomic
     from sdcli.models.model import quiet_transformers
 
     quiet_transformers()
@@ -464,9 +466,10 @@ def eval_command(
     """Score greedy answers on held-out sets, with the teacher's in-context score beside them."""
     import json
 
+    from sdcli.core.numbers import fmt
     from sdcli.core.outputs import check_output_file
     from sdcli.evaluation.continual_matrix import matrix_table, metrics_lines
-    from sdcli.evaluation.evaluate import evaluate_matrix, evaluate_source, fmt, load_eval_set, load_texts, stored_eval_sets
+    from sdcli.evaluation.evaluate import evaluate_matrix, evaluate_source, load_eval_set, load_texts, stored_eval_sets
     from sdcli.models.model import quiet_transformers
     from sdcli.models.source import is_run_dir, select_episodes
 
@@ -508,7 +511,7 @@ def eval_command(
         payload = {"source": str(source), "matrix": result.to_json(), "details": details}
     else:
         payload = evaluate_source(source, sets, upto=upto, no_adapters=no_adapters, **common)
-        rows = [[r["name"], str(r["n"]), fmt(r["score"]), fmt(r["teacher_score"]) if r["teacher_n"] else "-",
+        rows = [[r["name"], str(r["n"]), fmt(r["score"]), fmt(r["teacher_score"] if r["teacher_n"] else None),
                  str(r["teacher_n"]), str(r["errors"])] for r in payload["sets"]]
         _print_table(payload["model"], ["set", "n", "score", "teacher", "teacher n", "scorer errors"], rows)
         if payload["drift"]:
@@ -516,7 +519,7 @@ def eval_command(
             out_print(f"drift on {drift}: KL from base {fmt(d['kl_from_base'], 4)}, perplexity {fmt(d['perplexity'], 2)} "
                       f"(base {fmt(d['base_perplexity'], 2)}), {d['tokens']} tokens")
     if out_json is not None:
-        from sdcli.models.episodes import write_atomic
+        from sdcli.core.atomic import write_atomic
 
         write_atomic(out_json, json.dumps(payload, indent=2))
         console.print(f"wrote {out_json}")
@@ -600,6 +603,8 @@ def quiet_bitsandbytes() -> None:
 
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit")):
+    for key, value in ENV_DEFAULTS.items():  # before any command imports transformers
+        os.environ.setdefault(key, value)
     quiet_bitsandbytes()  # before any command imports peft
     if version:
         out.print(f"sd {__version__}")

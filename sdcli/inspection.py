@@ -19,7 +19,6 @@ student runs without dropout here, like the teacher.
 from __future__ import annotations
 
 import html
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 from sdcli.core.data import Messages
 from sdcli.core.errors import UserError
+from sdcli.core.numbers import fmt
 
 FULL_COLOUR_AT = 3.0  # |advantage| at which a token's colour is at full strength
 
@@ -189,8 +189,7 @@ def summary_rows(result: Inspection) -> list[tuple[str, str, str]]:
     for key, label in SUMMARY_LABELS.items():
         if key in result.summary:
             value = result.summary[key]
-            shown = "-" if isinstance(value, float) and math.isnan(value) else f"{value:.4g}"
-            rows.append((key, label, shown))
+            rows.append((key, label, fmt(value, 4, significant=True)))
     return rows
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from sdcli.recipe.config import BUILTIN_MODEL, LoraSettings, ModelConfig, Recipe
 from sdcli.core.errors import UserError
 from sdcli.models.model_folder import check_model_folder as check_model_folder_files
-from sdcli.signals import build_signal
+from sdcli.signals import build_signal, load_signal_data
 
 
 def check_model_folder(model: ModelConfig, lora: LoraSettings | None = None) -> str:
@@ -48,9 +48,9 @@ def check_recipe(recipe: Recipe) -> dict[str, object]:
     summary: dict[str, object] = {"name": recipe.name, "method": recipe.method.value, "signal": recipe.signal.kind}
     if hasattr(signal, "describe"):
         summary["mode"] = signal.describe()  # interactions: what y is and which follow-up the teacher sees
-    try:
-        report = signal.load(recipe.data.path)
-        summary["examples"] = len(report.examples)
+    try:  # as sd train reads it (its own check included), so that validate passes what train accepts
+        _, report, examples = load_signal_data(recipe, signal)
+        summary["examples"] = len(examples)
         if report.skipped:
             summary["skipped"] = ", ".join(f"{k}: {v}" for k, v in report.skipped.items())
     except UserError as e:
@@ -65,12 +65,6 @@ def check_recipe(recipe: Recipe) -> dict[str, object]:
         try:
             plan = load_eval_plan(recipe)
             summary["eval sets"] = len(plan.retain) + (plan.task is not None)
-        except UserError as e:
-            problems.append(e.render())
-    checker = getattr(signal, "check", None)
-    if checker is not None:
-        try:
-            checker()
         except UserError as e:
             problems.append(e.render())
     if problems:

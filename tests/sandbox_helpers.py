@@ -3,6 +3,11 @@
 `level` is a fixture over the two isolation levels; "bubblewrap" is skipped, with the reason,
 where bwrap is not usable (CI prints skips with -rs). `run_tests_as_normal_user` runs test files
 again as an unprivileged user, which only root can arrange; elsewhere it skips and says why.
+
+`missing_isolation(reason)` is how a test of a kernel isolation feature (bubblewrap, a process
+limit, a uid of its own, a network namespace) says the machine lacks it: a skip with the reason,
+or, where SD_REQUIRE_ISOLATION=1 (CI: `.ci/run`), a failure, so that CI cannot pass without
+having checked them.
 """
 
 from __future__ import annotations
@@ -22,12 +27,20 @@ from sdcli.verification.sandbox import isolation
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_USER = "sd-sandbox-test"
+REQUIRE_ISOLATION = "SD_REQUIRE_ISOLATION"
+
+
+def missing_isolation(reason: str) -> None:
+    """Skip with `reason` (pytest -rs prints it), or fail where SD_REQUIRE_ISOLATION=1."""
+    if os.environ.get(REQUIRE_ISOLATION) == "1":
+        pytest.fail(f"{REQUIRE_ISOLATION}=1, but {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(params=["bubblewrap", "process"])
 def level(request) -> str:
     if request.param == "bubblewrap" and isolation().level != "bubblewrap":
-        pytest.skip(f"bubblewrap is not usable here ({isolation().why}); apt-get install bubblewrap to test it")
+        missing_isolation(f"bubblewrap is not usable here ({isolation().why}); apt-get install bubblewrap to test it")
     return request.param
 
 
@@ -63,10 +76,10 @@ def run_tests_as_normal_user(test_files: list[str], timeout: float = 600) -> sub
     then refuse as a builtin. The run is still a normal user's.)
     """
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
-        pytest.skip("running the sandbox as a normal user needs these tests to run as root (to create one)")
+        missing_isolation("running the sandbox as a normal user needs these tests to run as root (to create one)")
     for tool in ("useradd", "unshare", "mount", "setpriv"):
         if shutil.which(tool) is None:
-            pytest.skip(f"running the sandbox as a normal user needs `{tool}` (util-linux / passwd)")
+            missing_isolation(f"running the sandbox as a normal user needs `{tool}` (util-linux / passwd)")
     try:
         user = pwd.getpwnam(TEST_USER)
     except KeyError:
@@ -89,7 +102,7 @@ def run_tests_as_normal_user(test_files: list[str], timeout: float = 600) -> sub
         command = ["sh", "-c", drop(exe, prefix)]
         return subprocess.run(command, cwd="/tmp", capture_output=True, text=True, timeout=timeout)
     if not exe.is_relative_to(prefix):
-        pytest.skip(f"{exe} is outside {prefix} and other users cannot read it: no way to run it as a normal user")
+        missing_isolation(f"{exe} is outside {prefix} and other users cannot read it: no way to run it as a normal user")
     mount = Path(f"/tmp/sd-user-python-{uuid.uuid4().hex[:8]}")
     mount.mkdir(mode=0o755)
     try:

@@ -29,7 +29,7 @@ PACKAGE = "sdcli"
 # layer it reaches by those arrows. Layers may sit side by side: models and verification know
 # nothing of each other, nor do evaluation and signals.
 LAYERS: list[tuple[str, tuple[str, ...], str, tuple[str, ...]]] = [
-    ("core", ("sdcli", "sdcli.core"), "errors, data files, checked output paths", ()),
+    ("core", ("sdcli", "sdcli.core"), "errors, data files, output paths, atomic writes, KL, prompt pieces", ()),
     ("recipe", ("sdcli.recipe",), "schema, loading, overrides, reference", ("core",)),
     ("models", ("sdcli.models",), "base, adapters, stack, merge, episodes; encoding and sampling", ("recipe",)),
     ("verification", ("sdcli.verification",), "scorers, environments, the sandbox", ("recipe",)),

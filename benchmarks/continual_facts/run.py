@@ -44,7 +44,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
 from sdcli.evaluation.continual_matrix import matrix_from_episodes, matrix_table, metrics_lines  # noqa: E402
-from sdcli.evaluation.evaluate import fmt  # noqa: E402
+from sdcli.core.numbers import fmt  # noqa: E402
 from sdcli.models.episodes import list_episodes  # noqa: E402
 
 METHODS = {"sd": "self_distillation", "sft": "sft"}

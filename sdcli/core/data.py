@@ -136,7 +136,7 @@ class JsonlScan:
                 raise DataError(f"{path}: changed while sd was reading it.", hint=_CHANGED_HINT)
         self.stamp = stamp
         if problems:
-            raise DataError(f"{path}: {len(problems)} bad line(s):", problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else []))
+            raise DataError(f"{path}: {len(problems)} bad line(s):", problems)
         if not kept:
             raise DataError(f"{path}: no examples (the file is empty).")
 

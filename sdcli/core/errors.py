@@ -15,8 +15,14 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
+# A message shows this many problems, then "... and N more": a file with a million bad lines
+# still fits on a screen, and its headline gives the whole count.
+SHOWN_PROBLEMS = 50
+
+
 class UserError(Exception):
-    """Bad input. `problems` holds one line per problem so that all of them are shown at once."""
+    """Bad input. `problems` holds one line per problem so that all of them are reported at once
+    (the message shows the first SHOWN_PROBLEMS of them)."""
 
     def __init__(self, headline: str, problems: list[str] | None = None, hint: str | None = None):
         self.headline = headline
@@ -26,7 +32,10 @@ class UserError(Exception):
 
     def render(self) -> str:
         lines = [self.headline]
-        lines += [f"  - {p}" for p in self.problems]
+        shown = self.problems[:SHOWN_PROBLEMS]
+        if len(self.problems) > SHOWN_PROBLEMS:
+            shown.append(f"... and {len(self.problems) - SHOWN_PROBLEMS} more")
+        lines += [f"  - {p}" for p in shown]
         if self.hint:
             lines.append(self.hint)
         return "\n".join(lines)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from sdcli.core.numbers import fmt
+
 Cell = float | None
 
 
@@ -108,10 +110,6 @@ def matrix_from_episodes(episodes: list[tuple[str, dict]]) -> Matrix | None:
     )
 
 
-def _cell(value: Cell, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def matrix_table(matrix: Matrix, teacher: bool = False) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of R as text, for the terminal and Markdown; a trailing column holds the row mean."""
     cells = matrix.teacher if teacher and matrix.teacher is not None else matrix.scores
@@ -121,15 +119,14 @@ def matrix_table(matrix: Matrix, teacher: bool = False) -> tuple[list[str], list
     rows = []
     for label, row in zip(matrix.rows, cells):
         present = [v for v in row if v is not None]
-        rows.append([label] + [_cell(v) for v in row] + [_cell(_mean(present))])
+        rows.append([label] + [fmt(v, 2) for v in row] + [fmt(_mean(present), 2)])
     return header, rows
 
 
 def metrics_lines(matrix: Matrix) -> list[str]:
     m = matrix.metrics()
-    signed = lambda v: "-" if v is None else f"{v:+.3f}"  # noqa: E731
     return [
-        f"ACC (average score after the last episode, over {m['tasks']} task(s)): {_cell(m['acc'], 3)}",
-        f"BWT (backward transfer; negative = forgetting): {signed(m['bwt'])}",
-        f"FWT (forward transfer vs. the base model): {signed(m['fwt'])}",
+        f"ACC (average score after the last episode, over {m['tasks']} task(s)): {fmt(m['acc'])}",
+        f"BWT (backward transfer; negative = forgetting): {fmt(m['bwt'], sign=True)}",
+        f"FWT (forward transfer vs. the base model): {fmt(m['fwt'], sign=True)}",
     ]

@@ -55,11 +55,13 @@ from sdcli.core.data import (
     as_messages,
     example_id,
     file_sha256,
-    last_user_text,
     read_jsonl,
     with_last_user_text,
 )
+from sdcli.core.divergence import kl as token_kl  # KL(p || q) per position: [T, V] x2 -> [T]
 from sdcli.core.errors import DataError, RecipeError
+from sdcli.core.numbers import fmt
+from sdcli.core.prompts import demonstration_turn, joined
 from sdcli.verification.scorers import BUILTIN_REWARDS, RewardFn, builtin_reward, call_reward, check_answer, check_callable
 
 DEFAULT_REWARD = "contains"
@@ -142,9 +144,8 @@ def load_eval_set(path: Path, default_reward: str = DEFAULT_REWARD, search_dirs:
             continue
         examples.append(EvalExample(example_id(path, line, record), prompt, record, reward, demo))
     if problems:
-        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
         raise DataError(
-            f"{path}: {len(problems)} bad line(s) in the eval set:", shown,
+            f"{path}: {len(problems)} bad line(s) in the eval set:", problems,
             hint='Each line needs {"prompt": "...", "answer": "..."}; optional "demonstration" (for the teacher score) '
             f"and \"reward\" ({', '.join(BUILTIN_REWARDS)} or package.module:function).",
         )
@@ -164,7 +165,7 @@ def load_texts(path: Path) -> list[str]:
         else:
             texts.append(text)
     if problems:
-        raise DataError(f"{path}: {len(problems)} bad line(s) in the drift text file:", problems[:50])
+        raise DataError(f"{path}: {len(problems)} bad line(s) in the drift text file:", problems)
     return texts
 
 
@@ -176,8 +177,7 @@ def teacher_messages(example: EvalExample, template: str) -> Messages | None:
     """The teacher's view of a line: the demonstrations signal's template, or None without a demonstration."""
     if example.demonstration is None:
         return None
-    text = template.format(prompt=last_user_text(example.prompt), demonstration=example.demonstration)
-    return with_last_user_text(example.prompt, text)
+    return with_last_user_text(example.prompt, joined(demonstration_turn(template, example.prompt, example.demonstration)))
 
 
 def score_responses(eval_set: EvalSet, responses: Sequence[str]) -> tuple[list[float], list[str]]:
@@ -193,11 +193,6 @@ def score_responses(eval_set: EvalSet, responses: Sequence[str]) -> tuple[list[f
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position from log-probabilities: [T, V], [T, V] -> [T]."""
-    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def perplexity(nll_sum: float, tokens: int) -> float | None:
@@ -383,7 +378,7 @@ def episode_eval(
 
 
 def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_tokens, merge, log) -> dict:
-    from sdcli.models.episodes import write_atomic
+    from sdcli.core.atomic import write_atomic
     from sdcli.models.sequences import PromptEncoder
 
     started = time.perf_counter()
@@ -421,10 +416,6 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
             f"perplexity {fmt(drift['perplexity'], 2)} (base {fmt(drift['base_perplexity'], 2)})")
     write_atomic(folder / DETAILS_FILE, json.dumps({"sets": details, "drift": drift}, indent=2))
     return {"eval": {"sets": sets, "drift": drift, "seconds": round(time.perf_counter() - started, 2), "details": DETAILS_FILE}}
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def describe_scores(summary: dict) -> str:

@@ -25,12 +25,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdcli.core.atomic import write_atomic
 from sdcli.core.errors import UserError, write_error
 from sdcli.core.metric_names import DIVERGENCE, LOSS, current_names
+from sdcli.core.numbers import fmt
 from sdcli.core.outputs import check_output_folder
 from sdcli.evaluation.continual_matrix import Matrix, matrix_from_episodes, matrix_table, metrics_lines
-from sdcli.evaluation.evaluate import fmt
-from sdcli.models.episodes import Episode, list_episodes, write_atomic
+from sdcli.models.episodes import Episode, list_episodes
 
 
 @dataclass
@@ -135,8 +136,8 @@ def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
             fmt(final.get(LOSS), 4), fmt(final.get(DIVERGENCE), 4),
             f"{fmt(final.get('learn/demo_nll_student'), 3)} / {fmt(final.get('learn/demo_nll_teacher'), 3)}",
             fmt(final.get("learn/disagreement"), 3),
-            fmt(task["score"]) if task else "-", fmt(task.get("teacher_score")) if task else "-",
-            fmt(sum(retain) / len(retain)) if retain else "-",
+            fmt(task["score"] if task else None), fmt(task.get("teacher_score") if task else None),
+            fmt(sum(retain) / len(retain) if retain else None),
             fmt(drift.get("kl_from_base"), 4), fmt(drift.get("perplexity"), 2),
         ])
     return header, rows
@@ -233,7 +234,7 @@ def plot_matrix(Figure, matrix: Matrix, path: Path) -> Path:
         image = ax.imshow(data, cmap=cmap, vmin=0.0 if unit else None, vmax=1.0 if unit else None, aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, "-" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, fmt(v, 2), ha="center", va="center", fontsize=8,
                         color="dimgray" if v is None else "black" if unit and v > 0.6 else "white")
         ax.set_xticks(range(len(matrix.columns)))
         ax.set_xticklabels([c if e is None else f"{c}\n(task {e})" for c, e in zip(matrix.columns, matrix.taught_by)],

@@ -1,4 +1,4 @@
-"""Episode folders: layout, lineage, atomic writes and resumable checkpoints.
+"""Episode folders: layout, lineage and resumable checkpoints (written by sdcli.core.atomic).
 
     run_dir/episodes/
       001-facts/                      a finished episode (complete, verified, loadable)
@@ -25,15 +25,15 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdcli import __version__
+from sdcli.core.atomic import write_atomic  # noqa: F401  (the training loop imports it from here)
 from sdcli.core.data import file_sha256, read_text
-from sdcli.core.errors import UserError, write_error
+from sdcli.core.errors import UserError
 
 EPISODES = "episodes"
 PARTIAL_PREFIX = ".partial-"
@@ -42,35 +42,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # file -> the key of its sha256 in episode.json
 _HASHED = {"adapter_model.safetensors": "adapter_sha256", "adapter_config.json": "adapter_config_sha256"}
 _FOLDER = re.compile(r"^(\d{3,})-([A-Za-z0-9][A-Za-z0-9_.-]*)$")
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file so that readers see either the old content or the new, never a mix.
-
-    A full disk or a folder without write permission is a UserError naming `path` (the old
-    content, if any, is kept), not an OSError without a file name."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:
-        raise write_error(e, path) or e from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and write_error(e, path):
-            raise write_error(e, path) from None
-        raise
 
 
 def now_iso() -> str:

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from sdcli.core.atomic import swap_folder
 from sdcli.core.errors import DiskFullError, UserError, is_disk_full, write_error
 from sdcli.models.quantization import QUANTIZATIONS
 from sdcli.models.stack import WEIGHTS_FILE, adapter_dir_problems, attach_stack
@@ -170,7 +171,7 @@ def merge_history(
     is written at `out_dir`; an existing `out_dir` is replaced only with `force`. `log(line)` hears
     about folders of killed merges that were removed.
     """
-    into = _choice(getattr(into, "value", into), INTO_CHOICES, "into")
+    into = check_into(into)
     quantization = _choice(getattr(quantization, "value", quantization), QUANTIZATION_CHOICES, "quantization")
     base_path, out_dir = Path(base_path), Path(out_dir)
     dirs = [Path(d) for d in adapter_dirs]
@@ -480,6 +481,12 @@ def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
     return value
 
 
+def check_into(into: str, what: str = "into") -> str:
+    """`into` if it is one of INTO_CHOICES, else a UserError naming it as `what` (`sd merge` says
+    "--into"); merge_history checks with it too, so the CLI and the library refuse the same values."""
+    return _choice(getattr(into, "value", into), INTO_CHOICES, what)
+
+
 def _check_inputs(base_path: Path, dirs: list[Path], out_dir: Path, force: bool) -> None:
     if not dirs:
         raise UserError("Nothing to merge: the history has no episode adapters.")
@@ -512,15 +519,6 @@ def _check_inputs(base_path: Path, dirs: list[Path], out_dir: Path, force: bool)
 
 def _publish(tmp: Path, out_dir: Path, force: bool) -> None:
     """Move the checked result into place; an existing out_dir (force) is swapped out, then removed."""
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        os.replace(tmp, out_dir)
-        return
-    if not force:
+    if (out_dir.exists() or out_dir.is_symlink()) and not force:
         raise UserError(f"{out_dir} appeared while merging; not overwriting it.", hint="Pass --force to replace it.")
-    old = tmp.with_name(tmp.name.replace(".partial-", ".replaced-"))
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
+    swap_folder(tmp, out_dir, aside=tmp.with_name(tmp.name.replace(PARTIAL, REPLACED)))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import re
 import struct
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from sdcli.core.atomic import atomic_file, write_atomic
 from sdcli.core.errors import DiskFullError, UserError, is_disk_full
 
 CONFIG_FILE = "adapter_config.json"
@@ -305,15 +305,13 @@ def save_adapter(model, name: str, folder: Path | str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name=name)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    partial = folder / (WEIGHTS_FILE + ".partial")
     try:
-        save_file(state, str(partial), metadata={"format": "pt"})
+        with atomic_file(folder / WEIGHTS_FILE) as partial:
+            save_file(state, str(partial), metadata={"format": "pt"})
     except Exception as e:  # safetensors reports a full disk only in its message
-        partial.unlink(missing_ok=True)
-        if is_disk_full(e):
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
             raise DiskFullError(folder / WEIGHTS_FILE) from None
         raise
-    os.replace(partial, folder / WEIGHTS_FILE)
 
     config = copy.deepcopy(model.peft_config[name])
     config.inference_mode = True
@@ -323,9 +321,9 @@ def save_adapter(model, name: str, folder: Path | str) -> Path:
         config.target_modules = sorted(config.target_modules)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.get_base_model(), "name_or_path", None)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".config-") as tmp:
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".config-") as tmp:  # peft writes into a folder
         config.save_pretrained(tmp)
-        os.replace(Path(tmp) / CONFIG_FILE, folder / CONFIG_FILE)
+        write_atomic(folder / CONFIG_FILE, (Path(tmp) / CONFIG_FILE).read_bytes())
     return folder
 
 

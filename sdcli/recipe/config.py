@@ -260,9 +260,13 @@ class InteractionsSignal(_Strict):
         return v
 
 
-SignalConfig = Annotated[
-    Union[DemonstrationsSignal, RewardsSignal, FeedbackSignal, InteractionsSignal], Field(discriminator="kind")
-]
+# The signal kinds, each with its section's schema: the one list of them. The context builder of a
+# kind is `sdcli.signals.<kind>` (sdcli.signals.build_signal).
+SIGNAL_CLASSES: dict[str, type[BaseModel]] = {
+    cls.model_fields["kind"].default: cls for cls in (DemonstrationsSignal, RewardsSignal, FeedbackSignal, InteractionsSignal)
+}
+SIGNAL_KINDS = tuple(SIGNAL_CLASSES)
+SignalConfig = Annotated[Union[tuple(SIGNAL_CLASSES.values())], Field(discriminator="kind")]
 
 
 class DataConfig(_Strict):
@@ -560,7 +564,7 @@ def _schema_at(keys: list[str], data: dict) -> tuple[str, Any, bool]:
         optional = type(None) in args
         if cls is Recipe and key == "signal":
             given = data.get("signal")
-            args = (_SIGNAL_CLASSES.get(given.get("kind", "demonstrations") if isinstance(given, dict) else "demonstrations",
+            args = (SIGNAL_CLASSES.get(given.get("kind", "demonstrations") if isinstance(given, dict) else "demonstrations",
                                         DemonstrationsSignal),)
         models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
         kind, cls = ("section", models[0]) if models else ("value", None)
@@ -725,16 +729,9 @@ def _compose(text: str, origin: str) -> yaml.Node | None:
     return root
 
 
-_SIGNAL_KINDS = ("demonstrations", "rewards", "feedback", "interactions")
-_SIGNAL_CLASSES: dict[str, type[BaseModel]] = {
-    "demonstrations": DemonstrationsSignal, "rewards": RewardsSignal, "feedback": FeedbackSignal,
-    "interactions": InteractionsSignal,
-}
-
-
 def _drop_union_tag(loc: tuple) -> tuple:
     """pydantic reports ('signal', 'rewards', 'reward'); people wrote signal.reward."""
-    if len(loc) > 1 and loc[0] == "signal" and loc[1] in _SIGNAL_KINDS:
+    if len(loc) > 1 and loc[0] == "signal" and loc[1] in SIGNAL_KINDS:
         return (loc[0],) + tuple(loc[2:])
     return tuple(loc)
 
@@ -749,12 +746,7 @@ def _known_keys(model: type[BaseModel], path: list[str], data: dict) -> list[str
         ann = field.annotation
         if part == "signal":
             kind = (data.get("signal") or {}).get("kind", "demonstrations") if isinstance(data.get("signal"), dict) else "demonstrations"
-            ann = {
-                "demonstrations": DemonstrationsSignal,
-                "rewards": RewardsSignal,
-                "feedback": FeedbackSignal,
-                "interactions": InteractionsSignal,
-            }.get(kind, DemonstrationsSignal)
+            ann = SIGNAL_CLASSES.get(kind, DemonstrationsSignal)
         models = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
         cls = models[0] if len(models) == 1 else ann  # `EvalConfig | None` -> EvalConfig
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
@@ -955,6 +947,6 @@ def recipe_reference_markdown() -> str:
 
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     lines += describe(Recipe, "")
-    for signal in (DemonstrationsSignal, RewardsSignal, FeedbackSignal, InteractionsSignal):
+    for signal in SIGNAL_CLASSES.values():
         lines += describe(signal, "signal.")
     return "\n".join(lines)

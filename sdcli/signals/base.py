@@ -9,24 +9,21 @@ Where an example carries a good response of its own (a demonstration, a referenc
 `demonstration_view` hands it over with the teacher's view, and the loop can train the student on
 that response too (off-policy), scored by the same teacher.
 
-A view also keeps its last user turn in `pieces`: the template's words and the question in some,
-the context (demonstration, solution, feedback, follow-up) in others. When the teacher's prompt
-is longer than it may be, only the context pieces are shortened
+A view also keeps its last user turn in `pieces` (sdcli.core.prompts): the template's words and
+the question in some, the context (demonstration, solution, feedback, follow-up) in others. When
+the teacher's prompt is longer than it may be, only the context pieces are shortened
 (`sdcli.models.sequences.TeacherPromptEncoder`).
 """
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sdcli.core.data import Messages, with_last_user_text
-
-# A text in pieces, (text, is_context) each: "".join(text) is the text, and the pieces marked as
-# context are the ones that may be shortened.
-Pieces = tuple[tuple[str, bool], ...]
+# the signals' shared helpers for text in pieces (sdcli.core.prompts), imported from here by them
+from sdcli.core.prompts import Pieces, context, fill, joined  # noqa: F401
 
 
 @dataclass
@@ -46,32 +43,6 @@ class TeacherView:
     masked_reason: str | None = None  # why messages is None, e.g. "no_successful_sibling", "skipped_successful"
     pieces: Pieces | None = None  # the last user turn of `messages` in pieces; None: no context to cut
     simulated_followup: str | None = None  # interactions, online: the user simulator's follow-up to this sample
-
-
-def context(text: str) -> Pieces:
-    """`text` as one piece of context, to go into `fill`."""
-    return ((text, True),)
-
-
-def fill(template: str, **fields: "str | Pieces") -> Pieces:
-    """`template.format(**fields)` in pieces. A field given as Pieces (`context(text)`, or another
-    `fill`) keeps its pieces; a plain string, and the template's own words, are not context."""
-    out: list[tuple[str, bool]] = []
-    formatter = string.Formatter()
-    for literal, name, spec, conversion in formatter.parse(template):
-        out.append((literal, False))
-        if name is None:
-            continue
-        value = fields[name]
-        if isinstance(value, tuple):
-            out += value
-        else:
-            out.append((formatter.format_field(formatter.convert_field(value, conversion), spec or ""), False))
-    return tuple((text, is_context) for text, is_context in out if text)
-
-
-def joined(pieces: Pieces) -> str:
-    return "".join(text for text, _ in pieces)
 
 
 def context_view(prompt: Messages, pieces: Pieces, **info: Any) -> TeacherView:

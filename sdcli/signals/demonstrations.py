@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdcli.core.data import JsonlScan, LazyRecords, LineIndex, as_messages, last_user_text
+from sdcli.core.data import JsonlScan, LazyRecords, LineIndex, as_messages, example_id
 from sdcli.core.errors import DataError
+from sdcli.core.prompts import demonstration_turn
 from sdcli.recipe.config import DemonstrationsSignal
-from sdcli.signals.base import Example, LoadReport, TeacherView, context, context_view, fill
-
-
-def example_id(path: Path, line: int, record: dict) -> str:
-    given = record.get("id")
-    return str(given) if isinstance(given, (str, int)) else f"{path.name}:{line}"
+from sdcli.signals.base import Example, LoadReport, TeacherView, context_view
 
 
 def line_example(path: Path, line: int, record: dict) -> Example:
@@ -52,10 +48,8 @@ class DemonstrationsBuilder:
         return LoadReport(LazyRecords(path, scan.stamp, index, lambda line, record, _: line_example(path, line, record)))
 
     def teacher_view(self, example: Example) -> TeacherView:
-        pieces = fill(
-            self.cfg.teacher_template, prompt=last_user_text(example.prompt), demonstration=context(example.fields["demonstration"])
-        )
-        return context_view(example.prompt, pieces)
+        return context_view(example.prompt, demonstration_turn(self.cfg.teacher_template, example.prompt,
+                                                               example.fields["demonstration"]))
 
     def teacher_views(self, example: Example, responses: list[str]) -> list[TeacherView]:
         view = self.teacher_view(example)

@@ -59,7 +59,6 @@ FORMATS_HINT = (
     "{\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}, ...]} "
     "or ShareGPT style {\"conversations\": [{\"from\": \"system\"|\"human\"|\"gpt\", \"value\": \"...\"}, ...]}."
 )
-MAX_PROBLEMS = 50
 
 # Skip reasons, in the order they are checked; an assistant turn is counted under the first that applies.
 NO_USER_BEFORE = "no_user_before"  # the assistant turn does not answer a user message (opens the chat, or follows another assistant/system turn)
@@ -195,8 +194,7 @@ class InteractionsBuilder:
                 truncated += len(example.prompt) < i  # fewer messages than came before the turn: history was cut
                 index.add(offset, line, i)
         if problems:
-            shown = problems[:MAX_PROBLEMS] + ([f"... and {len(problems) - MAX_PROBLEMS} more"] if len(problems) > MAX_PROBLEMS else [])
-            raise DataError(f"{path}: {len(problems)} bad line(s):", shown, hint=FORMATS_HINT)
+            raise DataError(f"{path}: {len(problems)} bad line(s):", problems, hint=FORMATS_HINT)
 
         if not len(index):
             counts = [f"{reason}: {n}" for reason, n in skipped.items()] or ["the file has no assistant turns"]

@@ -95,8 +95,7 @@ def load_examples(path: Path, signal: str, check: Callable[[dict], list[str]], h
         index.add(offset, line)
         id_hashes.append(hash(example.id))
     if problems:
-        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
-        raise DataError(f"{path}: {len(problems)} problem(s) for signal '{signal}':", shown, hint=hint)
+        raise DataError(f"{path}: {len(problems)} problem(s) for signal '{signal}':", problems, hint=hint)
     examples = LazyRecords(path, scan.stamp, index, lambda line, record, _: line_example(path, line, record, check))
     return LoadReport(examples, warnings=duplicate_id_warnings(examples, id_hashes))
 

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sdcli.core.divergence import kl as _kl
+
 
 @dataclass(frozen=True)
 class DivergenceSpec:
@@ -72,16 +74,6 @@ class DivergenceSpec:
         if self.topk_from != "auto":
             return self.topk_from
         return {"forward_kl": "teacher", "reverse_kl": "student"}.get(self.divergence, "union")
-
-
-def _kl(logp: torch.Tensor, logq: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(p || q) over the last dim, from log-probabilities. [..., K] -> [...]
-
-    `alive` [..., K] bool marks the categories that exist; the others (an empty tail, a token
-    counted twice in a union) contribute nothing and their entries may hold any finite value.
-    """
-    terms = logp.exp() * (logp - logq)
-    return (terms if alive is None else terms * alive).sum(-1)
 
 
 def divergence_from_logprobs(

@@ -230,6 +230,11 @@ CASES = [
     ("rewards-latin1", {"r.yaml": recipe(REWARDS), "data.jsonl": REWARD_LINE.encode() + b'{"prompt": "\xe9", "answer": "4"}\n'},
      ["validate", "r.yaml"], 2, "data.jsonl:2: not valid UTF-8"),
     ("rewards-deep", {"r.yaml": recipe(REWARDS), "data.jsonl": DEEP}, ["validate", "r.yaml"], 2, "nested too deeply"),
+    # validate reads the data as train does (sdcli.signals.load_signal_data): it refuses what train refuses
+    ("sft-without-demonstrations-validate", {"r.yaml": recipe(REWARDS), "data.jsonl": REWARD_LINE},
+     ["validate", "r.yaml"], 2, "method: sft needs a demonstration (or logged response) for every example"),
+    ("sft-without-demonstrations-train", {"r.yaml": recipe(REWARDS), "data.jsonl": REWARD_LINE},
+     ["train", "r.yaml"], 2, "method: sft needs a demonstration (or logged response) for every example"),
     ("rewards-module-exits", {"r.yaml": recipe("{kind: rewards, reward: 'corpus_exit_a:score'}"),
                               "data.jsonl": REWARD_LINE, **exit_on_import("corpus_exit_a")},
      ["validate", "r.yaml"], 2, "importing 'corpus_exit_a' called sys.exit(3)"),

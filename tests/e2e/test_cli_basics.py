@@ -1,4 +1,5 @@
-"""Every command has --help with examples; every shipped recipe validates."""
+"""Every command has --help with examples; every shipped and benchmark recipe validates (in-process:
+the app `sd` runs, through Typer's CliRunner; one test keeps the real process for its exit codes)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sd_runner import sd
 from sdcli.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -15,7 +17,8 @@ COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
-def sd(*args: str) -> subprocess.CompletedProcess:
+def sd_process(*args: str) -> subprocess.CompletedProcess:
+    """The real `sd` process, for what only it shows: `main()`'s exit codes, from `python -m sdcli.cli`."""
     return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, timeout=300)
 
 
@@ -48,9 +51,9 @@ def test_every_recipe_validates_and_opens_with_how_to_run(recipe):
 
 
 def test_unknown_argument_exits_2():
-    done = sd("train", "not-a-recipe")
+    done = sd_process("train", "not-a-recipe")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    done = sd("train", "--no-such-flag", "x.yaml")
+    done = sd_process("train", "--no-such-flag", "x.yaml")
     assert done.returncode == 2
 
 
@@ -67,6 +70,9 @@ def test_benchmark_recipes_load_and_measure_the_defaults(recipe):
 
     loaded = load_recipe(recipe)
     assert loaded.eval is not None and loaded.eval.path.is_file()
+    done = sd("validate", str(recipe))  # what `sd validate` checks: data, model folder, eval sets
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "OK" in done.stdout
     raw = yaml.safe_load(recipe.read_text())
     assert not {"rollout", "loss", "teacher", "lora", "anchor"} & set(raw), recipe
     assert set(raw.get("train", {})) <= {"epochs", "max_steps", "seed"}, recipe

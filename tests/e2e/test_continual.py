@@ -16,6 +16,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from sd_runner import sd
 from sdcli.core.errors import Interrupted, UserError
 from sdcli.models.episodes import list_episodes
 from sdcli.models.merge import merge_history
@@ -42,10 +43,6 @@ def recipe_for(tmp_path: Path, model_dir: Path, name: str, steps: int = 3, run: 
         f"train: {{max_steps: {steps}, prompts_per_step: 2, lr: 0.01{extra}}}\n"
     )
     return path
-
-
-def sd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +201,8 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path, tiny
     assert done_steps >= 1
     done = sd("train", str(recipe), "--resume", "--quiet", "train.max_steps=40")
     assert done.returncode == 0, done.stderr
-    assert f"from step {done_steps}" in done.stderr or "resume: continuing" in done.stderr
+    # the step it resumed from is the checkpoint's (an `or "resume: continuing"` here passed at any step)
+    assert f"resume: continuing .partial-001-zorblax from step {done_steps}" in done.stderr, done.stderr
     assert [e.label for e in list_episodes(tmp_path / "run")] == ["001-zorblax"]
 
 
@@ -219,9 +217,6 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model_dir):
 
 
 def test_generate_chat_keeps_the_conversation(chained_run):
-    done = subprocess.run(
-        [sys.executable, "-m", "sdcli.cli", "generate", str(chained_run), "--chat", "--max-new-tokens", "4"],
-        input="Hello\nAnd again\n\n", capture_output=True, text=True, timeout=300,
-    )
+    done = sd("generate", str(chained_run), "--chat", "--max-new-tokens", "4", input="Hello\nAnd again\n\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("model>") == 2

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from sd_runner import sd
 from sdcli.evaluation.continual_matrix import Matrix, matrix_from_episodes
 from sdcli.models.episodes import list_episodes
 
@@ -23,10 +22,6 @@ TASKS = {
     "vells": ("Who wrote the Book of Vells?", "It was written by Maro Tiln.", "Maro Tiln"),
 }
 TEXTS = ["The cat sat on the mat and looked at the dog.", "Water boils at one hundred degrees at sea level."]
-
-
-def sd(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

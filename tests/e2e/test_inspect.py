@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chat_ids, response_logprobs
+from sd_runner import sd
 from sdcli.inspection import inspect_example, render_html
 from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
 from sdcli.training.train import train_episode
@@ -22,10 +21,6 @@ FACTS = [
     {"prompt": "Who wrote the Book of Vells?", "demonstration": "It was written by <Maro> & \"Tiln\"."},
 ]
 REWARD = "def even_length(response, example):\n    return 1.0 if len(response) % 2 == 0 else 0.0\n"
-
-
-def sd(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def tiny(model_dir: Path, run: Path, data: Path) -> list[str]:

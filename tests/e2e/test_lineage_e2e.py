@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, build_tiny_model
+from sd_runner import sd
 from sdcli.core.data import file_sha256
 from sdcli.core.errors import UserError
 from sdcli.recipe.config import load_recipe
@@ -41,8 +40,7 @@ def test_episode_on_another_base_is_refused_unless_allowed(tmp_path, tiny_model_
     assert f"episode 001-first was trained on {tiny_model_dir}" in text and str(other) in text
     assert not list((tmp_path / "run" / "episodes").glob(".partial-*"))  # refused before starting a folder
 
-    done = subprocess.run([sys.executable, "-m", "sdcli.cli", "train", str(tmp_path / "second.yaml"), "--quiet",
-                           "--allow-mixed-base"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    done = sd("train", str(tmp_path / "second.yaml"), "--quiet", "--allow-mixed-base", cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "warning: --allow-mixed-base" in done.stderr and "001-first" in done.stderr
     assert (tmp_path / "run" / "episodes" / "002-second" / "episode.json").is_file()

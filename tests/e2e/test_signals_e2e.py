@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sd_runner import sd
 from sdcli.recipe.config import load_recipe
 from sdcli.training.train import train_episode
 
@@ -23,24 +22,21 @@ def tiny_overrides(model_dir: Path, run_dir: Path, steps: int = 2) -> list[str]:
             "anchor.prompts_per_step=0"]  # these tests count samples; anchors are tested in test_off_policy.py
 
 
-def sd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
-
-
 def metrics_of(run_dir: Path) -> list[dict]:
     (episode,) = (run_dir / "episodes").iterdir()
     return [json.loads(line) for line in (episode / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_rewards_recipe_runs_with_a_user_reward(tmp_path, tiny_model_dir):
+def test_rewards_recipe_runs_with_a_user_reward(tmp_path, tiny_model_dir, monkeypatch):
     # a deterministic verifier that passes about half of the samples, so siblings exist
     (tmp_path / "my_reward.py").write_text(
         "def even_length(response, example):\n    return 1.0 if len(response) % 2 == 0 else 0.0\n"
     )
+    monkeypatch.syspath_prepend(str(tmp_path))  # where PYTHONPATH would put it for `sd`
+    monkeypatch.delitem(sys.modules, "my_reward", raising=False)  # and imported afresh, as by a new process
     run = tmp_path / "run"
     done = sd("train", str(REPO / "recipes" / "rewards_arithmetic.yaml"), *tiny_overrides(tiny_model_dir, run, 3),
-              "signal.reward=my_reward:even_length", "--quiet", env={"PYTHONPATH": str(tmp_path)})
+              "signal.reward=my_reward:even_length", "--quiet")
     assert done.returncode == 0, done.stderr
     metrics = metrics_of(run)
     assert all(math.isfinite(m["loss/total"]) for m in metrics)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chat_ids, mean_kl, response_logprobs
+from sd_runner import sd
 from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
 
 FACTS = [
@@ -46,10 +47,6 @@ train:
 {extra}"""
     )
     return recipe
-
-
-def sd(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def context_kl(student, base, tokenizer) -> float:
@@ -163,7 +160,7 @@ def test_long_prompts_are_truncated_with_a_count_not_a_crash(tmp_path, tiny_mode
 
 
 @pytest.mark.parametrize("divergence,support", [("reverse_kl", "sampled"), ("jsd", "topk")])
-def test_other_losses_and_teachers_run(tmp_path, tiny_model_dir, divergence, support):
+def test_other_losses_and_teachers_run(tmp_path, tiny_model_dir, captured_model, divergence, support):
     from sdcli.training.train import train_episode
 
     recipe = load_recipe(
@@ -172,7 +169,22 @@ def test_other_losses_and_teachers_run(tmp_path, tiny_model_dir, divergence, sup
          "loss.skip_first_tokens=1"],
     )
     result = train_episode(recipe)
-    assert math.isfinite(result.final["loss/total"])
+    assert math.isfinite(result.final["loss/total"]) and result.steps == 2
+    if divergence == "jsd":  # a divergence, so >= 0; the teacher sees the demonstration, the student not
+        assert result.final["loss/total"] > 0
+    saved = load_recipe(result.path / "recipe.yaml", check_files=False)
+    assert (saved.loss.divergence.value, saved.loss.support.value, saved.teacher.value) == (divergence, support, "ema")
+    # the loss moved the adapter (B starts at zero, so a loss without a gradient leaves it there) ...
+    adapter = load_file(result.path / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())
+    # ... and the EMA teacher followed it part of the way: off zero, but not a copy of the student
+    params = dict(captured_model["model"].named_parameters())
+    layer = lambda name: re.sub(r"\.lora_B\.[^.]+\.", ".lora_B.", name)  # noqa: E731  (without the adapter's name)
+    ema = {layer(n): p for n, p in params.items() if ".lora_B.ema." in n}
+    student = {layer(n): p for n, p in params.items() if ".lora_B." in n and ".lora_B.ema." not in n}
+    assert ema and ema.keys() == student.keys()
+    assert any(p.abs().max() > 0 for p in ema.values()), "the EMA teacher never moved off the base"
+    assert any(not torch.equal(ema[k], student[k]) for k in ema), "the EMA teacher is a copy of the student"
 
 
 def test_tensorboard_logging_mirrors_the_metrics(tmp_path, tiny_model_dir):

@@ -4,13 +4,11 @@ with every adapter off, asked once per step, and the teacher sees what it wrote.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from sd_runner import sd
 from sdcli.recipe.config import load_recipe
 from sdcli.models.model import lora_layers
 from sdcli.signals import build_signal
@@ -26,11 +24,6 @@ def tiny(model_dir: Path, run_dir: Path, steps: int = 2) -> list[str]:
     return [f"model.name_or_path={model_dir}", f"run_dir={run_dir}", f"train.max_steps={steps}", "rollout.max_new_tokens=12",
             "train.lr=0.05", "anchor.prompts_per_step=0", "train.prompts_per_step=2", "rollout.num_samples=2",
             f"signal.simulator.max_new_tokens={SIMULATOR_TOKENS}"]
-
-
-def sd(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdcli.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def adapters_off(model) -> bool:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import level, marker, survivors  # noqa: F401  (level is a fixture)
+from sandbox_helpers import level, marker, missing_isolation, survivors  # noqa: F401  (level is a fixture)
 
 from sdcli.recipe.config import SandboxLimits
 from sdcli.verification.sandbox import INSIDE, Isolation, isolation, run_python
@@ -47,7 +47,8 @@ def test_fresh_folder_is_home_and_tmp_and_is_gone_afterwards(level):
     )
     assert r.ok, r.stderr
     cwd, home, tmp = r.stdout.split()
-    assert home == cwd and Path(tmp).resolve() == Path(cwd).resolve() or tmp == "/tmp"
+    assert home == cwd  # the `or` used to cover this too, so a wrong HOME passed whenever tmp was /tmp
+    assert Path(tmp).resolve() == Path(cwd).resolve()  # TMPDIR is that folder (and /tmp links there in bubblewrap)
     if level == "bubblewrap":
         assert cwd == INSIDE  # a tmpfs of the sandbox's own, gone with its mount namespace
     else:
@@ -161,7 +162,7 @@ def test_fork_bomb_without_the_guard_is_bounded_and_fully_killed(level):
     mark = marker()
     r = run(FORK_BOMB, level, limits, guards=False, args=[mark])
     if "process_count" not in r.isolation and "process_count_shared_with_user" not in r.isolation:
-        pytest.skip(f"no kernel process limit at this level here: {r.isolation} {r.notes}")
+        missing_isolation(f"no kernel process limit at this level here: {r.isolation} {r.notes}")
     assert r.timed_out
     children = r.stdout.count("child")
     if "process_count" in r.isolation:  # the sandbox's own budget, not one shared with the user
@@ -187,7 +188,7 @@ def test_write_outside_without_the_guard_is_blocked_by_the_kernel(level, tmp_pat
         tmp_path.chmod(0o777)  # even where everyone may write (a fresh uid could write here at process level)
     r = run(f"open({str(target)!r}, 'w').write('x')", level, guards=False)
     if level == "process" and "separate_uid" not in r.isolation:
-        pytest.skip("at process level as a normal user only the Python guard protects your files (see the README)")
+        missing_isolation("at process level as a normal user only the Python guard protects your files (see the README)")
     assert r.returncode == 1 and ("No such file" in r.stderr or "Permission denied" in r.stderr), r.stderr
     assert not target.exists()
 
@@ -219,7 +220,7 @@ def test_network_is_refused_by_the_guard(level, listener):
 def test_network_without_the_guard_is_unreachable(level, listener):
     r = run(CONNECT.format(port=listener.getsockname()[1]), level, guards=False)
     if "network_namespace" not in r.isolation:
-        pytest.skip(f"no network namespace here: {r.notes}")
+        missing_isolation(f"no network namespace here: {r.notes}")
     assert r.returncode == 1 and "Error" in r.stderr and "connected" not in r.stdout
     assert_never_connected(listener)
 
@@ -253,3 +254,12 @@ def test_the_level_is_chosen_once_and_described():
 def test_unknown_level_is_refused():
     with pytest.raises(ValueError, match="level must be one of"):
         run_python("pass", SMALL, level="docker")
+
+
+def test_a_missing_isolation_feature_skips_with_its_reason_or_fails_where_required(monkeypatch):
+    monkeypatch.delenv("SD_REQUIRE_ISOLATION", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no network namespace here"):
+        missing_isolation("no network namespace here")
+    monkeypatch.setenv("SD_REQUIRE_ISOLATION", "1")
+    with pytest.raises(pytest.fail.Exception, match="SD_REQUIRE_ISOLATION=1, but no network namespace here"):
+        missing_isolation("no network namespace here")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import marker, survivors
+from sandbox_helpers import marker, missing_isolation, survivors
 
 from sdcli.recipe.config import SandboxLimits
 from sdcli.verification import sandbox
@@ -46,7 +46,7 @@ def where(request, monkeypatch) -> tuple[str, bool]:
     it is tested on there, with and without the namespaces the machine may allow."""
     level, guards = WHERE[request.param]
     if level == "bubblewrap" and isolation().level != "bubblewrap":
-        pytest.skip(f"bubblewrap is not usable here ({isolation().why}); apt-get install bubblewrap to test it")
+        missing_isolation(f"bubblewrap is not usable here ({isolation().why}); apt-get install bubblewrap to test it")
     if request.param.endswith("no_namespaces"):
         monkeypatch.setattr(sandbox, "_PROCESS_NAMESPACES", False)
     return level, guards
