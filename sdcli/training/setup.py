@@ -41,7 +41,7 @@ from sdcli.models.rollout import SamplingSettings, sample_responses
 from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, teacher_prompt_limit
 from sdcli.models.stack import adapter_name, attach_stack, combine_frozen
 from sdcli.recipe.config import Method, Quantization, Recipe, Support, TeacherKind, dump_recipe
-from sdcli.signals import build_signal
+from sdcli.signals import load_signal_data
 from sdcli.training.anchors import load_anchor_prompts
 from sdcli.training.batch import ExampleSampler, Sequence, answer_anchors
 from sdcli.training.checkpoint import restore_checkpoint, resume_key, save_checkpoint
@@ -136,18 +136,9 @@ def lr_lambda(cfg, total_steps: int):
 
 
 def load_examples(recipe: Recipe, log) -> tuple:
-    """The signal's context builder and its examples; every data problem is raised before a model loads."""
-    signal = build_signal(recipe.signal)
-    if hasattr(signal, "check"):
-        signal.check()  # user reward / environment functions import and fit
-    report = signal.load(recipe.data.path)
-    examples = report.examples[: recipe.data.max_examples] if recipe.data.max_examples else report.examples
-    for reason, count in report.skipped.items():
-        log(f"data: skipped {count} example(s): {reason}")
-    for warning in report.warnings:
-        log(f"data: {warning}")
-    if recipe.method is Method.sft and any("demonstration" not in e.fields and e.response is None for e in examples):
-        raise UserError("method: sft needs a demonstration (or logged response) for every example.")
+    """The signal's context builder and its examples; every data problem is raised before a model
+    loads, by the same path `sd validate` takes."""
+    signal, report, examples = load_signal_data(recipe, log=log)
     log(f"data: {len(examples)} example(s) from {recipe.data.path}")
     return signal, report, examples
 
