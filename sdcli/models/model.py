@@ -17,6 +17,8 @@ import torch
 from sdcli.core.errors import UserError
 from sdcli.recipe.config import BUILTIN_MODEL, DType, LoraSettings, ModelConfig, Quantization
 
+# At import, not in load_base: huggingface_hub reads these once, when transformers is first
+# imported, and a library user may import sd before anything else. A value the user set wins.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -19,7 +19,7 @@ def load_anchor_prompts(path_or_builtin: str) -> list[list[dict[str, str]]]:
         except ValueError as e:
             problems.append(f"{path}:{line}: {e}")
     if problems:
-        raise DataError(f"{path}: {len(problems)} bad line(s) for anchor prompts:", problems[:50],
+        raise DataError(f"{path}: {len(problems)} bad line(s) for anchor prompts:", problems,
                         hint='Each line needs {"prompt": "..." or [messages]}.')
     if not prompts:
         raise DataError(f"{path}: no anchor prompts.", [], hint='Each line needs {"prompt": "..."}.')
