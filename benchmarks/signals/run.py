@@ -188,6 +188,7 @@ def ceiling(signal: Signal, run_dir: Path, max_new_tokens: int, out: Path) -> di
                "--max-new-tokens", str(max_new_tokens), "--out", str(out),
                *([] if signal.ceiling_is_teacher_score else ["--no-teacher"])]
     print("$ " + " ".join(command), flush=True)
+    out.unlink(missing_ok=True)  # an earlier invocation's
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:

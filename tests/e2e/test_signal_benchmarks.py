@@ -30,9 +30,12 @@ def test_rewards_smoke_writes_results(tmp_path, tiny_model_dir):
     assert run["heldout"]["n"] == 30 and run["general"]["n"] == 40
     for key in ("heldout", "general"):
         assert 0.0 <= run[key]["before"] <= 1.0 and 0.0 <= run[key]["after"] <= 1.0
-    assert 0.0 <= run["ceiling"] <= 1.0  # every held-out line carries a worked answer
     assert len(run["items"]) == 30 and {"before", "after", "response_after"} <= set(run["items"]["wp-eval-01"])
     assert Path(run["run_dir"], "episodes").is_dir()
+
+    ceiling = results["ceiling"]  # the bare base with each line's worked answer in its prompt, scored once
+    assert ceiling["n"] == 30 and 0.0 <= ceiling["score"] <= 1.0 and ceiling["words"] is not None
+    assert (out / "ceiling.json").is_file()
 
     summary = results["settings"]["rewards"]["summary"]
     assert summary["heldout_after"]["n"] == 1 and summary["heldout_after"]["sd"] is None  # one seed: no spread
