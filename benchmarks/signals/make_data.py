@@ -34,7 +34,9 @@ from sdcli.recipe.config import DEFAULT_HINDSIGHT_TEMPLATE  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # rewards: arithmetic word problems
 
-SUFFIX = ' Answer briefly and end with "The answer is N." where N is a whole number.'
+# "Show the calculation": asked to answer briefly, the base mostly repeats a number from the question
+# (3 of 30 right at base); asked to show the calculation it gets 6 of 30 (base_rate.py, 2026-11-29)
+SUFFIX = ' Show the calculation, then end with "The answer is N." where N is a whole number.'
 NAMES = ["Lena", "Omar", "Priya", "Jonas", "Mei", "Carlos", "Ada", "Tariq", "Nora", "Felix", "Ines", "Kofi",
          "Hana", "Diego", "Zoe", "Ravi", "Elsa", "Malik", "Yuki", "Bruno"]
 ITEMS = ["stickers", "marbles", "cookies", "stamps", "shells", "pencils", "cards", "beads", "apples", "coins"]
@@ -56,17 +58,17 @@ TEMPLATES = [
 
 
 def numbers(op: str, rng: random.Random) -> tuple[int, int, int]:
+    """Two-digit and one-digit numbers: with two two-digit numbers the base got 1 of 30 right."""
     if op == "+":
-        a, b = rng.randint(12, 89), rng.randint(12, 89)
+        a, b = rng.randint(11, 40), rng.randint(2, 9)
         return a, b, a + b
     if op == "-":
-        a = rng.randint(40, 99)
-        b = rng.randint(11, a - 5)
+        a, b = rng.randint(20, 50), rng.randint(2, 9)
         return a, b, a - b
     if op == "*":
-        a, b = rng.randint(3, 9), rng.randint(6, 19)
+        a, b = rng.randint(2, 6), rng.randint(3, 9)
         return a, b, a * b
-    b, q = rng.randint(3, 9), rng.randint(4, 15)
+    b, q = rng.randint(2, 6), rng.randint(2, 9)
     return b * q, b, q
 
 
@@ -383,8 +385,11 @@ def jsonl(rows: list[dict]) -> str:
 def main() -> None:
     DATA.mkdir(exist_ok=True)
     for name, rows in files().items():
-        (DATA / name).write_text(jsonl(rows))
-        print(f"{DATA / name}: {len(rows)} lines")
+        path, text = DATA / name, jsonl(rows)
+        if path.is_file() and path.read_text() == text:
+            continue  # untouched, so a run reading it is not disturbed (sd stops when its data file changes)
+        path.write_text(text)
+        print(f"{path}: {len(rows)} lines")
 
 
 if __name__ == "__main__":
