@@ -29,7 +29,7 @@ told from seed noise. Results go to OUT/results.json (default OUT: runs/signals/
 
 Budget: each full run (all its seeds; for interactions both modes) is sized for at most 20 minutes
 on 2 CPU cores, from the step times of one --smoke run each (2026-11-29, AMD EPYC): rewards ~19 s
-a step, feedback ~50 s at 4 prompts (so its recipe runs 2), interactions ~11 s offline and ~20 s
+a step, feedback ~50 s at 4 prompts and ~28 s at the recipe's 2, interactions ~11 s offline and ~20 s
 online, plus 1.5-2 minutes of model loading and evaluation per episode. The fit is estimated, not
 yet checked by a full run. Run nothing else on those cores meanwhile.
 """
