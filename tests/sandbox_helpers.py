@@ -6,7 +6,7 @@ again as an unprivileged user, which only root can arrange; elsewhere it skips a
 
 `missing_isolation(reason)` is how a test of a kernel isolation feature (bubblewrap, a process
 limit, a uid of its own, a network namespace) says the machine lacks it: a skip with the reason,
-or, where SD_REQUIRE_ISOLATION=1 (CI: `.ci/run`), a failure, so that CI cannot pass without
+or, where SD_REQUIRE_ISOLATION=1 (set it on the machine that will run model code), a failure, so that a run cannot pass without
 having checked them.
 """
 
