@@ -48,7 +48,7 @@ def sampler_logp(model, prompts, responses, int8: bool, pad_id: int):
     from transformers import DynamicCache
 
     from sdcli.models.int8_sampling import int8_for_sampling
-    from sdcli.models.rollout import _cache_argument
+    from sdcli.models.sequences import cache_argument
 
     rows, width, steps = len(prompts), max(map(len, prompts)), max(map(len, responses))
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
@@ -59,7 +59,7 @@ def sampler_logp(model, prompts, responses, int8: bool, pad_id: int):
         input_ids[i, width - len(p):], attention[i, width - len(p):] = torch.tensor(p), 1
         forced[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache = {_cache_argument(model): DynamicCache()}
+    cache = {cache_argument(model): DynamicCache()}
     out_logp = []
     with torch.no_grad(), int8_for_sampling(model, int8):
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,

@@ -22,7 +22,7 @@ import torch
 
 from sdcli.models.int8_sampling import int8_for_sampling
 from sdcli.models.model import eval_mode, merged_for_sampling
-from sdcli.models.sequences import cut_at_eos
+from sdcli.models.sequences import cache_argument, cut_at_eos
 
 
 @dataclass
@@ -54,14 +54,6 @@ def pick_next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
-def _cache_argument(model) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids: set[int], pad_id: int) -> list[list[int]]:
     """Autoregressive sampling with a KV cache. prompts: token ids per row. Returns new tokens per row."""
@@ -78,7 +70,7 @@ def decode(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids
     input_ids, attention = input_ids.to(device), attention.to(device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    cache = {_cache_argument(model): DynamicCache()}  # filled in place by every forward
+    cache = {cache_argument(model): DynamicCache()}  # filled in place by every forward
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
                 logits_to_keep=1, **cache)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)

@@ -7,6 +7,7 @@ hidden state predicts it, so both roles line up token by token.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -163,6 +164,7 @@ class ScoreBatch:
     predict_positions: torch.Tensor  # [N, T] index of the hidden state predicting response token t
     response_ids: torch.Tensor  # [N, T] response tokens (pad where masked)
     response_mask: torch.Tensor  # [N, T] bool
+    shared_prefix: int = 0  # leading tokens every row has in common, before any predicting position
 
     @property
     def num_response_tokens(self) -> int:
@@ -188,13 +190,109 @@ def score_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: in
             response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             response_mask[i, : len(r)] = True
     return ScoreBatch(
-        input_ids.to(device), attention.to(device), positions.to(device), response_ids.to(device), response_mask.to(device)
+        input_ids.to(device), attention.to(device), positions.to(device), response_ids.to(device), response_mask.to(device),
+        shared_prefix=common_prefix_length(prompts) if n > 1 else 0,
     )
 
 
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares (the chat header and system prompt), stopping one
+    short of the shortest prompt so that every position that predicts a response token lies after it."""
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    length = 0
+    while length < limit and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length
+
+
+# Below this many shared tokens the extra forward call costs more than the rows save.
+MIN_SHARED_PREFIX = 8
+# Architectures whose every layer is plain causal attention over a DynamicCache, so that running the
+# shared prefix once is exact (tests/unit/test_shared_prefix.py checks each against the full pass).
+SHARED_PREFIX_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite"}
+
+
+def plain_causal_attention(config) -> bool:
+    """Every layer attends causally to every earlier token: a listed architecture, no sliding window."""
+    if getattr(config, "model_type", None) not in SHARED_PREFIX_MODEL_TYPES:
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+
+
+def cache_argument(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def response_hidden(decoder, batch: ScoreBatch) -> torch.Tensor:
-    """Final hidden states at the positions that predict each response token. -> [N, T, H]"""
-    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    hidden = out.last_hidden_state
-    index = batch.predict_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    """Final hidden states at the positions that predict each response token. -> [N, T, H]
+
+    The tokens every row shares (`batch.shared_prefix`: on chat prompts the header and system
+    prompt, often a third of a short sequence) run once, as one row, and every row's attention
+    reads their keys and values: the same numbers as the full pass, gradients included, for fewer
+    tokens. The full pass serves everything else (one row, short or no shared prefix, other
+    architectures)."""
+    shared = batch.shared_prefix
+    if shared >= MIN_SHARED_PREFIX and plain_causal_attention(decoder.config):
+        hidden = _hidden_after_shared_prefix(decoder, batch, shared)
+        positions = (batch.predict_positions - shared).clamp(min=0)  # padding slots point at 0 and are masked
+    else:
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        positions = batch.predict_positions
+    index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return hidden.gather(1, index)
+
+
+def _hidden_after_shared_prefix(decoder, batch: ScoreBatch, shared: int) -> torch.Tensor:
+    """[N, L - shared, H]: the prefix once, then every row's remaining tokens against its keys and values."""
+    from transformers import DynamicCache
+
+    captured_layer, prefix_layer = _cache_layers()
+    argument = cache_argument(decoder)
+    capture = DynamicCache()
+    capture.layers = []
+    capture.layer_class_to_replicate = captured_layer
+    decoder(input_ids=batch.input_ids[:1, :shared], use_cache=True, **{argument: capture})
+    rows = batch.input_ids.shape[0]
+    prefix = DynamicCache()
+    prefix.layers = [prefix_layer(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+                     for layer in capture.layers]
+    prefix.layer_class_to_replicate = None
+    out = decoder(input_ids=batch.input_ids[:, shared:], attention_mask=batch.attention_mask, use_cache=True,
+                  **{argument: prefix})
+    return out.last_hidden_state
+
+
+@functools.cache
+def _cache_layers() -> tuple[type, type]:
+    """The two cache layers of the shared-prefix pass, made on first use (transformers loads lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class CapturedLayer(DynamicLayer):
+        """Holds the last keys and values it was given, replacing rather than appending, so that a
+        layer recomputed in backward (activation checkpointing) leaves it as it was."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+
+    class PrefixLayer(DynamicLayer):
+        """The shared prefix's keys and values in front of every row's own, never written to."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return CapturedLayer, PrefixLayer

@@ -48,7 +48,7 @@ from sdcli.training.checkpoint import restore_checkpoint, resume_key, save_check
 from sdcli.training.distributed import Ranks
 from sdcli.training.losses import DivergenceSpec
 from sdcli.training.simulator import attach_user_simulator
-from sdcli.training.teacher import EMA_ADAPTER, add_ema_adapter, cache_anchor_teacher, teacher_adapters
+from sdcli.training.teacher import EMA_ADAPTER, TeacherMemo, add_ema_adapter, cache_anchor_teacher, teacher_adapters
 
 
 @dataclass
@@ -87,6 +87,7 @@ class EpisodeState:
     anchors: list[Sequence]
     off_fraction: float
     resume_key: dict
+    teacher_memo: TeacherMemo | None = None  # teacher: base, which never changes in an episode
     start_step: int = 0
 
     @property
@@ -247,6 +248,7 @@ def setup_episode(recipe: Recipe, *, resume: bool, log, dist: Ranks, allow_mixed
         anchor_set=teacher_adapters(TeacherKind.base, m["earlier"], m["episode"]),  # anchors hold to the start
         anchors=[], resume_key={},
         off_fraction=recipe.rollout.off_policy_fraction if recipe.method is Method.self_distillation else 0.0,
+        teacher_memo=TeacherMemo() if recipe.teacher is TeacherKind.base else None,
     )
     if run.sampling.int8:
         log("rollout: sampling from int8 copies of the base (rollout.sample_precision); the loss scores in float")

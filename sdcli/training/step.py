@@ -85,7 +85,7 @@ def distillation_rollout(run, batch: list[Example], n_off: int, rollout_index: i
     if kept:
         with timer("teacher"):
             hidden = teacher_pass(run.model, run.decoder, run.teacher_encoder, kept, tokenizer.pad_token_id, run.device,
-                                  run.teacher_set, run.anchor_set)
+                                  run.teacher_set, run.anchor_set, run.teacher_memo)
     teacher_cut = {"signal/teacher_prompts_cut": run.teacher_encoder.cut - cut_before} if views else {}
     return _rollout(run, seqs, kept, views, generated, teacher_cut, hidden)
 

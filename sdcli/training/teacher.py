@@ -46,31 +46,63 @@ def teacher_hidden(model, decoder, batch: ScoreBatch, adapters: list[str]) -> to
         return response_hidden(decoder, batch)
 
 
-def teacher_pass(model, decoder, encoder, kept: list[Sequence], pad_id: int, device, teacher_set, anchor_set) -> torch.Tensor:
+# The base teacher's hidden states kept for demonstrations it will score again (next epoch).
+TEACHER_MEMO_BYTES = 256 * 2**20
+
+
+class TeacherMemo:
+    """The teacher's [T, H] hidden states for off-policy sequences it has scored, keyed by exactly
+    what it saw (its prompt and the response ids). Only for `teacher: base`, which does not change
+    during an episode, so a demonstration learned again in a later epoch reuses its first pass: the
+    same numbers, without the forward. Holds at most `max_bytes`; past that, sequences are scored
+    every time as before."""
+
+    def __init__(self, max_bytes: int = TEACHER_MEMO_BYTES):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._entries: dict[tuple, torch.Tensor] = {}
+
+    def get(self, prompt: list[int], response: list[int]) -> torch.Tensor | None:
+        return self._entries.get((tuple(prompt), tuple(response)))
+
+    def put(self, prompt: list[int], response: list[int], hidden: torch.Tensor) -> None:
+        size = hidden.numel() * hidden.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self._entries[(tuple(prompt), tuple(response))] = hidden.clone()
+            self.bytes += size
+
+
+def teacher_pass(model, decoder, encoder, kept: list[Sequence], pad_id: int, device, teacher_set, anchor_set,
+                 memo: TeacherMemo | None = None) -> torch.Tensor:
     """[N, T, H] teacher hidden states for `kept`, in order: the episode's teacher for the task's
     sequences, the model as the episode began for the anchors (one pass when they are the same).
-    `encoder` is the TeacherPromptEncoder; an anchor's teacher sees exactly the student's prompt."""
-    cached = [i for i, q in enumerate(kept) if q.teacher_hidden is not None]
+    `encoder` is the TeacherPromptEncoder; an anchor's teacher sees exactly the student's prompt.
+    Anchors carry their hidden states from the start; `memo` (teacher: base) holds off-policy ones."""
+    prompts = [q.prompt if q.kind == ANCHOR else encoder.encode(q.view) for q in kept]
+    remembered = [memo is not None and q.kind == OFF_POLICY for q in kept]
+    known = [q.teacher_hidden if q.teacher_hidden is not None else memo.get(p, q.response) if keep else None
+             for q, p, keep in zip(kept, prompts, remembered)]
     groups = [[i for i, q in enumerate(kept) if q.kind != ANCHOR], [i for i, q in enumerate(kept) if q.kind == ANCHOR]]
     if teacher_set == anchor_set:
         groups = [list(range(len(kept))), []]
     width = max(1, max(len(q.response) for q in kept))
-    size = next((q.teacher_hidden.shape[-1] for q in kept if q.teacher_hidden is not None), None)
     hidden = None
     for group, adapters in zip(groups, (teacher_set, anchor_set)):
-        group = [i for i in group if i not in cached]
+        group = [i for i in group if known[i] is None]
         if not group:
             continue
-        prompts = [kept[i].prompt if kept[i].kind == ANCHOR else encoder.encode(kept[i].view) for i in group]
-        batch = score_batch(prompts, [kept[i].response for i in group], pad_id, device)
+        batch = score_batch([prompts[i] for i in group], [kept[i].response for i in group], pad_id, device)
         part = teacher_hidden(model, decoder, batch, adapters)
         if hidden is None:
             hidden = part.new_zeros((len(kept), width, part.shape[-1]))
         hidden[group, : part.shape[1]] = part
-    for i in cached:
-        h = kept[i].teacher_hidden
+        for row, i in enumerate(group):
+            if remembered[i]:
+                memo.put(prompts[i], kept[i].response, part[row, : len(kept[i].response)])
+    for i, h in enumerate(known):
+        if h is None:
+            continue
         if hidden is None:
-            hidden = h.new_zeros((len(kept), width, size))
+            hidden = h.new_zeros((len(kept), width, h.shape[-1]))
         hidden[i, : h.shape[0]] = h
     return hidden
 

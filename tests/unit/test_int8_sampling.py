@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sdcli.core.errors import RecipeError, UserError
 from sdcli.models.int8_sampling import _PACKED, float_linears, int8_for_sampling, sample_in_int8
 from sdcli.models.model import add_trainable_adapter, eval_mode, load_base, merged_for_sampling
-from sdcli.models.rollout import SamplingSettings, _cache_argument, decode, sample_responses
+from sdcli.models.rollout import SamplingSettings, decode, sample_responses
+from sdcli.models.sequences import cache_argument
 from sdcli.models.sequences import cut_at_eos, response_hidden, score_batch
 from sdcli.recipe.config import LoraSettings, ModelConfig, load_recipe
 
@@ -49,7 +50,7 @@ def stepwise_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, int8: bo
     which is where the int8 copies act."""
     from transformers import DynamicCache
 
-    cache = {_cache_argument(model): DynamicCache()}
+    cache = {cache_argument(model): DynamicCache()}
     out = []
     with torch.no_grad(), eval_mode(model), int8_for_sampling(model, int8):
         logits = model(input_ids=prompts, use_cache=True, **cache).logits[:, -1]

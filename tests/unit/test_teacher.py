@@ -141,3 +141,42 @@ def test_folding_inside_an_adapter_off_context_folds_nothing_and_keeps_them_off(
     adapted_answers = sample_responses(student, tokenizer, prompts, SamplingSettings(**settings, merge=False), {-1})
     assert folded == plain == base
     assert adapted_answers != base  # greedy answers that can tell the two apart
+
+
+def test_teacher_memo_reuses_off_policy_hidden_states_exactly(student, tiny_model_dir, monkeypatch):
+    """teacher: base never changes in an episode, so a demonstration scored again (next epoch)
+    takes its first pass's hidden states; samples are scored every time; the memo has a size cap."""
+    from transformers import AutoTokenizer
+
+    import sdcli.training.teacher as teacher
+    from sdcli.models.sequences import TeacherPromptEncoder
+    from sdcli.signals.base import TeacherView
+    from sdcli.training.batch import OFF_POLICY, ON_POLICY, Sequence
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encoder = TeacherPromptEncoder(tokenizer, 512)
+    decoder = student.get_base_model().get_decoder()
+    adapters = teacher_adapters(TeacherKind.base, [], "ep001")
+
+    def sequences():
+        view = TeacherView(messages=[{"role": "user", "content": "The answer is 4. What is 2+2?"}])
+        return [Sequence([1, 5, 9], [20, 21, 22], view, OFF_POLICY), Sequence([1, 7], [30, 2], view, ON_POLICY)]
+
+    rows_scored = []
+    real = teacher.teacher_hidden
+    monkeypatch.setattr(teacher, "teacher_hidden",
+                        lambda m, d, b, a: rows_scored.append(b.input_ids.shape[0]) or real(m, d, b, a))
+    memo = teacher.TeacherMemo()
+    plain = teacher.teacher_pass(student, decoder, encoder, sequences(), 0, "cpu", adapters, adapters)
+    first = teacher.teacher_pass(student, decoder, encoder, sequences(), 0, "cpu", adapters, adapters, memo)
+    again = teacher.teacher_pass(student, decoder, encoder, sequences(), 0, "cpu", adapters, adapters, memo)
+    assert rows_scored == [2, 2, 1]  # the second time only the sample is scored
+    torch.testing.assert_close(first, plain)
+    valid = torch.tensor([[True, True, True], [True, True, False]])  # the sample's last slot is padding
+    torch.testing.assert_close(again[valid], plain[valid], rtol=1e-5, atol=1e-5)
+    assert memo.bytes == 3 * plain.shape[-1] * 4
+
+    full = teacher.TeacherMemo(max_bytes=memo.bytes - 1)  # no room for even one: everything scored each time
+    teacher.teacher_pass(student, decoder, encoder, sequences(), 0, "cpu", adapters, adapters, full)
+    teacher.teacher_pass(student, decoder, encoder, sequences(), 0, "cpu", adapters, adapters, full)
+    assert rows_scored[3:] == [2, 2] and full.bytes == 0

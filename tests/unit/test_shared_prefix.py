@@ -1,0 +1,131 @@
+"""The shared-prefix pass (sdcli.models.sequences.response_hidden) gives the full pass's numbers.
+
+Rows that begin with the same chat header run it once; every row then attends to its keys and
+values. Checked per listed architecture on tiny random models: hidden states, the LoRA gradients,
+with activation checkpointing, and the cases that must fall back to the full pass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sdcli.models.sequences import (
+    MIN_SHARED_PREFIX,
+    SHARED_PREFIX_MODEL_TYPES,
+    common_prefix_length,
+    plain_causal_attention,
+    response_hidden,
+    score_batch,
+)
+
+HEADER = list(range(3, 3 + 12))  # 12 shared tokens, like a chat template's system prompt
+
+
+def tiny_decoder(model_type: str, **extra):
+    import transformers
+
+    config_class = transformers.AutoConfig.for_model(model_type).__class__
+    config = config_class(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          pad_token_id=0, initializer_range=0.2, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    return model
+
+
+def projection_loss(hidden, mask):
+    """A loss that depends on the hidden states' direction (their norm is fixed by the final RMSNorm)."""
+    direction = torch.linspace(-1.0, 1.0, hidden.shape[-1])
+    return ((hidden @ direction) * mask).sum()
+
+
+def batch_of(prompts, responses):
+    return score_batch(prompts, responses, pad_id=0, device=torch.device("cpu"))
+
+
+def uneven_rows():
+    prompts = [HEADER + [20, 21, 22], HEADER + [30], HEADER + [40, 41, 42, 43, 44, 45]]
+    responses = [[50, 51, 52, 53], [54, 55], [56, 57, 58, 59, 60, 61, 62]]
+    return prompts, responses
+
+
+def test_common_prefix_stops_before_every_predicting_position():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9]]) == 3
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4, 5]]) == 2  # the shortest prompt's last token predicts
+    assert common_prefix_length([[1, 2], [5, 2]]) == 0
+    assert common_prefix_length([[], [1]]) == 0
+    prompts, responses = uneven_rows()
+    assert batch_of(prompts, responses).shared_prefix == len(HEADER)
+    assert batch_of(prompts[:1], responses[:1]).shared_prefix == 0  # one row: nothing to share
+
+
+@pytest.mark.parametrize("model_type", sorted(SHARED_PREFIX_MODEL_TYPES))
+def test_shared_prefix_equals_full_pass_with_gradients(model_type):
+    from peft import LoraConfig, get_peft_model
+
+    extra = {"sliding_window": None} if model_type == "mistral" else {}  # Mistral's default window is 4096
+    model = get_peft_model(tiny_decoder(model_type, **extra), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 would make every LoRA gradient but B's zero
+    decoder = model.get_base_model().model
+    assert plain_causal_attention(decoder.config)
+    prompts, responses = uneven_rows()
+    shared = batch_of(prompts, responses)
+    full = dataclasses.replace(shared, shared_prefix=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def hidden_and_grads(batch):
+        hidden = response_hidden(decoder, batch)
+        loss = projection_loss(hidden, batch.response_mask)
+        grads = torch.autograd.grad(loss, params)
+        return hidden.detach(), torch.cat([g.flatten() for g in grads])
+
+    h_full, g_full = hidden_and_grads(full)
+    h_shared, g_shared = hidden_and_grads(shared)
+    mask = shared.response_mask
+    torch.testing.assert_close(h_shared[mask], h_full[mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g_shared, g_full, rtol=1e-4, atol=1e-4 * float(g_full.abs().max()))
+
+
+def test_shared_prefix_under_activation_checkpointing():
+    from peft import LoraConfig, get_peft_model
+
+    from sdcli.models.model import enable_activation_checkpointing
+
+    model = get_peft_model(tiny_decoder("llama"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    decoder = model.get_base_model().model
+    prompts, responses = uneven_rows()
+    shared = batch_of(prompts, responses)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(batch):
+        loss = projection_loss(response_hidden(decoder, batch), batch.response_mask)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    expected = grads(dataclasses.replace(shared, shared_prefix=0))
+    assert enable_activation_checkpointing(model, 1.0) == 2
+    torch.testing.assert_close(grads(shared), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_falls_back_to_the_full_pass(monkeypatch):
+    """A sliding window, an unlisted architecture or a short prefix never reach the shared pass."""
+    import sdcli.models.sequences as sequences
+
+    def must_not_run(*args):
+        raise AssertionError("the shared-prefix pass ran")
+
+    monkeypatch.setattr(sequences, "_hidden_after_shared_prefix", must_not_run)
+    prompts, responses = uneven_rows()
+    for decoder in (tiny_decoder("mistral", sliding_window=4).model, tiny_decoder("gpt_neox").gpt_neox):
+        assert not plain_causal_attention(decoder.config)
+    decoder = tiny_decoder("llama").model
+    short = [HEADER[: MIN_SHARED_PREFIX - 1] + p[len(HEADER):] for p in prompts]
+    assert response_hidden(decoder, batch_of(short, responses)).shape == (3, 7, 32)
+    monkeypatch.setattr(sequences, "SHARED_PREFIX_MODEL_TYPES", set())
+    assert response_hidden(decoder, batch_of(prompts, responses)).shape == (3, 7, 32)
