@@ -60,6 +60,15 @@ GRID: dict[str, list[str]] = {
     "tt0.5-aw3": ["loss.teacher_temperature=0.5", "anchor.weight=3"],
     "tt0.5-aw6": ["loss.teacher_temperature=0.5", "anchor.weight=6"],
     "aw3": ["anchor.weight=3"],
+    "no-anchor": ["anchor.prompts_per_step=0"],
+    "lr1e-3": ["train.lr=1e-3"],
+    "ep20": ["train.epochs=20"],
+    "tt0.25-ep20": ["loss.teacher_temperature=0.25", "train.epochs=20"],
+    "aw1": ["anchor.weight=1"],
+    "aw2": ["anchor.weight=2"],
+    "a2-aw3": ["anchor.prompts_per_step=2", "anchor.weight=3"],
+    "a2-aw1": ["anchor.prompts_per_step=2", "anchor.weight=1"],
+    "a4-aw1-16t": ["anchor.weight=1", "anchor.max_new_tokens=16"],
 }
 
 
