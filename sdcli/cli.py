@@ -469,7 +469,8 @@ def eval_command(
     from sdcli.core.numbers import fmt
     from sdcli.core.outputs import check_output_file
     from sdcli.evaluation.continual_matrix import matrix_table, metrics_lines
-    from sdcli.evaluation.evaluate import evaluate_matrix, evaluate_source, load_eval_set, load_texts, stored_eval_sets
+    from sdcli.evaluation.eval_sets import load_eval_set, load_texts, stored_eval_sets
+    from sdcli.evaluation.evaluate import evaluate_matrix, evaluate_source
     from sdcli.models.model import quiet_transformers
     from sdcli.models.source import is_run_dir, select_episodes
 
