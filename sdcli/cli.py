@@ -253,7 +253,8 @@ def merge(
     import math
 
     from sdcli.models.episodes import EPISODES
-    from sdcli.models.merge import DEFAULT_TOLERANCE, check_into, merge_history
+    from sdcli.models.merge import check_into, merge_history
+    from sdcli.models.merge.check import DEFAULT_TOLERANCE
     from sdcli.models.model import quiet_transformers
     from sdcli.models.runlock import run_lock
     from sdcli.models.source import select_episodes
