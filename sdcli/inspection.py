@@ -72,17 +72,36 @@ def inspect_example(
     samples: int | None = None, max_new_tokens: int | None = None, seed: int = 0, log=lambda message: None,
 ) -> Inspection:
     """Sample, build the teacher's context and score one example of `data` (0-based `index`)."""
-    from sdcli.recipe.config import load_recipe
-    from sdcli.training.losses import DivergenceSpec, packed_divergence_and_stats
-    from sdcli.models.rollout import SamplingSettings, sample_responses
-    from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit
-    from sdcli.signals import build_signal
-    from sdcli.models.source import is_run_dir, load_source, select_episodes
-    from sdcli.training.batch import rollout_sequences
-    from sdcli.training.metrics import learning_metrics, signal_metrics
-    from sdcli.training.teacher import teacher_pass
+    from sdcli.models.source import load_source
+    from sdcli.training.metrics import signal_metrics
 
     run_dir, data = Path(run_dir), Path(data)
+    recipe, signal, example = _read_example(run_dir, data, index, upto)
+    torch.manual_seed(seed)
+    loaded = load_source(run_dir, upto=upto)
+    seqs, texts, teacher_encoder = _draw_responses(
+        recipe, signal, example, loaded.model, loaded.tokenizer, greedy=greedy, samples=samples,
+        max_new_tokens=max_new_tokens, log=log,
+    )
+    kept = [q for q in seqs if q.view.messages is not None and q.response]
+    summary = signal_metrics([q.view for q in seqs])
+    rows = _score_tokens(recipe, loaded.model, loaded.tokenizer, teacher_encoder, kept, summary) if kept else {}
+    views = [
+        SampleView(text, q.view.messages, q.view.masked_reason, q.view.reward, q.view.success, q.view.feedback,
+                   rows.get(id(q), []), q.view.simulated_followup)
+        for q, text in zip(seqs, texts)
+    ]
+    what = loaded.description + (" (greedy)" if greedy else "")
+    return Inspection(str(run_dir), what, example.id, recipe.signal.kind, example.prompt, views, summary)
+
+
+def _read_example(run_dir: Path, data: Path, index: int, upto: int | None):
+    """(the recipe of the run's episode `upto`, its signal, example `index` of `data` in that
+    signal's format); every problem with the run, the data or the index before a model loads."""
+    from sdcli.models.source import is_run_dir, select_episodes
+    from sdcli.recipe.config import load_recipe
+    from sdcli.signals import build_signal
+
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a run folder (no episodes/ inside).",
                         hint="Pass the run_dir of a recipe that has been trained, e.g. sd inspect runs/quickstart ...")
@@ -98,16 +117,23 @@ def inspect_example(
     if not 0 <= index < len(examples):
         raise UserError(f"--index {index}: {data} has {len(examples)} example(s) for signal '{recipe.signal.kind}', "
                         f"numbered 0..{len(examples) - 1}.")
-    example = examples[index]
+    return recipe, signal, examples[index]
 
-    torch.manual_seed(seed)
-    loaded = load_source(run_dir, upto=upto)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
-    device = next(model.parameters()).device
-    adapters = list(model.base_model.active_adapters) if hasattr(model, "peft_config") else []
 
+def _base_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _draw_responses(recipe, signal, example, model, tokenizer, *, greedy: bool, samples: int | None,
+                    max_new_tokens: int | None, log):
+    """The responses to the example, drawn as the training loop draws them, each with the teacher's
+    view the signal builds for it: (sequences, response texts, the teacher's prompt encoder)."""
+    from sdcli.models.rollout import SamplingSettings, sample_responses
+    from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, teacher_prompt_limit
+    from sdcli.training.batch import rollout_sequences
+    from sdcli.training.simulator import attach_user_simulator
+
+    base = _base_of(model)
     encoder = PromptEncoder(tokenizer, recipe.model.max_prompt_tokens)
     limit = teacher_prompt_limit(recipe.model.max_teacher_prompt_tokens, base.config, recipe.rollout.max_new_tokens)
     teacher_encoder = TeacherPromptEncoder(tokenizer, limit, warn=log)
@@ -115,8 +141,6 @@ def inspect_example(
     rollout = recipe.rollout
     settings = SamplingSettings(max_new_tokens or rollout.max_new_tokens, 0.0 if greedy else rollout.temperature,
                                 rollout.top_p, rollout.top_k, merge=False)
-    from sdcli.training.simulator import attach_user_simulator
-
     attach_user_simulator(signal, model, tokenizer, base.config, log=log,  # interactions, online: as in training
                           sample=lambda prompts, simulator: sample_responses(model, tokenizer, prompts, simulator, stop))
     seqs, _ = rollout_sequences([example], samples or rollout.num_samples, encoder, tokenizer, stop,
@@ -124,45 +148,49 @@ def inspect_example(
     texts = tokenizer.batch_decode([q.response for q in seqs], skip_special_tokens=True)
     for q, view in zip(seqs, signal.teacher_views(example, texts)):
         q.view = view
-    kept = [q for q in seqs if q.view.messages is not None and q.response]
+    return seqs, texts, teacher_encoder
 
-    rows: dict[int, list[TokenRow]] = {}
-    summary = signal_metrics([q.view for q in seqs])
-    if kept:
-        with torch.no_grad():
-            t_hidden = teacher_pass(model, decoder, teacher_encoder, kept, tokenizer.pad_token_id, device, adapters, adapters)
-            s_batch = score_batch([q.prompt for q in kept], [q.response for q in kept], tokenizer.pad_token_id, device)
-            s_hidden = response_hidden(decoder, s_batch)
-            t_hidden = t_hidden.to(s_hidden.dtype)
-            every = s_batch.response_mask  # every token is shown; the loss skips the first ones, as in training
-            per_token, stats = packed_divergence_and_stats(
-                s_hidden, t_hidden, every, lm_head, DivergenceSpec.from_config(recipe.loss), s_batch.response_ids,
-                recipe.loss.chunk_tokens,
+
+def _score_tokens(recipe, model, tokenizer, teacher_encoder, kept: list, summary: dict) -> dict[int, list[TokenRow]]:
+    """Both roles score every token of the `kept` responses with the loop's own functions; adds the
+    loop's learning metrics to `summary` and returns the token rows of each response, by id()."""
+    from sdcli.models.sequences import response_hidden, score_batch
+    from sdcli.training.losses import DivergenceSpec, packed_divergence_and_stats
+    from sdcli.training.metrics import learning_metrics
+    from sdcli.training.teacher import teacher_pass
+
+    base = _base_of(model)
+    decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
+    device = next(model.parameters()).device
+    adapters = list(model.base_model.active_adapters) if hasattr(model, "peft_config") else []
+    with torch.no_grad():
+        t_hidden = teacher_pass(model, decoder, teacher_encoder, kept, tokenizer.pad_token_id, device, adapters, adapters)
+        s_batch = score_batch([q.prompt for q in kept], [q.response for q in kept], tokenizer.pad_token_id, device)
+        s_hidden = response_hidden(decoder, s_batch)
+        t_hidden = t_hidden.to(s_hidden.dtype)
+        every = s_batch.response_mask  # every token is shown; the loss skips the first ones, as in training
+        per_token, stats = packed_divergence_and_stats(
+            s_hidden, t_hidden, every, lm_head, DivergenceSpec.from_config(recipe.loss), s_batch.response_ids,
+            recipe.loss.chunk_tokens,
+        )
+        chunk = recipe.loss.chunk_tokens
+        top = torch.cat([lm_head(t_hidden[:, s : s + chunk]).argmax(-1) for s in range(0, t_hidden.shape[1], chunk)], 1)
+    mask = every.clone()
+    mask[:, : recipe.loss.skip_first_tokens] = False
+    kinds = torch.zeros(len(kept), dtype=torch.long, device=device)  # all on-policy, as the loop counts them
+    summary.update(learning_metrics(per_token, stats, mask, kinds))
+    summary["kl"] = float((per_token * mask).sum() / mask.sum()) if bool(mask.any()) else float("nan")
+    summary["signal/teacher_prompts_cut"] = teacher_encoder.cut
+    return {
+        id(q): [
+            TokenRow(
+                y, tokenizer.decode([y]), float(stats[i, t, 0]), float(stats[i, t, 1]),
+                tokenizer.decode([int(top[i, t])]) if int(top[i, t]) != y else None,
             )
-            chunk = recipe.loss.chunk_tokens
-            top = torch.cat([lm_head(t_hidden[:, s : s + chunk]).argmax(-1) for s in range(0, t_hidden.shape[1], chunk)], 1)
-        mask = every.clone()
-        mask[:, : recipe.loss.skip_first_tokens] = False
-        kinds = torch.zeros(len(kept), dtype=torch.long, device=device)  # all on-policy, as the loop counts them
-        summary.update(learning_metrics(per_token, stats, mask, kinds))
-        summary["kl"] = float((per_token * mask).sum() / mask.sum()) if bool(mask.any()) else float("nan")
-        summary["signal/teacher_prompts_cut"] = teacher_encoder.cut
-        for i, q in enumerate(kept):
-            rows[id(q)] = [
-                TokenRow(
-                    y, tokenizer.decode([y]), float(stats[i, t, 0]), float(stats[i, t, 1]),
-                    tokenizer.decode([int(top[i, t])]) if int(top[i, t]) != y else None,
-                )
-                for t, y in enumerate(q.response)
-            ]
-
-    views = [
-        SampleView(text, q.view.messages, q.view.masked_reason, q.view.reward, q.view.success, q.view.feedback,
-                   rows.get(id(q), []), q.view.simulated_followup)
-        for q, text in zip(seqs, texts)
-    ]
-    what = loaded.description + (" (greedy)" if greedy else "")
-    return Inspection(str(run_dir), what, example.id, recipe.signal.kind, example.prompt, views, summary)
+            for t, y in enumerate(q.response)
+        ]
+        for i, q in enumerate(kept)
+    }
 
 
 # --- summaries ------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def main() -> None:
 
     import torch
 
-    from sdcli.evaluation.evaluate import evaluate_set, load_eval_set
+    from sdcli.evaluation.eval_sets import load_eval_set
+    from sdcli.evaluation.scoring import evaluate_set
     from sdcli.models.model import load_base
     from sdcli.models.sequences import PromptEncoder
     from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, ModelConfig, load_recipe

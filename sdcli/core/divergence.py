@@ -1,5 +1,5 @@
 """KL divergence from log-probabilities: the one formula that training's losses
-(sdcli.training.losses) and evaluation's drift (sdcli.evaluation.evaluate) both use.
+(sdcli.training.losses) and evaluation's drift (sdcli.evaluation.drift) both use.
 
     KL(p || q) = sum_v p(v) (log p(v) - log q(v))
 

@@ -1,7 +1,7 @@
 """Teacher prompts as text in pieces, and the one rendering of the demonstrations template.
 
 The demonstrations signal (sdcli.signals.demonstrations) and evaluation's teacher score
-(sdcli.evaluation.evaluate) both render a line's demonstration into the teacher's final user
+(sdcli.evaluation.scoring) both render a line's demonstration into the teacher's final user
 turn; `demonstration_turn` is that rendering, here beneath both so that the two cannot drift apart.
 
 A text in pieces is a tuple of (text, is_context): "".join(text) is the text, and the pieces

@@ -1,34 +1,7 @@
-"""Evaluation: held-out scores, the teacher's ceiling, and drift from the base model.
+"""Evaluation of an episode (the training loop) and of whole sources and runs (`sd eval`).
 
-Eval set: a JSONL file with one held-out question per line,
-
-    {"id"?: str, "prompt": str | messages, "answer": str | number, "demonstration"?: str, "reward"?: str}
-
-Score of a model on a set: the mean over lines of reward(greedy answer, line). The greedy answer
-is at most `max_new_tokens` tokens at temperature 0. The scorers are the rewards signal's
-(sdcli.verification.scorers): exact_match, numeric, regex and contains, each 0 or 1, so the score
-is an accuracy; or a user `package.module:function`, called as function(response, line). A
-line's own `reward` key wins. Otherwise `--reward` / `eval.reward` applies, and its default is `contains`.
-`contains` is the default because instruct models answer a short fact with a sentence ("The
-capital of Zorblax is Quenta."), which exact_match marks wrong. If a scorer raises, that line
-scores 0 and is counted in `errors`.
-
-Teacher score: the same model and the same greedy decoding, but the final user turn is rendered
-through the demonstrations template with the line's `demonstration`. That is the teacher's view
-in training. It is the in-context ceiling that self-distillation distils toward: with
-`teacher: base`, the teacher of episode i is the model after episode i-1 with context, which is
-the teacher score in row i-1 of the continual-learning matrix. Lines without a demonstration are
-left out of it; `teacher_n` counts the lines that have one.
-
-Drift, on general text (JSONL {"text": ...}, each text cut to `max_tokens` tokens; the first
-token of a text is never predicted):
-
-    KL from base = (1/N) sum_texts sum_t KL( p_model(. | x_<t) || p_base(. | x_<t) )
-    perplexity   = exp( (1/N) sum_texts sum_t -log p_model(x_t | x_<t) )
-
-N is the total number of predicted tokens (token-weighted means). p_base is the bare base model,
-with every adapter off, so the drift of a chained run is cumulative. A plain model folder (e.g.
-from `sd merge`) has no base to compare with, so its KL is None.
+The pieces: eval sets (sdcli.evaluation.eval_sets), greedy scores and the teacher's ceiling
+(sdcli.evaluation.scoring), drift from the base model (sdcli.evaluation.drift).
 
 `episode_eval` is what the training loop calls after the last step. It uses the in-memory model
 and scores the episode's task set with three adapter sets: after (the whole stack), before (the
@@ -36,290 +9,25 @@ stack as the episode began) and base (no adapters). The retain sets are scored a
 run's first episode also at the base. Drift is measured after. (`eval.baselines: false` keeps
 only "after".) The summary goes into episode.json; the answers go into eval.json in the episode
 folder.
+
+`evaluate_source` scores one model (a run prefix, the base, or a model folder) on every set;
+`evaluate_matrix` every prefix of a run's stack on every set, the continual-learning matrix.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from sdcli.core.data import (
-    Messages,
-    as_messages,
-    example_id,
-    file_sha256,
-    read_jsonl,
-    with_last_user_text,
-)
-from sdcli.core.divergence import kl as token_kl  # KL(p || q) per position: [T, V] x2 -> [T]
-from sdcli.core.errors import DataError, RecipeError
 from sdcli.core.numbers import fmt
-from sdcli.core.prompts import demonstration_turn, joined
-from sdcli.verification.scorers import BUILTIN_REWARDS, RewardFn, builtin_reward, call_reward, check_answer, check_callable
+from sdcli.evaluation.drift import measure_drift
+from sdcli.evaluation.eval_sets import EvalSet, load_eval_set, load_texts
+from sdcli.evaluation.scoring import can_fold, evaluate_set
 
-DEFAULT_REWARD = "contains"
 DETAILS_FILE = "eval.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# Eval sets
-
-
-@dataclass
-class EvalExample:
-    id: str
-    prompt: Messages
-    record: dict  # the whole line: what the scorer sees as `example`
-    reward: str  # scorer name: the line's own, else the set's default
-    demonstration: str | None
-
-
-@dataclass
-class EvalSet:
-    path: Path
-    sha256: str
-    examples: list[EvalExample]
-    scorers: dict[str, RewardFn] = field(default_factory=dict)  # reward name -> function
-
-    @property
-    def name(self) -> str:
-        return self.path.stem
-
-    def describe(self) -> dict:
-        return {"name": self.name, "path": str(self.path), "sha256": self.sha256}
-
-
-def resolve_scorer(spec: str, key: str = "eval.reward", search_dirs: Sequence[Path] = ()) -> RewardFn:
-    """A built-in reward name or `package.module:function` -> (response, example) -> float."""
-    from sdcli.recipe.config import RewardsSignal
-
-    if spec in BUILTIN_REWARDS:
-        return builtin_reward(spec, RewardsSignal(reward=spec))
-    return check_callable(spec, key, " (response: str, example: dict) -> float", BUILTIN_REWARDS, search_dirs)
-
-
-def load_eval_set(path: Path, default_reward: str = DEFAULT_REWARD, search_dirs: Sequence[Path] = ()) -> EvalSet:
-    """Read and check an eval set. Raises DataError listing every bad line, and RecipeError for a
-    reward that cannot be imported."""
-    from sdcli.recipe.config import RewardsSignal
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Eval set not found: {path}", hint="Check the path (relative to the recipe's folder in a recipe).")
-    scorers = {default_reward: resolve_scorer(default_reward, search_dirs=search_dirs)}
-    problems: list[str] = []
-    examples: list[EvalExample] = []
-    for line, record in read_jsonl(path):
-        where = f"{path}:{line}"
-        try:
-            prompt = as_messages(record.get("prompt"), "prompt")
-        except ValueError as e:
-            problems.append(f"{where}: {e if 'prompt' in record else 'missing prompt'}")
-            continue
-        reward = record.get("reward", default_reward)
-        if not isinstance(reward, str) or not reward:
-            problems.append(f"{where}: 'reward' must be a reward name, got {reward!r}")
-            continue
-        if reward not in scorers:
-            try:
-                scorers[reward] = resolve_scorer(reward, key=f"{where} 'reward'", search_dirs=search_dirs)
-            except RecipeError as e:
-                problems.append(e.headline)
-                continue
-        if reward in BUILTIN_REWARDS:
-            problem = check_answer(reward, RewardsSignal(reward=reward), record)
-            if problem:
-                problems.append(f"{where}: {problem}")
-                continue
-        demo = record.get("demonstration")
-        if demo is not None and (not isinstance(demo, str) or not demo.strip()):
-            problems.append(f"{where}: 'demonstration' must be a non-empty string when present")
-            continue
-        examples.append(EvalExample(example_id(path, line, record), prompt, record, reward, demo))
-    if problems:
-        raise DataError(
-            f"{path}: {len(problems)} bad line(s) in the eval set:", problems,
-            hint='Each line needs {"prompt": "...", "answer": "..."}; optional "demonstration" (for the teacher score) '
-            f"and \"reward\" ({', '.join(BUILTIN_REWARDS)} or package.module:function).",
-        )
-    return EvalSet(path, file_sha256(path), examples, scorers)
-
-
-def load_texts(path: Path) -> list[str]:
-    """A drift set: JSONL lines {"text": "..."}; raises DataError listing every bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Drift text file not found: {path}")
-    texts, problems = [], []
-    for line, record in read_jsonl(path):
-        text = record.get("text")
-        if not isinstance(text, str) or not text.strip():
-            problems.append(f"{path}:{line}: needs a non-empty string 'text'")
-        else:
-            texts.append(text)
-    if problems:
-        raise DataError(f"{path}: {len(problems)} bad line(s) in the drift text file:", problems)
-    return texts
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure scoring
-
-
-def teacher_messages(example: EvalExample, template: str) -> Messages | None:
-    """The teacher's view of a line: the demonstrations signal's template, or None without a demonstration."""
-    if example.demonstration is None:
-        return None
-    return with_last_user_text(example.prompt, joined(demonstration_turn(template, example.prompt, example.demonstration)))
-
-
-def score_responses(eval_set: EvalSet, responses: Sequence[str]) -> tuple[list[float], list[str]]:
-    """(score per line, error messages). A scorer that raises or returns a non-number scores 0."""
-    scores, errors = [], []
-    for ex, response in zip(eval_set.examples, responses, strict=True):
-        value, error = call_reward(eval_set.scorers[ex.reward], response, ex.record, ex.id)
-        if error is not None:
-            errors.append(error)
-        scores.append(0.0 if value is None else value)
-    return scores, errors
-
-
-def mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def perplexity(nll_sum: float, tokens: int) -> float | None:
-    return math.exp(nll_sum / tokens) if tokens else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Running the model
-
-
-def can_fold(model) -> bool:
-    """Adapters can be folded into the weights for fast sampling unless the base is quantized."""
-    return all(p.dtype.is_floating_point for p in model.parameters())
-
-
-@contextlib.contextmanager
-def using(model, adapters: Sequence[str] | None):
-    """Run with exactly `adapters` active ([] = the bare base), in eval mode; None = as the model is."""
-    from sdcli.models.stack import active_adapters
-
-    was_training = model.training
-    model.eval()  # no LoRA dropout while evaluating
-    try:
-        with active_adapters(model, adapters) if adapters is not None else contextlib.nullcontext():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def greedy_answers(
-    model, tokenizer, prompts: Sequence[Messages], *, encoder, max_new_tokens: int, adapters: Sequence[str] | None = None,
-    merge: bool = True, batch_size: int = 16,
-) -> list[str]:
-    """Greedy answers, in order. Prompts are batched by length to keep padding small."""
-    from sdcli.models.rollout import SamplingSettings, sample_responses
-    from sdcli.models.sequences import eos_ids
-
-    # with adapters=[] (the bare base) merged_for_sampling folds nothing: it skips switched-off adapters
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, merge=merge)
-    stop = eos_ids(tokenizer, model)
-    encoded = [encoder.encode(p) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    answers: list[str] = [""] * len(encoded)
-    with using(model, adapters):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            ids = sample_responses(model, tokenizer, [encoded[i] for i in chunk], settings, stop)
-            for i, text in zip(chunk, tokenizer.batch_decode(ids, skip_special_tokens=True)):
-                answers[i] = text.strip()
-    return answers
-
-
-def evaluate_set(
-    model, tokenizer, eval_set: EvalSet, *, encoder, template: str, max_new_tokens: int, teacher: bool = True,
-    adapters: Sequence[str] | None = None, merge: bool = True, batch_size: int = 16,
-) -> dict:
-    """Score one model (one adapter set) on one eval set, with and without the teacher's context.
-
-    Returns {name, path, sha256, n, score, errors, teacher_score, teacher_n, examples: [...]}; the
-    student and teacher prompts go through `generate` together."""
-    views = [teacher_messages(ex, template) if teacher else None for ex in eval_set.examples]
-    with_context = [i for i, v in enumerate(views) if v is not None]
-    prompts = [ex.prompt for ex in eval_set.examples] + [views[i] for i in with_context]
-    answers = greedy_answers(
-        model, tokenizer, prompts, encoder=encoder, max_new_tokens=max_new_tokens, adapters=adapters, merge=merge,
-        batch_size=batch_size,
-    )
-    n = len(eval_set.examples)
-    student, teacher_answers = answers[:n], answers[n:]
-    scores, errors = score_responses(eval_set, student)
-    t_scores: dict[int, float] = {}
-    if with_context:
-        subset = EvalSet(eval_set.path, eval_set.sha256, [eval_set.examples[i] for i in with_context], eval_set.scorers)
-        values, t_errors = score_responses(subset, teacher_answers)
-        errors += [f"teacher: {e}" for e in t_errors]
-        t_scores = dict(zip(with_context, values))
-    examples = []
-    for i, ex in enumerate(eval_set.examples):
-        row = {"id": ex.id, "answer": ex.record.get("answer"), "reward": ex.reward, "response": student[i], "score": scores[i]}
-        if i in t_scores:
-            row.update(teacher_response=teacher_answers[with_context.index(i)], teacher_score=t_scores[i])
-        examples.append(row)
-    return {
-        **eval_set.describe(),
-        "n": n,
-        "score": mean(scores),
-        "errors": len(errors),
-        "error_messages": errors[:10],
-        "teacher_score": mean(list(t_scores.values())),
-        "teacher_n": len(t_scores),
-        "examples": examples,
-    }
-
-
-@torch.no_grad()
-def measure_drift(model, tokenizer, texts: Sequence[str], *, max_tokens: int = 256, adapters: Sequence[str] | None = None) -> dict:
-    """Mean per-token KL(model || bare base) and perplexity of the model (and of the base) on `texts`."""
-    from peft import PeftModel
-
-    has_base = isinstance(model, PeftModel)
-    device = next(model.parameters()).device
-    kl_sum = nll_sum = base_nll_sum = 0.0
-    tokens = 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-        if len(ids) < 2:
-            continue
-        x = torch.tensor([ids], device=device)
-        target = x[0, 1:, None]
-        with using(model, adapters):
-            logp = model(input_ids=x, use_cache=False).logits[0, :-1].float().log_softmax(-1)
-        nll_sum += float(-logp.gather(-1, target).sum())
-        if has_base:
-            with using(model, []):
-                logq = model(input_ids=x, use_cache=False).logits[0, :-1].float().log_softmax(-1)
-            kl_sum += float(token_kl(logp, logq).sum())
-            base_nll_sum += float(-logq.gather(-1, target).sum())
-            del logq
-        del logp
-        tokens += len(ids) - 1
-    return {
-        "kl_from_base": kl_sum / tokens if has_base and tokens else None,
-        "perplexity": perplexity(nll_sum, tokens),
-        "base_perplexity": perplexity(base_nll_sum, tokens) if has_base else None,
-        "tokens": tokens,
-        "texts": len(texts),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,41 +141,6 @@ def describe_scores(summary: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Whole sources and runs (sd eval)
-
-
-def stored_eval_sets(episodes) -> tuple[list[Path], list[int | None]]:
-    """The eval sets named in each episode's stored recipe: tasks in episode order, then retain
-    sets. Returns (paths, taught_by). Raises UserError when none is named or a file is gone."""
-    from sdcli.core.errors import UserError
-    from sdcli.recipe.config import load_recipe
-
-    paths: list[Path] = []
-    taught: list[int | None] = []
-    retain: list[Path] = []
-    missing: list[str] = []
-    for ep in episodes:
-        cfg = load_recipe(ep.path / "recipe.yaml", check_files=False).eval
-        if cfg is None:
-            continue
-        for key, p in cfg.files():
-            if key != "drift_path" and not Path(p).is_file():
-                missing.append(f"{ep.label}: eval.{key}: {p}")
-        if cfg.path is not None and Path(cfg.path) not in paths:  # a task taught again keeps its first episode
-            paths.append(Path(cfg.path))
-            taught.append(ep.number)
-        retain += [Path(p) for p in cfg.retain]
-    if missing:
-        raise UserError("Eval sets named in the stored recipes are gone:", missing, hint="Pass the sets with --data instead.")
-    for p in retain:
-        if p not in paths:
-            paths.append(p)
-            taught.append(None)
-    if not paths:
-        raise UserError(
-            "No eval sets: none given with --data, and no episode's recipe has an eval section.",
-            hint="Example: sd eval RUN_DIR --matrix --data task1_eval.jsonl --data task2_eval.jsonl",
-        )
-    return paths, taught
 
 
 def _source_template(loaded) -> str:

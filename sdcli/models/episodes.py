@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcli import __version__
-from sdcli.core.atomic import write_atomic  # noqa: F401  (the training loop imports it from here)
+from sdcli.core.atomic import write_atomic
 from sdcli.core.data import file_sha256, read_text
 from sdcli.core.errors import UserError
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from sdcli.core.atomic import swap_folder, write_atomic
 from sdcli.core.data import file_sha256
 from sdcli.core.errors import DiskFullError, UserError, is_disk_full, write_error
-from sdcli.models.episodes import write_atomic
 from sdcli.recipe.config import Recipe, dump_recipe
 from sdcli.training.distributed import Ranks
 
@@ -78,12 +78,12 @@ def save_checkpoint(partial: Path, *, step: int, params: dict[str, torch.Tensor]
         if target.exists():
             problem.problems.append(f"the previous checkpoint, {target}, is unchanged")
         raise problem from None
+    # The aside folder has a fixed name because load_checkpoint reads it when a crash came between
+    # swap_folder's two renames; a stale one, from such a crash, goes first (a folder cannot be
+    # renamed onto a folder that is not empty).
     old = partial / f".{CHECKPOINT}.old"
     shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_folder(tmp, target, old)
 
 
 def load_checkpoint(partial: Path) -> dict | None:

@@ -33,7 +33,8 @@ import torch
 from sdcli.core.data import file_sha256
 from sdcli.core.errors import Interrupted
 from sdcli.evaluation.evaluate import episode_eval
-from sdcli.models.episodes import adapter_hashes, episode_meta, now_iso, publish, write_atomic
+from sdcli.core.atomic import write_atomic
+from sdcli.models.episodes import adapter_hashes, episode_meta, now_iso, publish
 from sdcli.models.model import student_train_mode
 from sdcli.models.runlock import run_lock
 from sdcli.models.stack import save_adapter

@@ -641,7 +641,7 @@ def test_disk_full_in_a_library_is_said_plainly(monkeypatch):
 def test_merge_removes_the_litter_of_killed_merges(fixtures, tmp_path, monkeypatch):
     import fcntl
 
-    from sdcli.models.merge import OWNER_FILE
+    from sdcli.models.merge.output import OWNER_FILE
 
     def litter(name: str, lock: bool = False, age: float = 0.0) -> Path:
         folder = tmp_path / name
@@ -660,7 +660,7 @@ def test_merge_removes_the_litter_of_killed_merges(fixtures, tmp_path, monkeypat
     alive = litter(f".merged.partial-{os.getpid()}-live", lock=True)
     other_dead = litter(".other.partial-1-yy", lock=True)  # another output's, with a merge's free lock: sd's litter
     other = litter(".other.partial-999999999-zz")  # another output's without a lock file: maybe not sd's
-    previous = litter(".merged.replaced-999999999-zz")  # killed between _publish's renames: the only copy of the old output
+    previous = litter(".merged.replaced-999999999-zz")  # killed between publish's renames: the only copy of the old output
     held = os.open(alive / OWNER_FILE, os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)
     try:

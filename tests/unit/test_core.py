@@ -76,7 +76,8 @@ def test_numbers_are_shown_by_one_rule():
 
 
 def test_evaluation_and_the_demonstrations_signal_render_the_teacher_turn_alike(tmp_path):
-    from sdcli.evaluation.evaluate import EvalExample, teacher_messages
+    from sdcli.evaluation.eval_sets import EvalExample
+    from sdcli.evaluation.scoring import teacher_messages
     from sdcli.recipe.config import DemonstrationsSignal
     from sdcli.signals.base import Example
     from sdcli.signals.demonstrations import DemonstrationsBuilder

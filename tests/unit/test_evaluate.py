@@ -11,19 +11,10 @@ import torch
 
 from sdcli.core.errors import DataError, RecipeError
 from sdcli.evaluation.continual_matrix import Matrix, gem_metrics, matrix_from_episodes, matrix_table
-from sdcli.evaluation.evaluate import (
-    EvalExample,
-    EvalSet,
-    greedy_answers,
-    load_eval_set,
-    load_texts,
-    measure_drift,
-    perplexity,
-    score_responses,
-    stored_eval_sets,
-    teacher_messages,
-    token_kl,
-)
+from sdcli.core.divergence import kl as token_kl
+from sdcli.evaluation.drift import measure_drift, perplexity
+from sdcli.evaluation.eval_sets import EvalExample, EvalSet, load_eval_set, load_texts, stored_eval_sets
+from sdcli.evaluation.scoring import greedy_answers, score_responses, teacher_messages
 from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, EvalConfig, load_recipe
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sdcli.core.data import last_user_text, read_jsonl
-from sdcli.evaluation.evaluate import load_eval_set
+from sdcli.evaluation.eval_sets import load_eval_set
 from sdcli.recipe.config import load_recipe
 from sdcli.signals import build_signal
 

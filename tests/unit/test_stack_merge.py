@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from sdcli.core.errors import UserError
-from sdcli.models.merge import MergeCheckError, merge_history
+from sdcli.models.merge import merge_history
+from sdcli.models.merge.check import MergeCheckError
 from sdcli.models.stack import (
     active_adapters,
     adapter_name,

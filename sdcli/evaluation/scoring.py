@@ -1,0 +1,133 @@
+"""Greedy scores of one model on an eval set, and the teacher's in-context ceiling beside them.
+
+Score of a model on a set (sdcli.evaluation.eval_sets): the mean over lines of reward(greedy
+answer, line). The greedy answer is at most `max_new_tokens` tokens at temperature 0. If a scorer
+raises, that line scores 0 and is counted in `errors`.
+
+Teacher score: the same model and the same greedy decoding, but the final user turn is rendered
+through the demonstrations template with the line's `demonstration`. That is the teacher's view
+in training. It is the in-context ceiling that self-distillation distils toward: with
+`teacher: base`, the teacher of episode i is the model after episode i-1 with context, which is
+the teacher score in row i-1 of the continual-learning matrix. Lines without a demonstration are
+left out of it; `teacher_n` counts the lines that have one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from sdcli.core.data import Messages, with_last_user_text
+from sdcli.core.prompts import demonstration_turn, joined
+from sdcli.evaluation.eval_sets import EvalExample, EvalSet
+from sdcli.verification.scorers import call_reward
+
+
+def teacher_messages(example: EvalExample, template: str) -> Messages | None:
+    """The teacher's view of a line: the demonstrations signal's template, or None without a demonstration."""
+    if example.demonstration is None:
+        return None
+    return with_last_user_text(example.prompt, joined(demonstration_turn(template, example.prompt, example.demonstration)))
+
+
+def score_responses(eval_set: EvalSet, responses: Sequence[str]) -> tuple[list[float], list[str]]:
+    """(score per line, error messages). A scorer that raises or returns a non-number scores 0."""
+    scores, errors = [], []
+    for ex, response in zip(eval_set.examples, responses, strict=True):
+        value, error = call_reward(eval_set.scorers[ex.reward], response, ex.record, ex.id)
+        if error is not None:
+            errors.append(error)
+        scores.append(0.0 if value is None else value)
+    return scores, errors
+
+
+def mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the model
+
+
+def can_fold(model) -> bool:
+    """Adapters can be folded into the weights for fast sampling unless the base is quantized."""
+    return all(p.dtype.is_floating_point for p in model.parameters())
+
+
+@contextlib.contextmanager
+def using(model, adapters: Sequence[str] | None):
+    """Run with exactly `adapters` active ([] = the bare base), in eval mode; None = as the model is."""
+    from sdcli.models.stack import active_adapters
+
+    was_training = model.training
+    model.eval()  # no LoRA dropout while evaluating
+    try:
+        with active_adapters(model, adapters) if adapters is not None else contextlib.nullcontext():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def greedy_answers(
+    model, tokenizer, prompts: Sequence[Messages], *, encoder, max_new_tokens: int, adapters: Sequence[str] | None = None,
+    merge: bool = True, batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers, in order. Prompts are batched by length to keep padding small."""
+    from sdcli.models.rollout import SamplingSettings, sample_responses
+    from sdcli.models.sequences import eos_ids
+
+    # with adapters=[] (the bare base) merged_for_sampling folds nothing: it skips switched-off adapters
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, merge=merge)
+    stop = eos_ids(tokenizer, model)
+    encoded = [encoder.encode(p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    with using(model, adapters):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids = sample_responses(model, tokenizer, [encoded[i] for i in chunk], settings, stop)
+            for i, text in zip(chunk, tokenizer.batch_decode(ids, skip_special_tokens=True)):
+                answers[i] = text.strip()
+    return answers
+
+
+def evaluate_set(
+    model, tokenizer, eval_set: EvalSet, *, encoder, template: str, max_new_tokens: int, teacher: bool = True,
+    adapters: Sequence[str] | None = None, merge: bool = True, batch_size: int = 16,
+) -> dict:
+    """Score one model (one adapter set) on one eval set, with and without the teacher's context.
+
+    Returns {name, path, sha256, n, score, errors, teacher_score, teacher_n, examples: [...]}; the
+    student and teacher prompts go through `generate` together."""
+    views = [teacher_messages(ex, template) if teacher else None for ex in eval_set.examples]
+    with_context = [i for i, v in enumerate(views) if v is not None]
+    prompts = [ex.prompt for ex in eval_set.examples] + [views[i] for i in with_context]
+    answers = greedy_answers(
+        model, tokenizer, prompts, encoder=encoder, max_new_tokens=max_new_tokens, adapters=adapters, merge=merge,
+        batch_size=batch_size,
+    )
+    n = len(eval_set.examples)
+    student, teacher_answers = answers[:n], answers[n:]
+    scores, errors = score_responses(eval_set, student)
+    t_scores: dict[int, float] = {}
+    if with_context:
+        subset = EvalSet(eval_set.path, eval_set.sha256, [eval_set.examples[i] for i in with_context], eval_set.scorers)
+        values, t_errors = score_responses(subset, teacher_answers)
+        errors += [f"teacher: {e}" for e in t_errors]
+        t_scores = dict(zip(with_context, values))
+    examples = []
+    for i, ex in enumerate(eval_set.examples):
+        row = {"id": ex.id, "answer": ex.record.get("answer"), "reward": ex.reward, "response": student[i], "score": scores[i]}
+        if i in t_scores:
+            row.update(teacher_response=teacher_answers[with_context.index(i)], teacher_score=t_scores[i])
+        examples.append(row)
+    return {
+        **eval_set.describe(),
+        "n": n,
+        "score": mean(scores),
+        "errors": len(errors),
+        "error_messages": errors[:10],
+        "teacher_score": mean(list(t_scores.values())),
+        "teacher_n": len(t_scores),
+        "examples": examples,
+    }
