@@ -72,7 +72,7 @@ def inspect_example(
     samples: int | None = None, max_new_tokens: int | None = None, seed: int = 0, log=lambda message: None,
 ) -> Inspection:
     """Sample, build the teacher's context and score one example of `data` (0-based `index`)."""
-    from sdcli.recipe.config import load_recipe
+    from sdcli.recipe.loading import load_recipe
     from sdcli.training.losses import DivergenceSpec, packed_divergence_and_stats
     from sdcli.models.rollout import SamplingSettings, sample_responses
     from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, response_hidden, score_batch, teacher_prompt_limit

@@ -98,7 +98,7 @@ class EvalSet:
 
 def resolve_scorer(spec: str, key: str = "eval.reward", search_dirs: Sequence[Path] = ()) -> RewardFn:
     """A built-in reward name or `package.module:function` -> (response, example) -> float."""
-    from sdcli.recipe.config import RewardsSignal
+    from sdcli.recipe.signal_sections import RewardsSignal
 
     if spec in BUILTIN_REWARDS:
         return builtin_reward(spec, RewardsSignal(reward=spec))
@@ -108,7 +108,7 @@ def resolve_scorer(spec: str, key: str = "eval.reward", search_dirs: Sequence[Pa
 def load_eval_set(path: Path, default_reward: str = DEFAULT_REWARD, search_dirs: Sequence[Path] = ()) -> EvalSet:
     """Read and check an eval set. Raises DataError listing every bad line, and RecipeError for a
     reward that cannot be imported."""
-    from sdcli.recipe.config import RewardsSignal
+    from sdcli.recipe.signal_sections import RewardsSignal
 
     path = Path(path)
     if not path.is_file():
@@ -338,7 +338,7 @@ class EvalPlan:
 
 def teacher_template(recipe) -> str:
     """The teacher's template: the recipe's own when it trains on demonstrations, else the default."""
-    from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE
+    from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 
     signal = getattr(recipe, "signal", None)
     return signal.teacher_template if getattr(signal, "kind", None) == "demonstrations" else DEFAULT_DEMONSTRATION_TEMPLATE
@@ -439,7 +439,7 @@ def stored_eval_sets(episodes) -> tuple[list[Path], list[int | None]]:
     """The eval sets named in each episode's stored recipe: tasks in episode order, then retain
     sets. Returns (paths, taught_by). Raises UserError when none is named or a file is gone."""
     from sdcli.core.errors import UserError
-    from sdcli.recipe.config import load_recipe
+    from sdcli.recipe.loading import load_recipe
 
     paths: list[Path] = []
     taught: list[int | None] = []
@@ -471,7 +471,8 @@ def stored_eval_sets(episodes) -> tuple[list[Path], list[int | None]]:
 
 
 def _source_template(loaded) -> str:
-    from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+    from sdcli.recipe.loading import load_recipe
+    from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 
     if not loaded.episodes:
         return DEFAULT_DEMONSTRATION_TEMPLATE

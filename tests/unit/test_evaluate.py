@@ -24,7 +24,9 @@ from sdcli.evaluation.evaluate import (
     teacher_messages,
     token_kl,
 )
-from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, EvalConfig, load_recipe
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.sections import EvalConfig
+from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -129,7 +131,7 @@ def test_token_kl_matches_torch_and_perplexity_of_uniform_is_vocab_size():
 
 def _with_random_adapter(model_dir: Path):
     from sdcli.models.model import add_trainable_adapter, load_base
-    from sdcli.recipe.config import LoraSettings, ModelConfig
+    from sdcli.recipe.sections import LoraSettings, ModelConfig
 
     loaded = load_base(ModelConfig(name_or_path=str(model_dir)))
     model = add_trainable_adapter(loaded.model, "ep001", LoraSettings(r=4, alpha=8))
