@@ -19,7 +19,7 @@ def line_index(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
     """Map each key path in a composed YAML document to its 1-based line number.
 
     An aliased node is walked once, at its first path; other paths through it resolve to the line of
-    their alias (see `where` in `load_recipe`). Walking every path would take as long as the
+    their alias (see `_locator` in loading.py). Walking every path would take as long as the
     aliases' full expansion.
     """
     index: dict[tuple[str, ...], int] = {}
