@@ -60,7 +60,7 @@ def base_state(model) -> dict[str, torch.Tensor]:
 
 
 def check(name: str, tmp: Path, model_dir: Path, overrides: list[str], device: str, steps: int) -> dict:
-    from sdcli.recipe.config import load_recipe
+    from sdcli.recipe.loading import load_recipe
     import sdcli.training.setup as setup_module  # the episode's setup loads the base
     import sdcli.training.train as train_module
 
@@ -119,7 +119,7 @@ def teacher_equals_base(model_dir: Path, quantization: str, device: str) -> dict
 
     from sdcli.models.model import add_trainable_adapter, load_base
     from sdcli.models.sequences import score_batch
-    from sdcli.recipe.config import LoraSettings, ModelConfig, Quantization, DType
+    from sdcli.recipe.sections import LoraSettings, ModelConfig, Quantization, DType
     from sdcli.training.teacher import teacher_hidden
 
     cfg = ModelConfig(name_or_path=str(model_dir), quantization=Quantization(quantization), dtype=DType.bfloat16 if device == "cuda" else DType.float32)

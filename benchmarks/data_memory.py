@@ -79,7 +79,7 @@ def rss_mb() -> float:
 
 def child(signal: str, path: str) -> None:
     """Load `path` and print one JSON line of measurements."""
-    from sdcli.recipe.config import InteractionsSignal, DemonstrationsSignal
+    from sdcli.recipe.signal_sections import InteractionsSignal, DemonstrationsSignal
     from sdcli.signals import build_signal
 
     cfg = InteractionsSignal(mode="offline") if signal == "interactions" else DemonstrationsSignal()

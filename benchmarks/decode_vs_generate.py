@@ -44,7 +44,7 @@ def main() -> None:
     from sdcli.models.model import add_trainable_adapter, eval_mode, load_base, merged_for_sampling
     from sdcli.models.rollout import SamplingSettings, decode
     from sdcli.models.sequences import PromptEncoder
-    from sdcli.recipe.config import LoraSettings, ModelConfig
+    from sdcli.recipe.sections import LoraSettings, ModelConfig
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

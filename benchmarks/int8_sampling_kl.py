@@ -87,7 +87,7 @@ def main() -> None:
     from sdcli.models.model import load_base
     from sdcli.models.rollout import SamplingSettings, sample_responses
     from sdcli.models.sequences import PromptEncoder, eos_ids
-    from sdcli.recipe.config import ModelConfig
+    from sdcli.recipe.sections import ModelConfig
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

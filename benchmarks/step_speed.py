@@ -77,7 +77,7 @@ def cuda_synchronized_phases():
 def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     import torch
 
-    from sdcli.recipe.config import load_recipe
+    from sdcli.recipe.loading import load_recipe
     from sdcli.training.train import train_episode
 
     torch.set_num_threads(int(os.environ.get("SD_BENCH_THREADS", "2")))

@@ -99,7 +99,7 @@ def _read_example(run_dir: Path, data: Path, index: int, upto: int | None):
     """(the recipe of the run's episode `upto`, its signal, example `index` of `data` in that
     signal's format); every problem with the run, the data or the index before a model loads."""
     from sdcli.models.source import is_run_dir, select_episodes
-    from sdcli.recipe.config import load_recipe
+    from sdcli.recipe.loading import load_recipe
     from sdcli.signals import build_signal
 
     if not is_run_dir(run_dir):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdcli.recipe.config import BUILTIN_MODEL, LoraSettings, ModelConfig, Recipe
+from sdcli.recipe.schema import Recipe
+from sdcli.recipe.sections import BUILTIN_MODEL, LoraSettings, ModelConfig
 from sdcli.core.errors import UserError
 from sdcli.models.model_folder import check_model_folder as check_model_folder_files
 from sdcli.signals import build_signal, load_signal_data

@@ -35,7 +35,9 @@ def main() -> None:
     from sdcli.evaluation.scoring import evaluate_set
     from sdcli.models.model import load_base
     from sdcli.models.sequences import PromptEncoder
-    from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, ModelConfig, load_recipe
+    from sdcli.recipe.loading import load_recipe
+    from sdcli.recipe.sections import ModelConfig
+    from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE.parent.parent))
 
-from sdcli.recipe.config import DEFAULT_HINDSIGHT_TEMPLATE  # noqa: E402
+from sdcli.recipe.signal_sections import DEFAULT_HINDSIGHT_TEMPLATE  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # rewards: arithmetic word problems

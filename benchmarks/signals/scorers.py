@@ -10,7 +10,7 @@ folder), where `benchmarks` is a namespace package.
 
 from __future__ import annotations
 
-from sdcli.recipe.config import SandboxLimits
+from sdcli.recipe.signal_sections import SandboxLimits
 from sdcli.verification.environments import python_tests
 
 # the training recipe's limits: a held-out answer gets what a training sample gets

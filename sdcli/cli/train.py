@@ -75,7 +75,7 @@ def train(
 
 
 def _train(args: list[str], quiet: bool, resume: bool, allow_mixed_base: bool) -> None:
-    from sdcli.recipe.config import load_recipe
+    from sdcli.recipe.loading import load_recipe
     from sdcli.validate import check_model_folder
 
     recipe_paths, overrides = split_recipes_and_overrides(args)
@@ -136,7 +136,7 @@ def validate(
     args: List[str] = typer.Argument(..., metavar="RECIPE... [KEY=VALUE]...", help="Recipe files, then overrides"),
 ):
     """Check recipes, their data files and model paths without training."""
-    from sdcli.recipe.config import load_recipe
+    from sdcli.recipe.loading import load_recipe
     from sdcli.validate import check_recipe
 
     recipe_paths, overrides = split_recipes_and_overrides(args)

@@ -52,7 +52,7 @@ class EvalSet:
 
 def resolve_scorer(spec: str, key: str = "eval.reward", search_dirs: Sequence[Path] = ()) -> RewardFn:
     """A built-in reward name or `package.module:function` -> (response, example) -> float."""
-    from sdcli.recipe.config import RewardsSignal
+    from sdcli.recipe.signal_sections import RewardsSignal
 
     if spec in BUILTIN_REWARDS:
         return builtin_reward(spec, RewardsSignal(reward=spec))
@@ -62,7 +62,7 @@ def resolve_scorer(spec: str, key: str = "eval.reward", search_dirs: Sequence[Pa
 def load_eval_set(path: Path, default_reward: str = DEFAULT_REWARD, search_dirs: Sequence[Path] = ()) -> EvalSet:
     """Read and check an eval set. Raises DataError listing every bad line, and RecipeError for a
     reward that cannot be imported."""
-    from sdcli.recipe.config import RewardsSignal
+    from sdcli.recipe.signal_sections import RewardsSignal
 
     path = Path(path)
     if not path.is_file():
@@ -127,7 +127,7 @@ def stored_eval_sets(episodes) -> tuple[list[Path], list[int | None]]:
     """The eval sets named in each episode's stored recipe: tasks in episode order, then retain
     sets. Returns (paths, taught_by). Raises UserError when none is named or a file is gone."""
     from sdcli.core.errors import UserError
-    from sdcli.recipe.config import load_recipe
+    from sdcli.recipe.loading import load_recipe
 
     paths: list[Path] = []
     taught: list[int | None] = []

@@ -46,7 +46,7 @@ class EvalPlan:
 
 def teacher_template(recipe) -> str:
     """The teacher's template: the recipe's own when it trains on demonstrations, else the default."""
-    from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE
+    from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 
     signal = getattr(recipe, "signal", None)
     return signal.teacher_template if getattr(signal, "kind", None) == "demonstrations" else DEFAULT_DEMONSTRATION_TEMPLATE
@@ -144,7 +144,8 @@ def describe_scores(summary: dict) -> str:
 
 
 def _source_template(loaded) -> str:
-    from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+    from sdcli.recipe.loading import load_recipe
+    from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 
     if not loaded.episodes:
         return DEFAULT_DEMONSTRATION_TEMPLATE

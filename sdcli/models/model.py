@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from sdcli.core.errors import UserError
-from sdcli.recipe.config import BUILTIN_MODEL, DType, LoraSettings, ModelConfig, Quantization
+from sdcli.recipe.sections import BUILTIN_MODEL, DType, LoraSettings, ModelConfig, Quantization
 
 # At import, not in load_base: huggingface_hub reads these once, when transformers is first
 # imported, and a library user may import sd before anything else. A value the user set wins.

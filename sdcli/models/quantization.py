@@ -38,7 +38,7 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 
 def quantization_config(quantization, dtype: torch.dtype):
     """The BitsAndBytesConfig a base is loaded with for `quantization` ("none", "4bit", "8bit", or a
-    `sdcli.recipe.config.Quantization`), computing in `dtype`; None for "none"."""
+    `sdcli.recipe.sections.Quantization`), computing in `dtype`; None for "none"."""
     quantization = getattr(quantization, "value", quantization)
     if quantization == "none":
         return None

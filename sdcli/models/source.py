@@ -37,7 +37,7 @@ def select_episodes(run_dir: Path, upto: int | None) -> list[Episode]:
 def load_source(source: Path, upto: int | None = None, no_adapters: bool = False, device=None) -> LoadedSource:
     from sdcli.models.model import load_base
     from sdcli.models.stack import attach_stack
-    from sdcli.recipe.config import DType, ModelConfig, Quantization
+    from sdcli.recipe.sections import DType, ModelConfig, Quantization
 
     source = Path(source)
     if is_run_dir(source):
@@ -51,7 +51,7 @@ def load_source(source: Path, upto: int | None = None, no_adapters: bool = False
         return LoadedSource(model, loaded.tokenizer, what, chosen, loaded.path)
     if (source / "config.json").is_file():
         from sdcli.models.model import load_base
-        from sdcli.recipe.config import ModelConfig
+        from sdcli.recipe.sections import ModelConfig
 
         loaded = load_base(ModelConfig(name_or_path=str(source)), device)
         return LoadedSource(loaded.model, loaded.tokenizer, f"{source} (model folder)", [], loaded.path)

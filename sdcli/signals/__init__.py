@@ -11,10 +11,10 @@ from sdcli.signals.base import ContextBuilder, Example, LoadReport, TeacherView
 
 
 def build_signal(cfg) -> ContextBuilder:
-    """The context builder of `cfg.kind` (one of sdcli.recipe.config.SIGNAL_KINDS, the one list of
-    kinds): the class `<Kind>Builder` of the module `sdcli.signals.<kind>`, imported only when asked
-    for (a signal's module may pull in the sandbox or a tokenizer)."""
-    from sdcli.recipe.config import SIGNAL_KINDS
+    """The context builder of `cfg.kind` (one of sdcli.recipe.signal_sections.SIGNAL_KINDS, the one
+    list of kinds): the class `<Kind>Builder` of the module `sdcli.signals.<kind>`, imported only
+    when asked for (a signal's module may pull in the sandbox or a tokenizer)."""
+    from sdcli.recipe.signal_sections import SIGNAL_KINDS
 
     if cfg.kind not in SIGNAL_KINDS:
         raise ValueError(f"unknown signal kind {cfg.kind!r}; expected one of {', '.join(SIGNAL_KINDS)}")
@@ -34,7 +34,7 @@ def load_signal_data(
     are both checked, and their problems raised together as one UserError; then `method: sft`
     needs a demonstration (or a logged response) in every example. `log` hears what was skipped.
     """
-    from sdcli.recipe.config import Method
+    from sdcli.recipe.sections import Method
 
     signal = signal if signal is not None else build_signal(recipe.signal)
     errors: list[UserError] = []

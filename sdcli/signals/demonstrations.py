@@ -12,7 +12,7 @@ from pathlib import Path
 from sdcli.core.data import JsonlScan, LazyRecords, LineIndex, as_messages, example_id
 from sdcli.core.errors import DataError
 from sdcli.core.prompts import demonstration_turn
-from sdcli.recipe.config import DemonstrationsSignal
+from sdcli.recipe.signal_sections import DemonstrationsSignal
 from sdcli.signals.base import Example, LoadReport, TeacherView, context_view
 
 

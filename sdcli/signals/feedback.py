@@ -41,7 +41,7 @@ from pathlib import Path
 
 from sdcli.core.data import last_user_text
 from sdcli.core.errors import UserError
-from sdcli.recipe.config import FeedbackSignal
+from sdcli.recipe.signal_sections import FeedbackSignal
 from sdcli.signals.base import Example, LoadReport, Pieces, TeacherView, context, context_view, fill
 from sdcli.signals.rewards import (
     SKIPPED_SUCCESSFUL,

@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 from sdcli.core.data import ROLES, JsonlScan, LazyRecords, LineIndex, Messages, last_user_text
 from sdcli.core.errors import DataError
-from sdcli.recipe.config import InteractionsSignal
+from sdcli.recipe.signal_sections import InteractionsSignal
 from sdcli.signals.base import Example, LoadReport, TeacherView, context, context_view, fill, joined
 
 # A user simulator: one simulator prompt per sample in, one follow-up text per prompt out.

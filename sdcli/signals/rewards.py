@@ -36,7 +36,7 @@ from typing import Any
 
 from sdcli.core.data import JsonlScan, LazyRecords, LineIndex, as_messages, example_id, last_user_text
 from sdcli.core.errors import DataError
-from sdcli.recipe.config import RewardsSignal
+from sdcli.recipe.signal_sections import RewardsSignal
 from sdcli.signals.base import Example, LoadReport, Pieces, TeacherView, context, context_view, fill
 from sdcli.verification.scorers import (
     BUILTIN_REWARDS,

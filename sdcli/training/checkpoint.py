@@ -22,7 +22,8 @@ import torch
 from sdcli.core.atomic import swap_folder, write_atomic
 from sdcli.core.data import file_sha256
 from sdcli.core.errors import DiskFullError, UserError, is_disk_full, write_error
-from sdcli.recipe.config import Recipe, dump_recipe
+from sdcli.recipe.loading import dump_recipe
+from sdcli.recipe.schema import Recipe
 from sdcli.training.distributed import Ranks
 
 CHECKPOINT = "checkpoint"

@@ -40,7 +40,9 @@ from sdcli.models.int8_sampling import sample_in_int8
 from sdcli.models.rollout import SamplingSettings, sample_responses
 from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, teacher_prompt_limit
 from sdcli.models.stack import adapter_name, attach_stack, combine_frozen
-from sdcli.recipe.config import Method, Quantization, Recipe, Support, TeacherKind, dump_recipe
+from sdcli.recipe.loading import dump_recipe
+from sdcli.recipe.schema import Recipe
+from sdcli.recipe.sections import Method, Quantization, Support, TeacherKind
 from sdcli.signals import load_signal_data
 from sdcli.training.anchors import load_anchor_prompts
 from sdcli.training.batch import ExampleSampler, Sequence, answer_anchors

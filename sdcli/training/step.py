@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from sdcli.models.sequences import ScoreBatch, response_hidden, score_batch
-from sdcli.recipe.config import Method
+from sdcli.recipe.sections import Method
 from sdcli.signals.base import Example, TeacherView, step_teacher_views
 from sdcli.training.batch import (
     KIND_INDEX,

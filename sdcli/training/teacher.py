@@ -20,7 +20,7 @@ import torch
 from sdcli.models.model import eval_mode
 from sdcli.models.sequences import ScoreBatch, response_hidden, score_batch
 from sdcli.models.stack import active_adapters
-from sdcli.recipe.config import AUTO_DEMONSTRATION_TEMPERATURE, TeacherKind
+from sdcli.recipe.sections import AUTO_DEMONSTRATION_TEMPERATURE, TeacherKind
 from sdcli.training.batch import ANCHOR, KIND_INDEX, OFF_POLICY, Sequence
 
 EMA_ADAPTER = "ema"

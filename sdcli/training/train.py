@@ -38,7 +38,8 @@ from sdcli.models.episodes import adapter_hashes, episode_meta, now_iso, publish
 from sdcli.models.model import student_train_mode
 from sdcli.models.runlock import run_lock
 from sdcli.models.stack import save_adapter
-from sdcli.recipe.config import Recipe, TeacherKind
+from sdcli.recipe.schema import Recipe
+from sdcli.recipe.sections import TeacherKind
 from sdcli.training.batch import off_policy_count
 from sdcli.training.distributed import Ranks, current
 from sdcli.training.memory import PeakMemory, return_freed_memory_to_os

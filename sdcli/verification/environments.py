@@ -59,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sdcli.recipe.config import SandboxLimits
+from sdcli.recipe.signal_sections import SandboxLimits
 from sdcli.verification import python_tests_child
 from sdcli.verification.python_tests_child import decode
 from sdcli.verification.sandbox import SandboxResult, isolation, run_python

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdcli.core.errors import UserError
-from sdcli.recipe.config import SandboxLimits
+from sdcli.recipe.signal_sections import SandboxLimits
 from sdcli.verification import sandbox_child
 
 TRUNCATED = "\n[... output truncated: the sandbox keeps at most {n} bytes ...]\n"

@@ -576,7 +576,7 @@ def test_bad_input(case, fixtures, tmp_path, monkeypatch):
 
 
 def test_mapping_override_keeps_the_rest_of_the_section(fixtures, tmp_path, monkeypatch):
-    from sdcli.recipe.config import load_recipe
+    from sdcli.recipe.loading import load_recipe
 
     (tmp_path / "data.jsonl").write_text(DEMO)
     (tmp_path / "r.yaml").write_text(_fill(RECIPE, fixtures).replace("lora: {r: 4, alpha: 8}", "lora: {r: 4, alpha: 8, dropout: 0.1}"))

@@ -66,7 +66,7 @@ def test_benchmark_recipes_load_and_measure_the_defaults(recipe):
     and the seed, nothing else about training."""
     import yaml
 
-    from sdcli.recipe.config import load_recipe
+    from sdcli.recipe.loading import load_recipe
 
     loaded = load_recipe(recipe)
     assert loaded.eval is not None and loaded.eval.path.is_file()

@@ -23,7 +23,8 @@ from sdcli.models.merge import merge_history
 from sdcli.models.model import add_trainable_adapter, load_base
 from sdcli.models.sequences import score_batch
 from sdcli.models.stack import attach_stack
-from sdcli.recipe.config import LoraSettings, ModelConfig, TeacherKind, load_recipe
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.sections import LoraSettings, ModelConfig, TeacherKind
 from sdcli.training.teacher import teacher_adapters, teacher_hidden
 from sdcli.training.train import train_episode
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdcli.models.episodes import list_episodes
-from sdcli.recipe.config import load_recipe
+from sdcli.recipe.loading import load_recipe
 from sdcli.training.train import train_episode
 
 REPO = Path(__file__).resolve().parents[2]

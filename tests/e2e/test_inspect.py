@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from helpers import chat_ids, response_logprobs
 from sd_runner import sd
 from sdcli.inspection import inspect_example, render_html
-from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 from sdcli.training.train import train_episode
 
 FACTS = [

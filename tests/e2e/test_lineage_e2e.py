@@ -13,7 +13,7 @@ from conftest import REPO, build_tiny_model
 from sd_runner import sd
 from sdcli.core.data import file_sha256
 from sdcli.core.errors import UserError
-from sdcli.recipe.config import load_recipe
+from sdcli.recipe.loading import load_recipe
 from sdcli.training.checkpoint import CHECKPOINT, STATE_FILE
 from sdcli.training.train import train_episode
 

@@ -14,7 +14,9 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chat_ids, response_logprobs
-from sdcli.recipe.config import AUTO_DEMONSTRATION_TEMPERATURE, DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.sections import AUTO_DEMONSTRATION_TEMPERATURE
+from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 
 FACTS = [
     {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},
@@ -261,7 +263,7 @@ def test_teacher_temperature_applies_to_task_sequences_and_never_to_anchors():
 
 
 def test_teacher_temperature_accepts_auto_or_a_positive_number(tmp_path):
-    from sdcli.recipe.config import LossConfig
+    from sdcli.recipe.sections import LossConfig
 
     assert LossConfig().teacher_temperature == "auto"
     assert LossConfig(teacher_temperature=0.25).teacher_temperature == 0.25

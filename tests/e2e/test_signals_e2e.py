@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sd_runner import sd
-from sdcli.recipe.config import load_recipe
+from sdcli.recipe.loading import load_recipe
 from sdcli.training.train import train_episode
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import chat_ids, mean_kl, response_logprobs
 from sd_runner import sd
-from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, load_recipe
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 
 FACTS = [
     {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sd_runner import sd
-from sdcli.recipe.config import load_recipe
+from sdcli.recipe.loading import load_recipe
 from sdcli.models.model import lora_layers
 from sdcli.signals import build_signal
 from sdcli.signals.interactions import clean_followup

@@ -3,7 +3,9 @@
 import pytest
 
 from sdcli.core.errors import RecipeError
-from sdcli.recipe.config import Divergence, TeacherKind, load_recipe, parse_override
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.overrides import parse_override
+from sdcli.recipe.sections import Divergence, TeacherKind
 
 
 def write(tmp_path, text, data=True):

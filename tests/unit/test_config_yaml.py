@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sdcli.core.errors import RecipeError
-from sdcli.recipe.config import load_recipe
+from sdcli.recipe.loading import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 

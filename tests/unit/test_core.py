@@ -78,7 +78,7 @@ def test_numbers_are_shown_by_one_rule():
 def test_evaluation_and_the_demonstrations_signal_render_the_teacher_turn_alike(tmp_path):
     from sdcli.evaluation.eval_sets import EvalExample
     from sdcli.evaluation.scoring import teacher_messages
-    from sdcli.recipe.config import DemonstrationsSignal
+    from sdcli.recipe.signal_sections import DemonstrationsSignal
     from sdcli.signals.base import Example
     from sdcli.signals.demonstrations import DemonstrationsBuilder
 
@@ -95,7 +95,7 @@ def test_evaluation_and_the_demonstrations_signal_render_the_teacher_turn_alike(
 def test_every_signal_kind_has_its_builder_and_its_schema():
     from pydantic import TypeAdapter
 
-    from sdcli.recipe.config import SIGNAL_CLASSES, SIGNAL_KINDS, SignalConfig
+    from sdcli.recipe.signal_sections import SIGNAL_CLASSES, SIGNAL_KINDS, SignalConfig
     from sdcli.signals import build_signal
 
     assert SIGNAL_KINDS == ("demonstrations", "rewards", "feedback", "interactions")

@@ -6,7 +6,7 @@ import pytest
 
 from sdcli.core.data import as_messages
 from sdcli.core.errors import DataError
-from sdcli.recipe.config import DemonstrationsSignal
+from sdcli.recipe.signal_sections import DemonstrationsSignal
 from sdcli.signals.demonstrations import DemonstrationsBuilder
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import build_tiny_model
 from sdcli.models.model import add_trainable_adapter, enable_activation_checkpointing, eval_mode, load_base, student_train_mode
 from sdcli.models.sequences import response_hidden, score_batch
-from sdcli.recipe.config import LoraSettings, ModelConfig
+from sdcli.recipe.sections import LoraSettings, ModelConfig
 from sdcli.training.teacher import EMA_ADAPTER, add_ema_adapter, teacher_hidden
 
 EPISODE = "ep001"

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from sdcli.core.errors import RecipeError
-from sdcli.recipe.config import FeedbackSignal, SandboxLimits
+from sdcli.recipe.signal_sections import FeedbackSignal, SandboxLimits
 from sdcli.verification.environments import (
     NO_CODE,
     call_environment,

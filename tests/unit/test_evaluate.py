@@ -15,7 +15,9 @@ from sdcli.core.divergence import kl as token_kl
 from sdcli.evaluation.drift import measure_drift, perplexity
 from sdcli.evaluation.eval_sets import EvalExample, EvalSet, load_eval_set, load_texts, stored_eval_sets
 from sdcli.evaluation.scoring import greedy_answers, score_responses, teacher_messages
-from sdcli.recipe.config import DEFAULT_DEMONSTRATION_TEMPLATE, EvalConfig, load_recipe
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.sections import EvalConfig
+from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -120,7 +122,7 @@ def test_token_kl_matches_torch_and_perplexity_of_uniform_is_vocab_size():
 
 def _with_random_adapter(model_dir: Path):
     from sdcli.models.model import add_trainable_adapter, load_base
-    from sdcli.recipe.config import LoraSettings, ModelConfig
+    from sdcli.recipe.sections import LoraSettings, ModelConfig
 
     loaded = load_base(ModelConfig(name_or_path=str(model_dir)))
     model = add_trainable_adapter(loaded.model, "ep001", LoraSettings(r=4, alpha=8))

@@ -11,7 +11,8 @@ from sdcli.models.model import add_trainable_adapter, eval_mode, load_base, merg
 from sdcli.models.rollout import SamplingSettings, decode, sample_responses
 from sdcli.models.sequences import cache_argument
 from sdcli.models.sequences import cut_at_eos, response_hidden, score_batch
-from sdcli.recipe.config import LoraSettings, ModelConfig, load_recipe
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.sections import LoraSettings, ModelConfig
 
 pytestmark = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm int8 kernels")
 

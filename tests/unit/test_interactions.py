@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sdcli.core.errors import DataError
-from sdcli.recipe.config import DEFAULT_HINDSIGHT_TEMPLATE, InteractionsSignal
+from sdcli.recipe.signal_sections import DEFAULT_HINDSIGHT_TEMPLATE, InteractionsSignal
 from sdcli.signals.interactions import InteractionsBuilder, truncate_history
 
 REPO = Path(__file__).resolve().parents[2]

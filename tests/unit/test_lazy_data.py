@@ -14,7 +14,8 @@ import pytest
 
 from sdcli.core.data import JsonlScan, LazyRecords
 from sdcli.core.errors import DataError
-from sdcli.recipe.config import DemonstrationsSignal, InteractionsSignal, RewardsSignal, load_recipe
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.signal_sections import DemonstrationsSignal, InteractionsSignal, RewardsSignal
 from sdcli.signals import build_signal
 from sdcli.signals import demonstrations, rewards
 from sdcli.signals.interactions import InteractionsBuilder, parse_conversation

@@ -12,7 +12,7 @@ import torch
 from sdcli.core.data import file_sha256
 from sdcli.core.errors import UserError
 from sdcli.models.episodes import Episode, adapter_hashes, check_same_base, list_episodes
-from sdcli.recipe.config import load_recipe
+from sdcli.recipe.loading import load_recipe
 from sdcli.training.checkpoint import CHECKPOINT, STATE_FILE, load_checkpoint, save_checkpoint
 from sdcli.training.batch import ExampleSampler
 from sdcli.training.checkpoint import restore_checkpoint, resume_key

@@ -17,7 +17,7 @@ import secrets
 import pytest
 from sandbox_helpers import level  # noqa: F401  (a fixture)
 
-from sdcli.recipe.config import SandboxLimits
+from sdcli.recipe.signal_sections import SandboxLimits
 from sdcli.verification import sandbox
 from sdcli.verification.environments import python_tests
 from sdcli.verification.sandbox import Isolation

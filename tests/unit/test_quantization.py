@@ -15,7 +15,7 @@ import torch
 
 from sdcli.models.merge import load_base_model
 from sdcli.models.model import add_trainable_adapter, load_base
-from sdcli.recipe.config import LoraSettings, ModelConfig, Quantization
+from sdcli.recipe.sections import LoraSettings, ModelConfig, Quantization
 
 PROMPT = torch.tensor([[5, 17, 42, 7, 99, 3, 64, 12]])
 

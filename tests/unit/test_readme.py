@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from sdcli.cli import app
-from sdcli.recipe.config import recipe_reference_markdown
+from sdcli.recipe.reference import recipe_reference_markdown
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -14,7 +14,7 @@ def between(start: str, end: str) -> str:
 
 def test_recipe_reference_matches_the_schema():
     assert between("<!-- recipe-reference:start", "<!-- recipe-reference:end -->") == recipe_reference_markdown(), (
-        "README's recipe reference is stale: regenerate it from sdcli.recipe.config.recipe_reference_markdown()"
+        "README's recipe reference is stale: regenerate it from sdcli.recipe.reference.recipe_reference_markdown()"
     )
 
 

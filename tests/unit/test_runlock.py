@@ -14,7 +14,7 @@ import pytest
 
 from sdcli.core.errors import UserError
 from sdcli.models.runlock import LOCK_FILE, run_lock
-from sdcli.recipe.config import load_recipe
+from sdcli.recipe.loading import load_recipe
 from sdcli.training.train import train_episode
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sandbox_helpers import level, marker, missing_isolation, survivors  # noqa: F401  (level is a fixture)
 
-from sdcli.recipe.config import SandboxLimits
+from sdcli.recipe.signal_sections import SandboxLimits
 from sdcli.verification.sandbox import INSIDE, Isolation, isolation, run_python
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs Linux or macOS")

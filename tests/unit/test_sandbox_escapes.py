@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from sandbox_helpers import marker, missing_isolation, survivors
 
-from sdcli.recipe.config import SandboxLimits
+from sdcli.recipe.signal_sections import SandboxLimits
 from sdcli.verification import sandbox
 from sdcli.verification.sandbox import isolation, run_python
 

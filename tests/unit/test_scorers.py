@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from sdcli.core.errors import RecipeError, UserError
-from sdcli.recipe.config import RewardsSignal
+from sdcli.recipe.signal_sections import RewardsSignal
 from sdcli.verification.scorers import (
     call_reward,
     check_answer,

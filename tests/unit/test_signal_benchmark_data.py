@@ -12,7 +12,7 @@ import pytest
 
 from sdcli.core.data import last_user_text, read_jsonl
 from sdcli.evaluation.eval_sets import load_eval_set
-from sdcli.recipe.config import load_recipe
+from sdcli.recipe.loading import load_recipe
 from sdcli.signals import build_signal
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_reference_solutions_pass_and_a_wrong_one_fails():
 
 
 def test_the_hindsight_set_is_the_heldout_set_asked_with_the_followup():
-    from sdcli.recipe.config import DEFAULT_HINDSIGHT_TEMPLATE
+    from sdcli.recipe.signal_sections import DEFAULT_HINDSIGHT_TEMPLATE
 
     plain = [r for _, r in read_jsonl(BENCH / "data" / "interactions_heldout.jsonl")]
     hindsight = [r for _, r in read_jsonl(BENCH / "data" / "interactions_heldout_hindsight.jsonl")]

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from sdcli.core.errors import DataError
-from sdcli.recipe.config import FeedbackSignal, SandboxLimits
+from sdcli.recipe.signal_sections import FeedbackSignal, SandboxLimits
 from sdcli.signals.base import Example
 from sdcli.signals.feedback import NO_SOLUTION, FeedbackBuilder
 
@@ -100,7 +100,7 @@ def test_success_without_feedback_gets_a_sibling_or_is_masked():
 def test_a_passing_sample_with_feedback_is_not_told_it_failed():
     """An environment may report on success too ("3 of 3 passed"); the failure template would then
     tell the teacher that a passing attempt failed."""
-    from sdcli.recipe.config import DEFAULT_FEEDBACK_TEMPLATE, DEFAULT_SUCCESS_FEEDBACK_TEMPLATE
+    from sdcli.recipe.signal_sections import DEFAULT_FEEDBACK_TEMPLATE, DEFAULT_SUCCESS_FEEDBACK_TEMPLATE
 
     results = {"ok": (1.0, "3 of 3 tests passed"), "bad": (0.0, "add(1, 2) gave -1, expected 3")}
     b = FeedbackBuilder(FeedbackSignal(use_successful_sibling=False))

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from sdcli.core.errors import DataError
-from sdcli.recipe.config import RewardsSignal
+from sdcli.recipe.signal_sections import RewardsSignal
 from sdcli.signals.base import Example
 from sdcli.signals.rewards import RewardsBuilder, sibling_solution, strip_thinking
 

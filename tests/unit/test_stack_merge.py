@@ -131,7 +131,7 @@ def test_stack_adds_adapters_like_merged_weights(tiny_model_dir, episodes):
 def test_combined_stack_is_the_same_function_as_the_stack_and_trains_like_it(tiny_model_dir, episodes):
     """Three adapters (ranks 4, 2, 3; rsLoRA; different targets) become one of rank 9 per layer."""
     from sdcli.models.model import add_trainable_adapter
-    from sdcli.recipe.config import LoraSettings
+    from sdcli.recipe.sections import LoraSettings
 
     reference = _logits(_manual_merge(tiny_model_dir, episodes))
     model, names = attach_stack(_load(tiny_model_dir), episodes)

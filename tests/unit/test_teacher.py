@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from sdcli.models.model import add_trainable_adapter, load_base, merged_for_sampling
 from sdcli.models.sequences import response_hidden, score_batch
-from sdcli.recipe.config import LoraSettings, ModelConfig, TeacherKind
+from sdcli.recipe.sections import LoraSettings, ModelConfig, TeacherKind
 from sdcli.training.teacher import EMA_ADAPTER, add_ema_adapter, teacher_adapters, teacher_hidden, update_ema
 
 
@@ -91,7 +91,7 @@ def test_ema_teacher_starts_as_episode_adapter_and_moves_by_decay(student):
 
 
 def test_folding_is_skipped_for_a_quantized_base_and_the_adapter_still_counts(tiny_model_dir):
-    from sdcli.recipe.config import Quantization
+    from sdcli.recipe.sections import Quantization
 
     loaded = load_base(ModelConfig(name_or_path=str(tiny_model_dir), quantization=Quantization.four_bit))
     model = add_trainable_adapter(loaded.model, "ep001", LoraSettings(r=4, alpha=8))

@@ -10,7 +10,8 @@ from transformers import AutoTokenizer
 
 from conftest import ASSETS
 from sdcli.models.sequences import CUT_MARK, TeacherPromptEncoder, largest_cap, teacher_prompt_limit
-from sdcli.recipe.config import DemonstrationsSignal, FeedbackSignal, load_recipe
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.signal_sections import DemonstrationsSignal, FeedbackSignal
 from sdcli.signals.base import Example, TeacherView, context, fill, joined
 from sdcli.signals.demonstrations import DemonstrationsBuilder
 from sdcli.signals.feedback import FeedbackBuilder

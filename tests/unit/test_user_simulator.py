@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sdcli.recipe.config import DEFAULT_HINDSIGHT_TEMPLATE, DEFAULT_SIMULATOR_TEMPLATE, InteractionsSignal, load_recipe
+from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.signal_sections import DEFAULT_HINDSIGHT_TEMPLATE, DEFAULT_SIMULATOR_TEMPLATE, InteractionsSignal
 from sdcli.signals.base import TeacherView, context, context_view, fill, step_teacher_views
 from sdcli.signals.interactions import EMPTY_SIMULATED_FOLLOWUP, InteractionsBuilder, clean_followup, transcript
 
