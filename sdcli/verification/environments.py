@@ -62,7 +62,8 @@ from typing import Any
 from sdcli.recipe.config import SandboxLimits
 from sdcli.verification import python_tests_child
 from sdcli.verification.python_tests_child import decode
-from sdcli.verification.sandbox import SandboxResult, isolation, run_python
+from sdcli.verification.sandbox import isolation, run_python
+from sdcli.verification.sandbox_result import SandboxResult
 from sdcli.verification.scorers import as_reward, callable_name, check_callable, show_value
 
 EnvFn = Callable[[str, dict], tuple]

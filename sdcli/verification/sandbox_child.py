@@ -1,6 +1,6 @@
 """The sandbox's child side: what runs inside the sandboxed process, before the untrusted code.
 
-sdcli/verification/sandbox.py starts it as `python -I -c LAUNCH <this file's source> CONFIG_JSON`
+sdcli/verification/sandbox_launch.py starts it as `python -I -c LAUNCH <this file's source> CONFIG_JSON`
 in the run's folder, directly or inside bubblewrap. It imports nothing from sdcli, so it works where the
 package itself cannot be read. In order, it:
 
@@ -143,7 +143,7 @@ READ_EVENTS = {"os.listdir": 0, "os.scandir": 0, "os.chdir": 0, "os.listxattr": 
 READABLE_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"})
 
 CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER = 0x40000000, 0x20000000, 0x10000000
-FILENAME = "<sandbox>"  # this file's name in tracebacks (sandbox.py compiles it under this name)
+FILENAME = "<sandbox>"  # this file's name in tracebacks (LAUNCH compiles it under this name)
 LAUNCH = "import sys; exec(compile(sys.argv.pop(1), '<sandbox>', 'exec'))"  # python -I -c LAUNCH SOURCE CONFIG
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 

@@ -24,7 +24,7 @@ import pytest
 from sandbox_helpers import marker, missing_isolation, survivors
 
 from sdcli.recipe.config import SandboxLimits
-from sdcli.verification import sandbox
+from sdcli.verification import sandbox_process
 from sdcli.verification.sandbox import isolation, run_python
 
 pytestmark = pytest.mark.skipif(not os.uname().sysname == "Linux", reason="the escapes tested are Linux-specific")
@@ -48,7 +48,7 @@ def where(request, monkeypatch) -> tuple[str, bool]:
     if level == "bubblewrap" and isolation().level != "bubblewrap":
         missing_isolation(f"bubblewrap is not usable here ({isolation().why}); apt-get install bubblewrap to test it")
     if request.param.endswith("no_namespaces"):
-        monkeypatch.setattr(sandbox, "_PROCESS_NAMESPACES", False)
+        monkeypatch.setattr(sandbox_process, "_PROCESS_NAMESPACES", False)
     return level, guards
 
 
