@@ -3,7 +3,7 @@
 `run_python(code, limits)` runs `code` as `main.py` in a fresh folder and returns a
 `SandboxResult`; the folder is gone afterwards. The child starts with `python -I` (no user site,
 no PYTHON* variables) and runs sdcli/verification/sandbox_child.py first, which sets the limits
-and the Python-level guard and then runs main.py.
+and the Python-level guard (sandbox_guard.py) and then runs main.py.
 
 How strongly the code is isolated depends on the machine; `isolation()` says which level this
 machine gets (`sd validate` prints it), and each result's `isolation` lists what took effect:
@@ -27,7 +27,7 @@ machine gets (`sd validate` prints it), and each result's `isolation` lists what
 Both levels: a wall-clock limit (the parent kills the process group, and for bubblewrap the
 namespace, when it runs out), RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, no core files, stdout+stderr
 capped at `output_bytes` (the child is killed past it), and the Python guard of
-sandbox_child.py unless `guards=False` (only to test what the kernel holds on its own).
+sandbox_guard.py unless `guards=False` (only to test what the kernel holds on its own).
 
 This module chooses the level; each level's setup is sandbox_bubblewrap.py or
 sandbox_process.py, and both start, watch and kill the child with sandbox_launch.py, which
@@ -116,7 +116,7 @@ def run_python(
 
     files: extra text files written next to main.py (plain names, no folders).
     args: sys.argv[1:] for the code.
-    guards: install the Python-level guard (see sandbox_child.py). Off only to test what the
+    guards: install the Python-level guard (see sandbox_guard.py). Off only to test what the
         process-level limits hold on their own.
     stdin: bytes the child reads on stdin (then end of file); None: /dev/null.
     pass_fds: open file descriptors the child inherits under the same numbers. They belong to

@@ -1,7 +1,7 @@
 """Starting the sandboxed child, watching it and killing it: what both isolation levels share.
 
-`execute` runs `python -I -c LAUNCH <sandbox_child.py> CONFIG` (the child as source text)
-after a level's command prefix (bubblewrap's, or none), reads its output within
+`execute` runs `python -I -c LAUNCH <sandbox_child.py> <sandbox_guard.py> CONFIG` (the two as
+source text) after a level's command prefix (bubblewrap's, or none), reads its output within
 the limits, kills every process of it at the end and returns the SandboxResult. `child_config`
 and `child_env` are what the child is given; `fresh_uid` is the uid it becomes when we are root.
 """
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from sdcli.recipe.config import SandboxLimits
-from sdcli.verification import sandbox_child
+from sdcli.verification import sandbox_child, sandbox_guard
 from sdcli.verification.sandbox_result import SandboxResult, decode_output, diagnose, read_status
 
 
@@ -101,7 +101,7 @@ def execute(
 ) -> SandboxResult:
     status_r, status_w = os.pipe()
     config["status_fd"] = status_w
-    command = [*prefix, sys.executable, "-I", "-c", sandbox_child.LAUNCH, _child_source(), json.dumps(config)]
+    command = [*prefix, sys.executable, "-I", "-c", sandbox_child.LAUNCH, *_child_sources(), json.dumps(config)]
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -150,8 +150,9 @@ def execute(
 
 
 @functools.cache
-def _child_source() -> str:
-    return Path(sandbox_child.__file__).read_text(encoding="utf-8")
+def _child_sources() -> tuple[str, str]:
+    """The source text of sandbox_child.py and of the guard it installs, sandbox_guard.py."""
+    return tuple(Path(module.__file__).read_text(encoding="utf-8") for module in (sandbox_child, sandbox_guard))
 
 
 def _feed(pipe, data: bytes) -> None:
