@@ -5,7 +5,7 @@ Two programs, each run as main.py in a sandbox of its own (`python main.py runne
 - the runner holds the code under test. It loads solution.py, evaluates each test's input
   expression (from inputs.json) and prints the value it got, one JSON line per test, in the
   format below. It never sees an expected value, so nothing it prints can claim a test passed:
-  the trusted parent (environments.py) compares. Then, when there is `test_code`, it answers
+  the trusted parent (python_tests_feedback.py) compares. Then, when there is `test_code`, it answers
   the judge's requests on two pipes: the code's top-level names, and calls, attributes, items,
   lengths and iterations on the code's objects.
 - the judge runs the data's `test_code` (read from stdin), where each top-level name of the
