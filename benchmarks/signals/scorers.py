@@ -11,7 +11,7 @@ folder), where `benchmarks` is a namespace package.
 from __future__ import annotations
 
 from sdcli.recipe.signal_sections import SandboxLimits
-from sdcli.verification.environments import python_tests
+from sdcli.verification.python_tests import python_tests
 
 # the training recipe's limits: a held-out answer gets what a training sample gets
 LIMITS = SandboxLimits(wall_seconds=10, cpu_seconds=5, memory_mb=512)

@@ -27,7 +27,7 @@ The sibling is chosen as in the rewards signal: the best successful other sample
 with <think> blocks stripped when strip_thinking is set.
 
 Data: one JSON object per line, `{"id"?: str, "prompt": str | messages, "tests"?: [...],
-"test_code"?: str, "entry_point"?: str}`; the tests format is in verification/environments.py.
+"test_code"?: str, "entry_point"?: str}`; the tests format is in verification/python_tests.py.
 The whole line is the `example` dict given to the environment, so a user environment may read any
 other key.
 """
@@ -51,12 +51,8 @@ from sdcli.signals.rewards import (
     render_solution,
     sibling_solution,
 )
-from sdcli.verification.environments import (
-    EnvFn,
-    call_environment,
-    check_python_tests,
-    load_environment,
-)
+from sdcli.verification.environments import EnvFn, call_environment, load_environment
+from sdcli.verification.python_tests import check_python_tests
 from sdcli.verification.sandbox import run_python
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ Two programs, each run as main.py in a sandbox of its own (`python main.py runne
 - the runner holds the code under test. It loads solution.py, evaluates each test's input
   expression (from inputs.json) and prints the value it got, one JSON line per test, in the
   format below. It never sees an expected value, so nothing it prints can claim a test passed:
-  the trusted parent (environments.py) compares. Then, when there is `test_code`, it answers
+  the trusted parent (python_tests_feedback.py) compares. Then, when there is `test_code`, it answers
   the judge's requests on two pipes: the code's top-level names, and calls, attributes, items,
   lengths and iterations on the code's objects.
 - the judge runs the data's `test_code` (read from stdin), where each top-level name of the
@@ -22,7 +22,9 @@ lists; a one-key object for the rest: {"int": hex}, {"float": "nan"}, {"tuple": 
 {"complex": [re, im]}; and {"ref": n, "type": name} for an object of the code, between runner
 and judge only. Only these exact types cross: a subclass of int or str does not.
 
-Imports the standard library only: it runs where sdcli cannot be imported.
+Imports the standard library only: it runs where sdcli cannot be imported (the sandbox does not
+show the package's folder), which is also why it is one file: it is sent as main.py's source,
+and the parent imports the value format from it, so both sides read one definition.
 """
 
 import builtins
@@ -354,6 +356,40 @@ def judge(config: dict) -> None:
     test_code = sys.stdin.read()
     lines = Lines(*config["rpc"])
     per_test = config["per_test"]
+    Remote = _remote_class(lines)
+    names = _names_of_the_code(lines, Remote, emit)
+    if names is None:
+        return
+    ns = {"__name__": "tests", "__builtins__": builtins}
+    # Not a name that shadows a builtin: `sorted = ...` in the code must not change what
+    # `assert f(x) == sorted(x)` in the tests compares with.
+    ns.update((k, v) for k, v in names.items() if type(k) is str and not k.startswith("_") and not hasattr(builtins, k))
+    register("<test_code>", test_code)
+    code = compile(test_code, "<test_code>", "exec")
+    _, error, timed_out, _ = guarded(lambda: exec(code, ns), per_test)
+    emit(passed=error is None and not timed_out, timeout=timed_out, error=error)
+
+
+def _names_of_the_code(lines: Lines, Remote: type, emit) -> dict | None:
+    """The code's top-level names, values and proxies; None, with the verdict emitted, when the runner gives none."""
+    try:
+        lines.send({"op": "names"})
+        reply = lines.receive()  # after the runner's tests: no time limit but the sandbox's
+    except (Unreachable, OSError, ValueError):
+        emit(passed=False, unreachable=True)
+        return None
+    if reply.get("stopped") or reply.get("timeout"):
+        emit(passed=False, skipped=True)
+        return None
+    try:
+        return decode(reply["names"], Remote)
+    except (KeyError, ValueError):
+        emit(passed=False, unreachable=True)
+        return None
+
+
+def _remote_class(lines: Lines) -> type:
+    """The class of the proxies for the code's names and objects, asking the runner over `lines`."""
 
     def ask(request: dict):
         lines.send(request)
@@ -410,28 +446,7 @@ def judge(config: dict) -> None:
         def __repr__(self):
             return f"<{object.__getattribute__(self, '_type')} object of the code under test>"
 
-    try:
-        lines.send({"op": "names"})
-        reply = lines.receive()  # after the runner's tests: no time limit but the sandbox's
-    except (Unreachable, OSError, ValueError):
-        emit(passed=False, unreachable=True)
-        return
-    if reply.get("stopped") or reply.get("timeout"):
-        emit(passed=False, skipped=True)
-        return
-    try:
-        names = decode(reply["names"], Remote)
-    except (KeyError, ValueError):
-        emit(passed=False, unreachable=True)
-        return
-    ns = {"__name__": "tests", "__builtins__": builtins}
-    # Not a name that shadows a builtin: `sorted = ...` in the code must not change what
-    # `assert f(x) == sorted(x)` in the tests compares with.
-    ns.update((k, v) for k, v in names.items() if type(k) is str and not k.startswith("_") and not hasattr(builtins, k))
-    register("<test_code>", test_code)
-    code = compile(test_code, "<test_code>", "exec")
-    _, error, timed_out, _ = guarded(lambda: exec(code, ns), per_test)
-    emit(passed=error is None and not timed_out, timeout=timed_out, error=error)
+    return Remote
 
 
 def _refuse(value):

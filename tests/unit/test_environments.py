@@ -11,15 +11,9 @@ import pytest
 
 from sdcli.core.errors import RecipeError
 from sdcli.recipe.signal_sections import FeedbackSignal, SandboxLimits
-from sdcli.verification.environments import (
-    NO_CODE,
-    call_environment,
-    cap,
-    check_python_tests,
-    extract_code,
-    load_environment,
-    python_tests,
-)
+from sdcli.verification.environments import call_environment, load_environment
+from sdcli.verification.python_tests import NO_CODE, check_python_tests, extract_code, python_tests
+from sdcli.verification.python_tests_feedback import cap
 
 needs_sandbox = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs Linux or macOS")
 

@@ -19,7 +19,7 @@ from sandbox_helpers import level  # noqa: F401  (a fixture)
 
 from sdcli.recipe.signal_sections import SandboxLimits
 from sdcli.verification import sandbox
-from sdcli.verification.environments import python_tests
+from sdcli.verification.python_tests import python_tests
 from sdcli.verification.sandbox import Isolation
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs Linux or macOS")

@@ -18,7 +18,8 @@ import pytest
 from sandbox_helpers import level, marker, missing_isolation, survivors  # noqa: F401  (level is a fixture)
 
 from sdcli.recipe.signal_sections import SandboxLimits
-from sdcli.verification.sandbox import INSIDE, Isolation, isolation, run_python
+from sdcli.verification.sandbox import Isolation, isolation, run_python
+from sdcli.verification.sandbox_bubblewrap import INSIDE
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs Linux or macOS")
 

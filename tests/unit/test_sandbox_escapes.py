@@ -12,19 +12,22 @@ test_sandbox_as_user.py runs this file again as a normal user.
 
 from __future__ import annotations
 
+import dis
 import os
 import signal
 import stat
 import tempfile
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
 from sandbox_helpers import marker, missing_isolation, survivors
 
 from sdcli.recipe.signal_sections import SandboxLimits
-from sdcli.verification import sandbox
+from sdcli.verification import sandbox_guard as guard
+from sdcli.verification import sandbox_process
 from sdcli.verification.sandbox import isolation, run_python
 
 pytestmark = pytest.mark.skipif(not os.uname().sysname == "Linux", reason="the escapes tested are Linux-specific")
@@ -48,7 +51,7 @@ def where(request, monkeypatch) -> tuple[str, bool]:
     if level == "bubblewrap" and isolation().level != "bubblewrap":
         missing_isolation(f"bubblewrap is not usable here ({isolation().why}); apt-get install bubblewrap to test it")
     if request.param.endswith("no_namespaces"):
-        monkeypatch.setattr(sandbox, "_PROCESS_NAMESPACES", False)
+        monkeypatch.setattr(sandbox_process, "_PROCESS_NAMESPACES", False)
     return level, guards
 
 
@@ -171,6 +174,19 @@ def test_monkeypatching_what_the_guard_uses_does_not_open_it(episode):
     )
     assert r.returncode != 0 and "PermissionError" in r.stderr, r.stderr
     assert_untouched(episode)
+
+
+def test_the_guard_looks_nothing_up_while_it_runs():
+    """The hook and the rules it calls read only their closures, never a global or a builtin at
+    call time (the code under test could replace those), however the guard is split into helpers."""
+    builders = (guard._path_functions, guard._file_rules, guard._import_rule, guard._audit_hook)
+    todo = [c for b in builders for c in b.__code__.co_consts if isinstance(c, types.CodeType)]
+    assert len(todo) >= 10  # real, under, as_text, resolve, the file and import rules, the hook
+    while todo:
+        code = todo.pop()
+        looked_up = {i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"}
+        assert not looked_up, f"{code.co_name} reads {sorted(looked_up)} when it runs"
+        todo += [c for c in code.co_consts if isinstance(c, types.CodeType)]
 
 
 def test_hard_link_to_an_outside_file_then_writing_it(where, episode):
