@@ -7,11 +7,10 @@ costs one read of every weight. What keeps it cheap:
   a quarter of the bytes per token. The loss scores the samples again with the float model;
 - otherwise the adapters are folded into the weights while sampling (`merged_for_sampling`): one
   matmul per linear layer instead of three;
-- a plain decoding loop over the KV cache (no logits processors, stopping criteria or per-step
-  bookkeeping of `generate`), logits only for the last position, and sampling by inverse CDF
-  (one uniform number per row instead of a multinomial draw over the whole vocabulary);
-- every prompt x sample goes through as one left-padded batch, and the loop stops when all rows
-  have produced a stop token.
+- every prompt x sample goes through `generate` as one left-padded batch, which stops when all
+  rows have produced a stop token. (sd had its own decoding loop until it measured it against
+  `generate`, interleaved in one process: 1.04x as fast from int8 copies, 0.98x with folded float
+  weights; benchmarks/decode_vs_generate.py, README "Speed and memory".)
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 
 from sdcli.models.int8_sampling import int8_for_sampling
 from sdcli.models.model import eval_mode, merged_for_sampling
-from sdcli.models.sequences import cache_argument, cut_at_eos
+from sdcli.models.sequences import cut_at_eos
 
 
 @dataclass
@@ -35,60 +34,35 @@ class SamplingSettings:
     int8: bool = False  # sample from int8 copies of the base (sdcli.models.int8_sampling); then nothing is folded
 
 
-def pick_next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]: greedy at temperature 0, else temperature / top-k / top-p sampling."""
-    if settings.temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits.float() / settings.temperature
-    if settings.top_k and settings.top_k < logits.shape[-1]:
-        kth = logits.topk(settings.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if settings.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
-        sorted_probs = sorted_probs.masked_fill(before >= settings.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+def generation_config(settings: SamplingSettings, stop_ids: set[int], pad_id: int):
+    """`settings` as a complete GenerationConfig: every sampling knob set, so nothing comes from the
+    model's own generation_config.json (a repetition penalty or a top-k of 50 there would change
+    the distribution the loss assumes)."""
+    from transformers import GenerationConfig
+
+    sample = settings.temperature > 0.0
+    return GenerationConfig(
+        do_sample=sample, temperature=settings.temperature if sample else None,
+        top_k=settings.top_k if sample else None, top_p=settings.top_p if sample else None,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, max_new_tokens=settings.max_new_tokens,
+        eos_token_id=sorted(stop_ids), pad_token_id=pad_id, num_beams=1, use_cache=True,
+    )
 
 
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids: set[int], pad_id: int) -> list[list[int]]:
-    """Autoregressive sampling with a KV cache. prompts: token ids per row. Returns new tokens per row."""
-    from transformers import DynamicCache
-
+    """transformers' `generate` on one left-padded batch. prompts: token ids per row. Returns the new
+    tokens per row (pad after a row's stop token)."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    rows = len(prompts)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((rows, width), dtype=torch.long)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         attention[i, width - len(p) :] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    cache = {cache_argument(model): DynamicCache()}  # filled in place by every forward
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **cache)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    generated: list[torch.Tensor] = []
-    for _ in range(settings.max_new_tokens):
-        next_tokens = pick_next_tokens(out.logits[:, -1, :], settings)
-        next_tokens = next_tokens.masked_fill(finished, pad_id)
-        generated.append(next_tokens)
-        finished |= torch.isin(next_tokens, stop)
-        if bool(finished.all()):
-            break
-        attention = torch.cat([attention, torch.ones((rows, 1), dtype=attention.dtype, device=device)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=next_tokens[:, None], attention_mask=attention, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **cache)
-    if not generated:
-        return [[] for _ in prompts]
-    return torch.stack(generated, dim=1).tolist()
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                         generation_config=generation_config(settings, stop_ids, pad_id))
+    return out[:, width:].tolist()
 
 
 def sample_responses(model, tokenizer, prompts: list[list[int]], settings: SamplingSettings, stop_ids: set[int]) -> list[list[int]]:
