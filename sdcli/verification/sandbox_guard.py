@@ -35,6 +35,8 @@ reach changes what the hook does:
   type-checked before it is compared or asked for anything, so the hook never calls the code's
   methods, and the hook raises no audit event itself, so the code's own audit hooks never run
   inside it;
+- no exception is taken for the file system's answer ("not a symlink", "not a folder"): the
+  code's signal handlers run between two bytecodes of the hook and can raise anywhere in it;
 - gc's object listings, trace and profile functions, and other threads' frames
   (`sys._current_frames`, `sys._current_exceptions`) are refused.
 
@@ -171,7 +173,7 @@ def install_guard(root: str, *, strict: bool) -> None:
     """Install the audit hook and drop the unaudited calls; see the module docstring for what it refuses.
 
     The hook keeps everything it uses in its functions' default arguments, taken now: C
-    functions (posix.lstat, readlink, getcwd), builtins, strings, tuples and frozen sets.
+    functions (posix.lstat, readlink, getcwd, access), builtins, strings, tuples and frozen sets.
     It calls no Python-level helper (os.path, os.fsdecode, builtins looked up at call time),
     since the code under test could replace those. The functions below build the hook's parts:
     each takes what its functions use as arguments and binds it as their defaults, never in a
@@ -182,7 +184,7 @@ def install_guard(root: str, *, strict: bool) -> None:
     import posix
     import signal
 
-    paths = _path_functions(posix.lstat, posix.readlink, posix.getcwd)
+    paths = _path_functions(posix.lstat, posix.readlink, posix.getcwd, posix.access)
     real, under = paths[:2]
     root = real(root)
     prefixes = {real(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
@@ -195,7 +197,7 @@ def install_guard(root: str, *, strict: bool) -> None:
     # work in C that no audit event sees.
     stdlib = real(os.path.dirname(os.__file__))
     native_dirs = (stdlib,) if strict else python_dirs
-    on_files = _file_rules(posix.lstat, paths, root, python_dirs, read_roots)
+    on_files = _file_rules(paths, root, python_dirs, read_roots)
     on_import = _import_rule(real, under, native_dirs, tuple(_imp.extension_suffixes()), strict)
     hook = _audit_hook(on_files, on_import, posix.getpid(), strict)
     _drop_unaudited(posix, signal, _imp)
@@ -205,10 +207,26 @@ def install_guard(root: str, *, strict: bool) -> None:
     sys.addaudithook(hook)
 
 
-def _path_functions(lstat, readlink, getcwd) -> tuple:
-    """(real, under, as_text, resolve): the hook's path arithmetic, on the C functions given."""
+def _path_functions(lstat, readlink, getcwd, access) -> tuple:
+    """(real, under, as_text, resolve, file_type): the hook's path arithmetic, on the C functions given.
 
-    def real(path, base=None, lstat=lstat, readlink=readlink, getcwd=getcwd, OSErr=OSError, ValErr=ValueError):
+    No answer here comes from an exception taken to mean "nothing there": Python runs the code's
+    signal handlers between two bytecodes of whatever runs, the hook included, and an exception
+    one raises inside a `try` would be taken for the file system's answer (not a symlink, not a
+    folder). Where an exception is caught, the answer is "unknown" (None), which the rules refuse.
+    """
+
+    def file_type(path, lstat=lstat, access=access, OSErr=OSError):
+        """The type bits of the entry `path` names (a symlink itself, not followed); 0 where there is none."""
+        try:
+            return lstat(path).st_mode & 0o170000
+        except OSErr:
+            pass  # nothing there, or an exception raised into the hook: ask in a way that cannot be faked
+        if not access(path, 0, effective_ids=True, follow_symlinks=False):  # F_OK: returns, never raises
+            return 0
+        return lstat(path).st_mode & 0o170000  # there after all (or a race): an error here refuses the event
+
+    def real(path, base=None, file_type=file_type, readlink=readlink, getcwd=getcwd, OSErr=OSError, ValErr=ValueError):
         """The absolute path with every symlink resolved, like os.path.realpath; None past 40 links."""
         if not path.startswith("/"):
             path = (base if base is not None else getcwd()) + "/" + path
@@ -221,11 +239,7 @@ def _path_functions(lstat, readlink, getcwd) -> tuple:
                 done = done[: done.rfind("/")]
                 continue
             candidate = done + "/" + name
-            try:
-                is_link = lstat(candidate).st_mode & 0o170000 == 0o120000
-            except (OSErr, ValErr):
-                is_link = False
-            if not is_link:
+            if file_type(candidate) != 0o120000:
                 done = candidate
                 continue
             links += 1
@@ -270,13 +284,13 @@ def _path_functions(lstat, readlink, getcwd) -> tuple:
         except (OSErr, ValErr):
             return None
 
-    return real, under, as_text, resolve
+    return real, under, as_text, resolve, file_type
 
 
-def _file_rules(lstat, paths: tuple, root: str, python_dirs: tuple, read_roots: tuple) -> tuple:
+def _file_rules(paths: tuple, root: str, python_dirs: tuple, read_roots: tuple) -> tuple:
     """(on_open, on_write, on_read): the hook's rules for the events that touch files."""
-    real, under, as_text, resolve = paths
-    PE, OSErr, ValErr, TypeErr = PermissionError, OSError, ValueError, TypeError
+    real, under, as_text, resolve, file_type = paths
+    PE = PermissionError
     type_name = type.__dict__["__name__"].__get__  # a type's own name: no metaclass property is asked
 
     def inside_python(p, python_dirs=tuple(python_dirs), under=under):
@@ -305,9 +319,8 @@ def _file_rules(lstat, paths: tuple, root: str, python_dirs: tuple, read_roots: 
             raise PE(f"sandbox: {what}: {verb} outside the working folder is not allowed: {shown!r}")
 
     def on_open(
-        args, check=check, resolve=resolve, as_text=as_text, under=under, inside_python=inside_python, lstat=lstat,
-        root=root, write_flags=WRITE_FLAGS, _type=type, _str=str, _int=int, PE=PE, OSErr=OSErr, ValErr=ValErr,
-        TypeErr=TypeErr,
+        args, check=check, resolve=resolve, as_text=as_text, under=under, inside_python=inside_python,
+        file_type=file_type, root=root, write_flags=WRITE_FLAGS, _type=type, _str=str, _int=int, PE=PE,
     ):
         path, mode, flags = args
         if _type(path) is _int:
@@ -323,11 +336,9 @@ def _file_rules(lstat, paths: tuple, root: str, python_dirs: tuple, read_roots: 
         check(path, None, writing, "open")
         # A folder opened outside would let os.open(..., dir_fd=) reach anywhere.
         p = resolve(path)
-        try:
-            is_dir = lstat(p).st_mode & 0o170000 == 0o040000
-        except (OSErr, ValErr, TypeErr):
-            is_dir = False
-        if is_dir and not (under(p, root) or inside_python(p)):
+        if p is None:  # check() just resolved it: a race, or an exception raised into the hook
+            raise PE(f"sandbox: open: cannot tell where {text!r} is")
+        if file_type(p) == 0o040000 and not (under(p, root) or inside_python(p)):
             raise PE(f"sandbox: opening a folder outside the working folder is not allowed: {text!r}")
 
     def on_write(

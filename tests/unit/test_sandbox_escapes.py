@@ -543,8 +543,8 @@ def test_the_hook_holds_nothing_mutable():
     exception is the guard's module namespace, which tells the guard's functions apart (`is`)."""
     import posix
 
-    paths = guard._path_functions(posix.lstat, posix.readlink, posix.getcwd)
-    on_files = guard._file_rules(posix.lstat, paths, "/nowhere", ("/usr/lib",), ("/nowhere", "/usr/lib"))
+    paths = guard._path_functions(posix.lstat, posix.readlink, posix.getcwd, posix.access)
+    on_files = guard._file_rules(paths, "/nowhere", ("/usr/lib",), ("/nowhere", "/usr/lib"))
     on_import = guard._import_rule(paths[0], paths[1], ("/usr/lib",), (".so",), True)
     hook = guard._audit_hook(on_files, on_import, os.getpid(), True)
     immutable = (str, bytes, int, bool, type(None), type, types.BuiltinFunctionType, types.MethodWrapperType)
@@ -565,3 +565,67 @@ def test_the_hook_holds_nothing_mutable():
             assert type(obj) in immutable, f"the hook holds a {type(obj).__name__}: {obj!r}"
     assert len(seen) > 20
 
+
+# Model code whose signal handler raises inside the guard: Python runs a handler between two
+# bytecodes of whatever runs, the hook included, so where the hook took an exception to mean
+# "no such file" (not a symlink, not a folder), an injected one made it allow what it refuses.
+INJECT = '''
+import os, signal, time
+
+def handler(*a):
+    raise FileNotFoundError(2, "injected")
+
+def injected(call):
+    """call() with SIGALRM going off at once, again and again, until it returns (or 2 s pass)."""
+    signal.signal(signal.SIGALRM, handler)
+    tries, start = 0, time.time()
+    while time.time() - start < 2:
+        tries += 1
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.00001 * (1 + tries % 50))
+            return call()
+        except OSError:
+            pass
+        finally:
+            while True:
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    break
+                except OSError:
+                    pass
+'''
+
+INJECTED = {
+    # The hook's "is it a folder outside?" treated an error as "no": a folder of /proc/self
+    # opened, and its root/ link reached the whole file system through dir_fd.
+    "folder_outside_then_dir_fd": """
+        fd = injected(lambda: os.open("/proc/self", os.O_RDONLY))
+        print("got a folder outside:", fd)
+        if fd is not None:
+            os.write(os.open("root" + OUT, os.O_WRONLY | os.O_CREAT, dir_fd=fd), b"escaped")
+            print("WROTE OUTSIDE")
+        """,
+    # Its path resolution treated an error as "not a symlink": /proc/self/root/... stayed
+    # inside /proc/self, which is readable, while the kernel follows it to /.
+    "symlink_not_followed": """
+        text = injected(lambda: open("/proc/self/root" + OUT).read())
+        print("READ OUTSIDE" if text else "nothing read")
+        """,
+}
+
+
+@pytest.mark.parametrize("how", list(INJECTED))
+def test_an_exception_injected_into_the_guard_does_not_open_it(how):
+    out = f"/tmp/{marker()}"
+    if how == "symlink_not_followed":
+        Path(out).write_text("outside")
+        os.chmod(out, 0o644)
+    code = INJECT + f"OUT = {out!r}\n" + textwrap.dedent(INJECTED[how])
+    try:
+        r = run_python(code, LIMITS, level="process")
+        assert "WROTE OUTSIDE" not in r.stdout and "READ OUTSIDE" not in r.stdout, r.stdout + r.stderr
+        if how == "folder_outside_then_dir_fd":
+            assert not os.path.exists(out)
+    finally:
+        if os.path.exists(out):
+            os.remove(out)
