@@ -28,7 +28,8 @@ reach changes what the hook does:
   event) and look up no global or builtin when they run: everything they use is a default
   argument, held in the function's `__defaults__` tuple, and every value there is immutable
   (str, int, tuple, frozenset, C functions, builtin types, and functions built the same way);
-  no dict, set or mappingproxy (comparing a mappingproxy with a dict subclass hands it the dict);
+  no dict, set or mappingproxy that it reads (comparing a mappingproxy with a dict subclass
+  hands it the dict); the guard's module namespace is held only to recognise its functions (`is`);
 - the one way to change those (assigning or deleting `__defaults__`, `__kwdefaults__` or
   `__code__`) raises an audit event, which the hook refuses for the guard's functions;
 - whatever the code hands the hook (`sys.audit` raises any event with any arguments) is
@@ -428,7 +429,8 @@ def _audit_hook(on_files: tuple, on_import, pid: int, strict: bool):
             if _type(name) is _str and name == "__code__":
                 raise PE("sandbox: replacing a function's code is not allowed")
             if _type(obj) is _function and _type(name) is _str and name in own_attributes:
-                if obj.__globals__ is own_globals:  # compared, never read; __globals__, unlike __code__, raises no event
+                # __globals__, unlike __code__, is read with no audit event
+                if obj.__globals__ is own_globals:
                     raise PE("sandbox: changing the sandbox guard's functions is not allowed")
         elif strict and event in strict_events:
             raise PE(f"sandbox: {event} is not allowed (code is compiled from source only)")
