@@ -16,6 +16,38 @@ memory (imports then compile from source), native modules other than the standar
 (a compiled package does its file and process work in C, unseen), and sqlite3. It is a
 Python-level guard: races (a symlink swapped between the check and the call) and native code
 get around it. The kernel-level isolation in sandbox.py is the boundary where the machine has it.
+
+The guard runs in the same interpreter as the code it guards, so the code can see it: the
+traceback of a refusal (or of any error raised inside the hook) holds the hook's frames, whose
+f_locals, f_globals and f_back are open to it, as are `inspect` and the functions those frames
+hold. Reading all that is allowed (tracebacks of the code's own errors must print); what the
+guard promises, at the process level where it is the last line, is that nothing the code can
+reach changes what the hook does:
+
+- the hook and its rules keep no closure cells (a cell's contents can be rebound with no audit
+  event) and look up no global or builtin when they run: everything they use is a default
+  argument, held in the function's `__defaults__` tuple, and every value there is immutable
+  (str, int, tuple, frozenset, C functions, builtin types, and functions built the same way);
+  no dict, set or mappingproxy that it reads (comparing a mappingproxy with a dict subclass
+  hands it the dict); the guard's module namespace is held only to recognise its functions (`is`);
+- the one way to change those (assigning or deleting `__defaults__`, `__kwdefaults__` or
+  `__code__`) raises an audit event, which the hook refuses for the guard's functions;
+- whatever the code hands the hook (`sys.audit` raises any event with any arguments) is
+  type-checked before it is compared or asked for anything, so the hook never calls the code's
+  methods, and the hook raises no audit event itself, so the code's own audit hooks never run
+  inside it;
+- no exception is taken for the file system's answer ("not a symlink", "not a folder"): the
+  code's signal handlers run between two bytecodes of the hook and can raise anywhere in it;
+- gc's object listings, trace and profile functions, and other threads' frames
+  (`sys._current_frames`, `sys._current_exceptions`) are refused.
+
+What it does not promise: that the guard's frames or its settings (the folder, the paths it
+reads) stay hidden; anything against native code, a memory-safety bug in CPython, or a race in
+the file system; and, on Python 3.13 and later, anything against code that runs while the hook
+does (a signal handler, a finalizer run by the garbage collector) and writes the running
+hook's locals through `frame.f_locals`, which became writable there (PEP 667). Bubblewrap is
+the boundary; at the process level the guard is a last line that a determined attacker who
+finds a gap in CPython gets past.
 """
 
 import os
@@ -88,18 +120,23 @@ REFUSED_EVENTS = frozenset(
         "pty.spawn",
         "resource.setrlimit",
         "resource.prlimit",
-        # Ways to reach the guard's own function or frame (and so its closure): refused.
+        # Ways to reach the guard's functions, or its frames while they run (another thread's,
+        # whose locals Python 3.13 lets code rebind): refused.
         "gc.get_objects",
         "gc.get_referrers",
         "gc.get_referents",
         "sys.settrace",
         "sys.setprofile",
         "sys.monitoring.register_callback",
+        "sys._current_frames",
+        "sys._current_exceptions",
         "sqlite3.enable_load_extension",
         "sqlite3.load_extension",
     }
 )
 REFUSED_PREFIXES = ("socket.", "ctypes.", "syslog.", "_winapi.", "winreg.")
+# A guard function's attributes that hold what it runs with: assigning or deleting them is refused.
+GUARD_ATTRIBUTES = frozenset({"__code__", "__defaults__", "__kwdefaults__"})
 STRICT_EVENTS = frozenset({"marshal.loads", "marshal.load", "code.__new__"})
 
 # event -> ((path index, dir_fd index or None), ...) for calls that change the file system.
@@ -136,18 +173,19 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 def install_guard(root: str, *, strict: bool) -> None:
     """Install the audit hook and drop the unaudited calls; see the module docstring for what it refuses.
 
-    The hook keeps everything it uses in its own closure, taken now: C functions (posix.lstat,
-    readlink, getcwd), builtins and frozen sets. It calls no Python-level helper (os.path,
-    os.fsdecode, builtins looked up at call time), since the code under test could replace
-    those. Its function object is unreachable: gc's object listings and trace functions (the
-    ways to reach it or its frame while it runs) are refused too. The functions below build the
-    hook's parts: each takes what its closures use as arguments, so nothing is looked up later.
+    The hook keeps everything it uses in its functions' default arguments, taken now: C
+    functions (posix.lstat, readlink, getcwd, access), builtins, strings, tuples and frozen sets.
+    It calls no Python-level helper (os.path, os.fsdecode, builtins looked up at call time),
+    since the code under test could replace those. The functions below build the hook's parts:
+    each takes what its functions use as arguments and binds it as their defaults, never in a
+    closure, so nothing is looked up later and nothing the code reaches can be rebound (see the
+    module docstring).
     """
     import _imp
     import posix
     import signal
 
-    paths = _path_functions(posix.lstat, posix.readlink, posix.getcwd)
+    paths = _path_functions(posix.lstat, posix.readlink, posix.getcwd, posix.access)
     real, under = paths[:2]
     root = real(root)
     prefixes = {real(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
@@ -160,7 +198,7 @@ def install_guard(root: str, *, strict: bool) -> None:
     # work in C that no audit event sees.
     stdlib = real(os.path.dirname(os.__file__))
     native_dirs = (stdlib,) if strict else python_dirs
-    on_files = _file_rules(posix.lstat, paths, root, python_dirs, read_roots)
+    on_files = _file_rules(paths, root, python_dirs, read_roots)
     on_import = _import_rule(real, under, native_dirs, tuple(_imp.extension_suffixes()), strict)
     hook = _audit_hook(on_files, on_import, posix.getpid(), strict)
     _drop_unaudited(posix, signal, _imp)
@@ -170,12 +208,26 @@ def install_guard(root: str, *, strict: bool) -> None:
     sys.addaudithook(hook)
 
 
-def _path_functions(lstat, readlink, getcwd) -> tuple:
-    """(real, under, as_text, resolve): the hook's path arithmetic, on the C functions given."""
-    _type, _str, _bytes, _int = type, str, bytes, int
-    OSErr, ValErr = OSError, ValueError
+def _path_functions(lstat, readlink, getcwd, access) -> tuple:
+    """(real, under, as_text, resolve, file_type): the hook's path arithmetic, on the C functions given.
 
-    def real(path, base=None):
+    No answer here comes from an exception taken to mean "nothing there": Python runs the code's
+    signal handlers between two bytecodes of whatever runs, the hook included, and an exception
+    one raises inside a `try` would be taken for the file system's answer (not a symlink, not a
+    folder). Where an exception is caught, the answer is "unknown" (None), which the rules refuse.
+    """
+
+    def file_type(path, lstat=lstat, access=access, OSErr=OSError):
+        """The type bits of the entry `path` names (a symlink itself, not followed); 0 where there is none."""
+        try:
+            return lstat(path).st_mode & 0o170000
+        except OSErr:
+            pass  # nothing there, or an exception raised into the hook: ask in a way that cannot be faked
+        if not access(path, 0, effective_ids=True, follow_symlinks=False):  # F_OK: returns, never raises
+            return 0
+        return lstat(path).st_mode & 0o170000  # there after all (or a race): an error here refuses the event
+
+    def real(path, base=None, file_type=file_type, readlink=readlink, getcwd=getcwd, OSErr=OSError, ValErr=ValueError):
         """The absolute path with every symlink resolved, like os.path.realpath; None past 40 links."""
         if not path.startswith("/"):
             path = (base if base is not None else getcwd()) + "/" + path
@@ -188,11 +240,7 @@ def _path_functions(lstat, readlink, getcwd) -> tuple:
                 done = done[: done.rfind("/")]
                 continue
             candidate = done + "/" + name
-            try:
-                is_link = lstat(candidate).st_mode & 0o170000 == 0o120000
-            except (OSErr, ValErr):
-                is_link = False
-            if not is_link:
+            if file_type(candidate) != 0o120000:
                 done = candidate
                 continue
             links += 1
@@ -212,7 +260,7 @@ def _path_functions(lstat, readlink, getcwd) -> tuple:
     def under(path, top):
         return path == top or path.startswith(top + "/") or top == "/"
 
-    def as_text(path):
+    def as_text(path, _type=type, _str=str, _bytes=bytes):
         t = _type(path)
         if t is _str:
             return path
@@ -220,7 +268,10 @@ def _path_functions(lstat, readlink, getcwd) -> tuple:
             return path.decode("utf-8", "surrogateescape")
         return None  # the events carry paths already converted by os.fspath; anything else is refused
 
-    def resolve(path, dir_fd=None):
+    def resolve(
+        path, dir_fd=None, real=real, as_text=as_text, readlink=readlink, _type=type, _int=int,
+        OSErr=OSError, ValErr=ValueError,
+    ):
         """The real absolute path `path` (a path, or an open fd) names, or None when unknown."""
         try:
             if _type(path) is _int:
@@ -234,23 +285,22 @@ def _path_functions(lstat, readlink, getcwd) -> tuple:
         except (OSErr, ValErr):
             return None
 
-    return real, under, as_text, resolve
+    return real, under, as_text, resolve, file_type
 
 
-def _file_rules(lstat, paths: tuple, root: str, python_dirs: tuple, read_roots: tuple) -> tuple:
+def _file_rules(paths: tuple, root: str, python_dirs: tuple, read_roots: tuple) -> tuple:
     """(on_open, on_write, on_read): the hook's rules for the events that touch files."""
-    real, under, as_text, resolve = paths
-    _type, _str, _bytes, _int, _len = type, str, bytes, int, len
-    PE, OSErr, ValErr, TypeErr = PermissionError, OSError, ValueError, TypeError
-    devices, write_flags = READABLE_DEVICES, WRITE_FLAGS
+    real, under, as_text, resolve, file_type = paths
+    PE = PermissionError
+    type_name = type.__dict__["__name__"].__get__  # a type's own name: no metaclass property is asked
 
-    def inside_python(p):
+    def inside_python(p, python_dirs=tuple(python_dirs), under=under):
         for top in python_dirs:
             if under(p, top):
                 return True
         return False
 
-    def readable(p):
+    def readable(p, read_roots=tuple(read_roots), devices=READABLE_DEVICES, under=under):
         if p is None:
             return False
         for top in read_roots:
@@ -258,15 +308,21 @@ def _file_rules(lstat, paths: tuple, root: str, python_dirs: tuple, read_roots: 
                 return True
         return p in devices
 
-    def check(path, dir_fd, write, what):
+    def check(
+        path, dir_fd, write, what, resolve=resolve, under=under, readable=readable, root=root,
+        _type=type, _str=str, _bytes=bytes, _int=int, PE=PE, type_name=type_name,
+    ):
         p = resolve(path, dir_fd)
         ok = (p is not None and (under(p, root) or p == "/dev/null")) if write else readable(p)
         if not ok:
             verb = "writing" if write else "reading"
-            shown = path if _type(path) in (_str, _bytes, _int) else _type(path).__name__
+            shown = path if _type(path) in (_str, _bytes, _int) else type_name(_type(path))
             raise PE(f"sandbox: {what}: {verb} outside the working folder is not allowed: {shown!r}")
 
-    def on_open(args):
+    def on_open(
+        args, check=check, resolve=resolve, as_text=as_text, under=under, inside_python=inside_python,
+        file_type=file_type, root=root, write_flags=WRITE_FLAGS, _type=type, _str=str, _int=int, PE=PE,
+    ):
         path, mode, flags = args
         if _type(path) is _int:
             return  # wraps an already-open file descriptor
@@ -281,14 +337,15 @@ def _file_rules(lstat, paths: tuple, root: str, python_dirs: tuple, read_roots: 
         check(path, None, writing, "open")
         # A folder opened outside would let os.open(..., dir_fd=) reach anywhere.
         p = resolve(path)
-        try:
-            is_dir = lstat(p).st_mode & 0o170000 == 0o040000
-        except (OSErr, ValErr, TypeErr):
-            is_dir = False
-        if is_dir and not (under(p, root) or inside_python(p)):
+        if p is None:  # check() just resolved it: a race, or an exception raised into the hook
+            raise PE(f"sandbox: open: cannot tell where {text!r} is")
+        if file_type(p) == 0o040000 and not (under(p, root) or inside_python(p)):
             raise PE(f"sandbox: opening a folder outside the working folder is not allowed: {text!r}")
 
-    def on_write(event, places, args):
+    def on_write(
+        event, places, args, check=check, as_text=as_text, real=real, under=under, root=root, _type=type, _int=int,
+        _len=len, PE=PE,
+    ):
         """`places`: the event's ((path index, dir_fd index or None), ...) in WRITE_EVENTS."""
         for i, fd_i in places:
             if i < _len(args) and args[i] is not None:
@@ -301,7 +358,7 @@ def _file_rules(lstat, paths: tuple, root: str, python_dirs: tuple, read_roots: 
             if not target.startswith("/") and ".." in target.split("/"):
                 raise PE(f"sandbox: a symlink target with '..' is not allowed: {target!r}")
 
-    def on_read(event, path):
+    def on_read(event, path, check=check):
         check("." if path is None else path, None, False, event)
 
     return on_open, on_write, on_read
@@ -309,18 +366,20 @@ def _file_rules(lstat, paths: tuple, root: str, python_dirs: tuple, read_roots: 
 
 def _import_rule(real, under, native_dirs: tuple, suffixes: tuple, strict: bool):
     """The hook's rule for imports: no refused module, and native modules from `native_dirs` only."""
-    _type, _str, _len = type, str, len
-    ImportErr = ImportError
     refused_imports = REFUSED_IMPORTS | STRICT_IMPORTS if strict else REFUSED_IMPORTS
 
-    def native_allowed(p):
+    def native_allowed(p, native_dirs=tuple(native_dirs), under=under, strict=strict, _len=len):
         for top in native_dirs:
             rest = p[_len(top) :]
             if under(p, top) and not (strict and ("/site-packages/" in rest or "/dist-packages/" in rest)):
                 return True
         return False
 
-    def on_import(args):
+    def on_import(
+        args, refused_imports=refused_imports, suffixes=tuple(suffixes), real=real, native_allowed=native_allowed,
+        where="the standard library" if strict else "the Python installation", _type=type, _str=str,
+        ImportErr=ImportError,
+    ):
         name, filename = args[0], args[1]
         # ImportError, so the standard library's fallbacks (hashlib, dbm, ...) still work.
         if _type(name) is _str and name.rpartition(".")[2] in refused_imports:
@@ -329,7 +388,6 @@ def _import_rule(real, under, native_dirs: tuple, suffixes: tuple, strict: bool)
             p = real(filename)
             base = filename.rpartition("/")[2].partition(".")[0]
             if base in refused_imports or p is None or not native_allowed(p):
-                where = "the standard library" if strict else "the Python installation"
                 raise ImportErr(f"sandbox: only native modules of {where} may load here, not {filename}")
 
     return on_import
@@ -338,33 +396,46 @@ def _import_rule(real, under, native_dirs: tuple, suffixes: tuple, strict: bool)
 def _audit_hook(on_files: tuple, on_import, pid: int, strict: bool):
     """The audit hook: each event to its rule; processes, network and native calls refused outright."""
     on_open, on_write, on_read = on_files
-    _len, PE = len, PermissionError
-    refused_events, refused_prefixes, strict_events = REFUSED_EVENTS, REFUSED_PREFIXES, STRICT_EVENTS
-    write_events, read_events = _freeze(WRITE_EVENTS), _freeze(READ_EVENTS)
+    write_events, read_events = tuple(WRITE_EVENTS.items()), tuple(READ_EVENTS.items())
 
-    def hook(event, args):
+    def hook(
+        event, args, on_open=on_open, on_write=on_write, on_read=on_read, on_import=on_import,
+        write_events=write_events, write_names=frozenset(WRITE_EVENTS), read_events=read_events,
+        read_names=frozenset(READ_EVENTS), refused_events=REFUSED_EVENTS, refused_prefixes=REFUSED_PREFIXES,
+        strict_events=STRICT_EVENTS, strict=strict, pid=pid, own_globals=globals(), own_attributes=GUARD_ATTRIBUTES,
+        _len=len, _type=type, _int=int, _str=str, _function=types.FunctionType, PE=PermissionError,
+    ):
+        # Every value the code can hand the hook (sys.audit raises any event with any arguments)
+        # is type-checked before it is compared or asked for anything: the hook never calls a
+        # method of the code's, and does nothing that raises an audit event of its own.
         if event == "open":
             on_open(args)
-        elif event in write_events:
-            on_write(event, write_events[event], args)
-        elif event in read_events:
-            on_read(event, args[read_events[event]])
+        elif event in write_names:
+            for name, places in write_events:
+                if name == event:
+                    on_write(event, places, args)
+        elif event in read_names:
+            for name, i in read_events:
+                if name == event:
+                    on_read(event, args[i])
         elif event == "import":
             on_import(args)
         elif event in refused_events or event.startswith(refused_prefixes):
             raise PE(f"sandbox: {event} is not allowed (no processes, network, native calls or sandbox internals)")
-        elif event == "os.kill" and args[0] != pid:
+        elif event == "os.kill" and not (_type(args[0]) is _int and args[0] == pid):
             raise PE("sandbox: signalling other processes is not allowed")
-        elif event == "object.__setattr__" and _len(args) > 1 and args[1] == "__code__":
-            raise PE("sandbox: replacing a function's code is not allowed")
+        elif (event == "object.__setattr__" or event == "object.__delattr__") and _len(args) > 1:
+            obj, name = args[0], args[1]
+            if _type(name) is _str and name == "__code__":
+                raise PE("sandbox: replacing a function's code is not allowed")
+            if _type(obj) is _function and _type(name) is _str and name in own_attributes:
+                # __globals__, unlike __code__, is read with no audit event
+                if obj.__globals__ is own_globals:
+                    raise PE("sandbox: changing the sandbox guard's functions is not allowed")
         elif strict and event in strict_events:
             raise PE(f"sandbox: {event} is not allowed (code is compiled from source only)")
 
     return hook
-
-
-def _freeze(mapping: dict) -> types.MappingProxyType:
-    return types.MappingProxyType(dict(mapping))
 
 
 def _drop_unaudited(posix, signal, _imp) -> None:

@@ -177,8 +177,8 @@ def test_monkeypatching_what_the_guard_uses_does_not_open_it(episode):
 
 
 def test_the_guard_looks_nothing_up_while_it_runs():
-    """The hook and the rules it calls read only their closures, never a global or a builtin at
-    call time (the code under test could replace those), however the guard is split into helpers."""
+    """The hook and the rules it calls read only their arguments and defaults, never a global or a
+    builtin at call time (the code under test could replace those), however the guard is split."""
     builders = (guard._path_functions, guard._file_rules, guard._import_rule, guard._audit_hook)
     todo = [c for b in builders for c in b.__code__.co_consts if isinstance(c, types.CodeType)]
     assert len(todo) >= 10  # real, under, as_text, resolve, the file and import rules, the hook
@@ -363,3 +363,269 @@ def test_a_private_file_cannot_be_read(where, secret):
 def test_the_trainers_folder_cannot_be_listed(where, episode):
     r = attack(f"import os\nprint(os.listdir({str(episode)!r}))", where)
     assert "episode.json" not in r.stdout
+
+
+# Model code that, given a way to the guard's frames, rebinds whatever it can reach there that
+# could hold the guard's policy (its folder, its refusals, strict mode), then writes outside.
+TAMPER = '''
+import os, sys, types
+
+class Leak(dict):
+    """Compared with a mappingproxy, this is handed the dict behind it."""
+    leaked = []
+
+    def __eq__(self, other):
+        Leak.leaked.append(other)
+        return False
+
+    __hash__ = None
+
+
+def opened(v):
+    """What would open the guard if it held this value instead."""
+    if type(v) is str and v.startswith("/"):
+        return "/"  # its folder
+    if type(v) is tuple and v and all(type(x) is str and x.startswith("/") for x in v):
+        return ("/",)  # the folders it reads
+    if type(v) in (frozenset, set, dict):
+        return type(v)()  # its refusals, its write events
+    if type(v) is bool:
+        return False  # strict
+    return v
+
+
+def tamper(frames):
+    """Every global, closure cell, default, kwdefault and mappingproxy reachable from the guard's frames."""
+    todo, seen = [], set()
+    for f in frames:
+        if f.f_code.co_filename == "<sandbox>":
+            todo += [*f.f_locals.values(), *f.f_globals.values()]
+            for name, value in list(f.f_globals.items()):
+                f.f_globals[name] = opened(value)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if type(obj) is types.FunctionType:
+            for cell in obj.__closure__ or ():
+                try:
+                    todo.append(cell.cell_contents)
+                    cell.cell_contents = opened(cell.cell_contents)
+                except (ValueError, PermissionError):
+                    pass
+            try:
+                todo += [*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
+                obj.__defaults__ = tuple(opened(v) for v in obj.__defaults__ or ())
+            except PermissionError as e:
+                print("refused:", e)
+            for name, value in list((obj.__kwdefaults__ or {}).items()):
+                obj.__kwdefaults__[name] = opened(value)  # the dict itself: no audit event
+        elif type(obj) is types.MappingProxyType:
+            todo += list(obj.values())
+            obj == Leak()
+            for d in Leak.leaked:
+                d.clear()
+        elif type(obj) is dict:
+            todo += list(obj.values())
+        elif type(obj) in (tuple, list, frozenset):
+            todo += list(obj)
+
+
+def write_outside(path):
+    for how in (lambda: open(path, "w").write("escaped"), lambda: os.mkdir(path + ".d")):
+        try:
+            how()
+            print("WROTE OUTSIDE")
+        except OSError as e:
+            print("refused:", e)
+'''
+
+# How model code reaches the guard's frames. Each ends by calling tamper(frames), then write_outside(OUT).
+REACH = {
+    # The reported escape: a refusal's traceback holds the frames of the guard that raised it.
+    "traceback_of_a_refusal": """
+        try:
+            open(OUT, "w")
+        except PermissionError as e:
+            tb, frames = e.__traceback__, []
+            while tb is not None:
+                frames.append(tb.tb_frame)
+                tb = tb.tb_next
+            tamper(frames)
+        """,
+    "inspect_trace": """
+        import inspect
+        try:
+            os.mkdir(OUT)
+        except PermissionError:
+            tamper([info.frame for info in inspect.trace()])
+        """,
+    # An error (not a refusal) raised inside the guard, by an event the code raises itself.
+    "error_inside_the_guard": """
+        try:
+            sys.audit("open", 1)
+        except Exception as e:
+            tb, frames = e.__traceback__, []
+            while tb is not None:
+                frames.append(tb.tb_frame)
+                tb = tb.tb_next
+            tamper(frames)
+        """,
+    # The code's own methods, called by the guard while it runs: sys._getframe() and f_back then
+    # reach the running guard's frames.
+    "called_back_by_the_guard": """
+        def caught():
+            frames, f = [], sys._getframe()
+            while f is not None:
+                frames.append(f)
+                f = f.f_back
+            tamper(frames)
+
+        class Pid:  # os.kill's pid, compared with the sandbox's own
+            def __ne__(self, other):
+                caught()
+                return False
+
+            __eq__ = __ne__
+
+        class Named(type):  # the type named in a refusal's message
+            @property
+            def __name__(cls):
+                caught()
+                return "Path"
+
+        class Path(metaclass=Named):
+            pass
+
+        for event, args in (("os.kill", (Pid(), 0)), ("object.__setattr__", (None, Pid(), None)),
+                            ("open", (Path(), "w", 0))):
+            try:
+                sys.audit(event, *args)
+            except Exception:
+                pass
+        """,
+}
+
+
+@pytest.mark.parametrize("reach", list(REACH))
+def test_the_guards_own_state_cannot_be_changed(reach):
+    """At process level the guard is the last line: whatever of it the code reaches (its frames,
+    functions, closures, defaults, globals), rebinding it leaves the guard refusing writes outside."""
+    out = f"/tmp/{marker()}"
+    code = TAMPER + f"OUT = {out!r}\n" + textwrap.dedent(REACH[reach]) + "write_outside(OUT)\n"
+    try:
+        r = run_python(code, LIMITS, level="process")
+        assert "WROTE OUTSIDE" not in r.stdout, r.stdout + r.stderr
+        assert r.stdout.count("refused: sandbox: ") >= 2, r.stdout + r.stderr  # both writes, by the guard
+    finally:
+        left = [p for p in (out, out + ".d") if os.path.lexists(p)]
+        for p in left:
+            os.rmdir(p) if os.path.isdir(p) else os.remove(p)
+    assert left == []
+
+
+def test_the_guard_keeps_no_cells():
+    """A closure cell can be rebound by any code that reaches the function (cell_contents, no audit
+    event): the hook and its rules take what they use as default arguments, a tuple that only an
+    audited `__defaults__` assignment can replace, and the guard refuses that for its functions."""
+    builders = (guard._path_functions, guard._file_rules, guard._import_rule, guard._audit_hook)
+    todo = [*(b.__code__ for b in builders)]
+    while todo:
+        code = todo.pop()
+        assert code.co_freevars == () and code.co_cellvars == (), f"{code.co_name} shares cells"
+        todo += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+
+
+def test_the_hook_holds_nothing_mutable():
+    """Everything the hook reaches through its defaults is immutable: no dict, set, list or
+    mappingproxy (whose dict a subclass's __eq__ is handed), and functions without cells. The one
+    exception is the guard's module namespace, which tells the guard's functions apart (`is`)."""
+    import posix
+
+    paths = guard._path_functions(posix.lstat, posix.readlink, posix.getcwd, posix.access)
+    on_files = guard._file_rules(paths, "/nowhere", ("/usr/lib",), ("/nowhere", "/usr/lib"))
+    on_import = guard._import_rule(paths[0], paths[1], ("/usr/lib",), (".so",), True)
+    hook = guard._audit_hook(on_files, on_import, os.getpid(), True)
+    immutable = (str, bytes, int, bool, type(None), type, types.BuiltinFunctionType, types.MethodWrapperType)
+    todo, seen = [hook], set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, types.FunctionType):
+            assert obj.__closure__ is None and obj.__kwdefaults__ is None, obj.__qualname__
+            todo += obj.__defaults__ or ()
+        elif type(obj) in (tuple, frozenset):
+            todo += obj
+        elif obj is vars(guard):
+            pass
+        else:
+            assert type(obj) in immutable, f"the hook holds a {type(obj).__name__}: {obj!r}"
+    assert len(seen) > 20
+
+
+# Model code whose signal handler raises inside the guard: Python runs a handler between two
+# bytecodes of whatever runs, the hook included, so where the hook took an exception to mean
+# "no such file" (not a symlink, not a folder), an injected one made it allow what it refuses.
+INJECT = '''
+import os, signal, time
+
+def handler(*a):
+    raise FileNotFoundError(2, "injected")
+
+def injected(call):
+    """call() with SIGALRM going off at once, again and again, until it returns (or 2 s pass)."""
+    signal.signal(signal.SIGALRM, handler)
+    tries, start = 0, time.time()
+    while time.time() - start < 2:
+        tries += 1
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.00001 * (1 + tries % 50))
+            return call()
+        except OSError:
+            pass
+        finally:
+            while True:
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    break
+                except OSError:
+                    pass
+'''
+
+INJECTED = {
+    # The hook's "is it a folder outside?" treated an error as "no": a folder of /proc/self
+    # opened, and its root/ link reached the whole file system through dir_fd.
+    "folder_outside_then_dir_fd": """
+        fd = injected(lambda: os.open("/proc/self", os.O_RDONLY))
+        print("got a folder outside:", fd)
+        if fd is not None:
+            os.write(os.open("root" + OUT, os.O_WRONLY | os.O_CREAT, dir_fd=fd), b"escaped")
+            print("WROTE OUTSIDE")
+        """,
+    # Its path resolution treated an error as "not a symlink": /proc/self/root/... stayed
+    # inside /proc/self, which is readable, while the kernel follows it to /.
+    "symlink_not_followed": """
+        text = injected(lambda: open("/proc/self/root" + OUT).read())
+        print("READ OUTSIDE" if text else "nothing read")
+        """,
+}
+
+
+@pytest.mark.parametrize("how", list(INJECTED))
+def test_an_exception_injected_into_the_guard_does_not_open_it(how):
+    out = f"/tmp/{marker()}"
+    if how == "symlink_not_followed":
+        Path(out).write_text("outside")
+        os.chmod(out, 0o644)
+    code = INJECT + f"OUT = {out!r}\n" + textwrap.dedent(INJECTED[how])
+    try:
+        r = run_python(code, LIMITS, level="process")
+        assert "WROTE OUTSIDE" not in r.stdout and "READ OUTSIDE" not in r.stdout, r.stdout + r.stderr
+        if how == "folder_outside_then_dir_fd":
+            assert not os.path.exists(out)
+    finally:
+        if os.path.exists(out):
+            os.remove(out)
