@@ -239,7 +239,7 @@ def response_hidden(decoder, batch: ScoreBatch) -> torch.Tensor:
     tokens. The full pass serves everything else (one row, short or no shared prefix, other
     architectures)."""
     shared = batch.shared_prefix
-    if shared >= MIN_SHARED_PREFIX and plain_causal_attention(decoder.config):
+    if shared >= MIN_SHARED_PREFIX and plain_causal_attention(decoder.config) and _layered_cache():
         hidden = _hidden_after_shared_prefix(decoder, batch, shared)
         positions = (batch.predict_positions - shared).clamp(min=0)  # padding slots point at 0 and are masked
     else:
@@ -267,6 +267,18 @@ def _hidden_after_shared_prefix(decoder, batch: ScoreBatch, shared: int) -> torc
     out = decoder(input_ids=batch.input_ids[:, shared:], attention_mask=batch.attention_mask, use_cache=True,
                   **{argument: prefix})
     return out.last_hidden_state
+
+
+@functools.cache
+def _layered_cache() -> bool:
+    """The cache API the shared-prefix pass builds on (a DynamicCache made of per-layer objects,
+    transformers 5.x as tested); without it, the full pass."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: F401
+    except ImportError:
+        return False
+    cache = DynamicCache()
+    return hasattr(cache, "layers") and hasattr(cache, "layer_class_to_replicate")
 
 
 @functools.cache

@@ -114,7 +114,8 @@ def test_shared_prefix_under_activation_checkpointing():
 
 
 def test_falls_back_to_the_full_pass(monkeypatch):
-    """A sliding window, an unlisted architecture or a short prefix never reach the shared pass."""
+    """A sliding window, an unlisted architecture, a short prefix or an older cache API never reach
+    the shared pass."""
     import sdcli.models.sequences as sequences
 
     def must_not_run(*args):
@@ -127,5 +128,9 @@ def test_falls_back_to_the_full_pass(monkeypatch):
     decoder = tiny_decoder("llama").model
     short = [HEADER[: MIN_SHARED_PREFIX - 1] + p[len(HEADER):] for p in prompts]
     assert response_hidden(decoder, batch_of(short, responses)).shape == (3, 7, 32)
+    monkeypatch.setattr(sequences, "_layered_cache", lambda: False)  # a transformers without per-layer caches
+    assert response_hidden(decoder, batch_of(prompts, responses)).shape == (3, 7, 32)
+    monkeypatch.undo()
+    monkeypatch.setattr(sequences, "_hidden_after_shared_prefix", must_not_run)
     monkeypatch.setattr(sequences, "SHARED_PREFIX_MODEL_TYPES", set())
     assert response_hidden(decoder, batch_of(prompts, responses)).shape == (3, 7, 32)
