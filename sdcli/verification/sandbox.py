@@ -95,6 +95,9 @@ class Isolation:
                 f"the code runs as you{where}. Only the Python guard, which is not a security boundary, keeps it "
                 "from your files (the data with the expected answers among them) and your processes."
             )
+        if sys.version_info >= (3, 13):  # PEP 667: frame.f_locals is writable, and writing it is not audited
+            what += (" On this Python (3.13 or later) code that runs inside the guard (a signal handler, a "
+                     "finalizer) can rewrite the guard's own variables; Python 3.12 or earlier keeps them out of reach.")
         return f"process level only ({self.why}): {what} Install bubblewrap for real isolation."
 
 

@@ -264,3 +264,16 @@ def test_a_missing_isolation_feature_skips_with_its_reason_or_fails_where_requir
     monkeypatch.setenv("SD_REQUIRE_ISOLATION", "1")
     with pytest.raises(pytest.fail.Exception, match="SD_REQUIRE_ISOLATION=1, but no network namespace here"):
         missing_isolation("no network namespace here")
+
+
+def test_the_process_level_says_what_python_3_13_gives_up(monkeypatch):
+    """On 3.13+ frame.f_locals is writable without an audit event, so the guard's own variables are
+    within reach of code that runs inside it; `sd validate` says so at the process level only."""
+    import sdcli.verification.sandbox as sandbox
+
+    process = Isolation("process", False, "bwrap is not installed")
+    monkeypatch.setattr(sandbox.sys, "version_info", (3, 12, 7))
+    assert "3.13" not in process.describe()
+    monkeypatch.setattr(sandbox.sys, "version_info", (3, 13, 0))
+    assert "3.13 or later" in process.describe() and "Install bubblewrap" in process.describe()
+    assert "3.13" not in Isolation("bubblewrap", False).describe()
