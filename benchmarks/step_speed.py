@@ -9,7 +9,7 @@ Each variant runs in its own process so that peak RSS belongs to that variant al
 (TRL's SDFTTrainer) on the same setting, run benchmarks/side_by_side.py: it alternates the two in
 one session, because numbers from different hours on these machines differ by 20%.
 
-On CUDA (sd trains there whenever a GPU is visible) each phase is bracketed by
+On CUDA (sd trains there whenever a GPU is visible) sd's phase timer brackets each phase by
 torch.cuda.synchronize(), so that a phase's queued kernels count in that phase, and the JSON
 carries gpu_peak_mb: the largest torch.cuda.max_memory_allocated() of any phase of the timed steps.
 """
@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,38 +41,6 @@ VARIANTS = {
 }
 
 
-@contextmanager
-def cuda_synchronized_phases():
-    """Yields True while sd's phase timer waits for the GPU at both ends of every phase.
-
-    Without it a phase's time is when its Python returned, and kernels still queued on the GPU are
-    billed to whichever later phase waits for them first (or to nothing, for the step's last one).
-    Yields False, changing nothing, on a CPU or where the training loop has no PhaseTimer any more.
-    """
-    import torch
-
-    import sdcli.training.train as train_module
-
-    original = getattr(train_module, "PhaseTimer", None)
-    if not torch.cuda.is_available() or original is None:
-        yield False
-        return
-
-    class SynchronizedPhaseTimer(original):
-        @contextmanager
-        def __call__(self, name: str):
-            torch.cuda.synchronize()
-            with original.__call__(self, name):
-                yield
-                torch.cuda.synchronize()
-
-    train_module.PhaseTimer = SynchronizedPhaseTimer
-    try:
-        yield True
-    finally:
-        train_module.PhaseTimer = original
-
-
 def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     import torch
 
@@ -81,7 +48,7 @@ def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     from sdcli.training.train import train_episode
 
     torch.set_num_threads(int(os.environ.get("SD_BENCH_THREADS", "2")))
-    with tempfile.TemporaryDirectory() as tmp, cuda_synchronized_phases() as synchronized:
+    with tempfile.TemporaryDirectory() as tmp:
         recipe_obj = load_recipe(
             recipe,
             [f"run_dir={tmp}", f"train.max_steps={steps}", "rollout.max_new_tokens=48", "train.prompts_per_step=4",
@@ -109,7 +76,7 @@ def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     if torch.cuda.is_available():  # phase peaks are torch.cuda.max_memory_allocated() there, reset per phase
         result["gpu_peak_mb"] = max(result["phase_peak_mb"].values(), default=0.0)
         result["gpu_name"] = torch.cuda.get_device_name()
-        result["phases_synchronized"] = synchronized
+        result["phases_synchronized"] = True  # sd's PhaseTimer waits for the GPU at both ends of a phase
     return result
 
 

@@ -29,15 +29,24 @@ from sdcli.training.memory import PeakMemory
 
 @dataclass
 class PhaseTimer:
+    """Seconds and peak memory per phase. On CUDA it waits for the GPU at both ends of a phase:
+    otherwise kernels still queued when a phase's Python returns are billed to whichever later
+    phase waits for them first (or to none, for the step's last one)."""
+
     memory: PeakMemory
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
     def __call__(self, name: str):
+        on_gpu = self.memory.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.synchronize(self.memory.device)
         start = time.perf_counter()
         self.memory.start()
         try:
             yield
+            if on_gpu:  # inside the phase's time: the kernels it waits for are this phase's work
+                torch.cuda.synchronize(self.memory.device)
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             self.memory.stop(name)
