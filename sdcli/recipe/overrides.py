@@ -31,9 +31,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str
         else:
             node[keys[-1]] = value
         from_cli.add(tuple(keys))
-        if keys[:1] == ["train"] and len(keys) == 2 and keys[1] in budget:
+        if keys[:1] == ["train"] and len(keys) == 2 and keys[1] in budget and value is not None:
             # one budget on the command line replaces the recipe's other one: `train.max_steps=10`
-            # on a recipe that counts epochs is a shorter run, not a conflict
+            # on a recipe that counts epochs is a shorter run, not a conflict. Setting one to null
+            # chooses neither, so it leaves the other alone (`train.max_steps=4 train.epochs=null`)
             node.pop(budget[keys[1]], None)
     return from_cli
 

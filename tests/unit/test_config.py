@@ -133,6 +133,11 @@ def test_a_budget_on_the_command_line_replaces_the_recipes_other_budget(tmp_path
     assert short.train.max_steps == 3 and short.train.epochs is None
     recipe.write_text(f"data:\n  path: {data}\ntrain:\n  max_steps: 40\n")
     assert load_recipe(recipe, ["train.epochs=2"]).train.max_steps is None
+    # a null budget chooses neither: whatever the order, the other one given stays
+    recipe.write_text(f"data:\n  path: {data}\ntrain:\n  epochs: 40\n")
+    for order in (["train.max_steps=4", "train.epochs=null"], ["train.epochs=null", "train.max_steps=4"]):
+        chosen = load_recipe(recipe, order).train
+        assert (chosen.max_steps, chosen.epochs) == (4, None)
     recipe.write_text(f"data:\n  path: {data}\ntrain:\n  max_steps: 4\n  epochs: 2\n")
     with pytest.raises(RecipeError, match="max_steps or train.epochs"):  # both in one file is still a conflict
         load_recipe(recipe)
