@@ -69,6 +69,10 @@ GRID: dict[str, list[str]] = {
     "a2-aw3": ["anchor.prompts_per_step=2", "anchor.weight=3"],
     "a2-aw1": ["anchor.prompts_per_step=2", "anchor.weight=1"],
     "a4-aw1-16t": ["anchor.weight=1", "anchor.max_new_tokens=16"],
+    "mix50-tt0.5": ["rollout.off_policy_fraction=0.5", "loss.teacher_temperature=0.5"],
+    "mix50-tt0.5-24t": ["rollout.off_policy_fraction=0.5", "loss.teacher_temperature=0.5", "rollout.max_new_tokens=24"],
+    "mix25-tt0.5": ["rollout.off_policy_fraction=0.75", "loss.teacher_temperature=0.5"],
+    "mix50-greedy-tt0.5": ["rollout.off_policy_fraction=0.5", "rollout.temperature=0", "loss.teacher_temperature=0.5"],
 }
 
 
