@@ -42,7 +42,8 @@ def test_a_training_log_line_has_no_unnamespaced_keys():
     from sdcli.training.metrics import PhaseTimer, step_metrics
     from sdcli.training.step import StepLoss
 
-    class Memory:
+    class Memory:  # PeakMemory's interface
+        device = torch.device("cpu")
         peaks_mb = {"student": 12.0}
 
         def start(self):
