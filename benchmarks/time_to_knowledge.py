@@ -32,7 +32,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-FACTS = REPO / "recipes" / "data" / "facts.jsonl"
 HELD_OUT = REPO / "recipes" / "data" / "facts_eval.jsonl"
 MAX_NEW_TOKENS = 40
 
@@ -93,19 +92,13 @@ def run_sd(every: int, steps: int | None) -> list[dict]:
 
 def run_peer(every: int, steps: int) -> list[dict]:
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+    from transformers import AutoTokenizer, TrainerCallback
 
     from sdcli.models.builtin_model import ensure_builtin_model
+    from trl_reference import peer_trainer  # benchmarks/trl_reference.py: the peer's reference setting
 
     torch.set_num_threads(int(os.environ.get("SD_BENCH_THREADS", "2")))
     path = ensure_builtin_model()
-    rows = [json.loads(line) for line in FACTS.read_text().splitlines()]
-    dataset = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": r["prompt"]}], "privileged_context": r["demonstration"]} for r in rows] * 100
-    )
     tokenizer = AutoTokenizer.from_pretrained(path)
     curve = Curve("peer", every)
 
@@ -128,16 +121,8 @@ def run_peer(every: int, steps: int) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as out:
         curve.started = time.perf_counter()
-        config = SDFTConfig(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=4, num_generations=1, max_completion_length=48,
-            learning_rate=5e-4, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", temperature=1.0,
-        )
-        trainer = SDFTTrainer(
-            model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-            args=config, train_dataset=dataset, processing_class=tokenizer,
-            peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
-            callbacks=[Evaluate()],
-        )
+        trainer = peer_trainer(path, out, steps=steps, prompts=4, samples=1, new_tokens=48, dtype=torch.float32,
+                               cuda=False, callbacks=[Evaluate()], tokenizer=tokenizer)
         trainer.train()
     return curve.points
 

@@ -28,6 +28,35 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def peer_trainer(path: Path, out: str, *, steps: int, prompts: int, samples: int, new_tokens: int, dtype, cuda: bool,
+                 callbacks: list, tokenizer=None):
+    """TRL's SDFTTrainer on the reference setting: the quickstart facts (the demonstration as
+    privileged context), LoRA r=16 on all linear layers, lr 5e-4; TRL's own defaults otherwise."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    rows = [json.loads(line) for line in (REPO / "recipes" / "data" / "facts.jsonl").read_text().splitlines()]
+    dataset = Dataset.from_list(  # enough lines that max_steps, not the data, ends training
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "privileged_context": r["demonstration"]} for r in rows]
+        * max(50, steps * prompts // len(rows) + 1)
+    )
+    config = SDFTConfig(
+        # per_device_train_batch_size counts completions; TRL samples num_generations per prompt
+        output_dir=out, max_steps=steps, per_device_train_batch_size=prompts * samples, num_generations=samples,
+        max_completion_length=new_tokens, learning_rate=5e-4, logging_steps=1, report_to=[], use_cpu=not cuda,
+        bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16, save_strategy="no", temperature=1.0,
+    )
+    return SDFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+        args=config, train_dataset=dataset, processing_class=tokenizer or AutoTokenizer.from_pretrained(path),
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+        callbacks=callbacks,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=7)
@@ -43,10 +72,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+    from transformers import TrainerCallback
 
     from sdcli.models.builtin_model import ensure_builtin_model
 
@@ -58,10 +84,6 @@ def main() -> None:
     dtype = getattr(torch, dtype_name)
     completions = args.prompts * args.samples
     path = Path(args.model) if args.model else ensure_builtin_model()
-    rows = [json.loads(line) for line in (REPO / "recipes" / "data" / "facts.jsonl").read_text().splitlines()]
-    dataset = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": r["prompt"]}], "privileged_context": r["demonstration"]} for r in rows] * 50
-    )
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -88,18 +110,9 @@ def main() -> None:
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
-        config = SDFTConfig(
-            # per_device_train_batch_size counts completions; TRL samples num_generations per prompt
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=completions, num_generations=args.samples,
-            max_completion_length=args.new_tokens, learning_rate=5e-4, logging_steps=1, report_to=[], use_cpu=not cuda,
-            bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16, save_strategy="no", temperature=1.0,
-        )
-        trainer = SDFTTrainer(
-            model=AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-            args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(path),
-            peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
-            callbacks=[timer],
-        )
+        trainer = peer_trainer(path, out, steps=args.steps, prompts=args.prompts, samples=args.samples,
+                               new_tokens=args.new_tokens, dtype=dtype, cuda=cuda, callbacks=[timer])
+        config = trainer.args
         trainer.train()
     timed = timer.times[args.warmup:] or timer.times
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
