@@ -394,6 +394,15 @@ def opened(v):
     return v
 
 
+def traceback_frames(e):
+    """The frames an exception's traceback holds, outermost first."""
+    tb, frames = e.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames
+
+
 def tamper(frames):
     """Every global, closure cell, default, kwdefault and mappingproxy reachable from the guard's frames."""
     todo, seen = [], set()
@@ -448,11 +457,7 @@ REACH = {
         try:
             open(OUT, "w")
         except PermissionError as e:
-            tb, frames = e.__traceback__, []
-            while tb is not None:
-                frames.append(tb.tb_frame)
-                tb = tb.tb_next
-            tamper(frames)
+            tamper(traceback_frames(e))
         """,
     "inspect_trace": """
         import inspect
@@ -466,11 +471,7 @@ REACH = {
         try:
             sys.audit("open", 1)
         except Exception as e:
-            tb, frames = e.__traceback__, []
-            while tb is not None:
-                frames.append(tb.tb_frame)
-                tb = tb.tb_next
-            tamper(frames)
+            tamper(traceback_frames(e))
         """,
     # The code's own methods, called by the guard while it runs: sys._getframe() and f_back then
     # reach the running guard's frames.
