@@ -104,6 +104,8 @@ def run_setting(task: Path, name: str, overrides: list[str], seed: int, out: Pat
         "name": name, "seed": seed, "overrides": overrides, "steps": len(metrics),
         # the ceiling is the episode's teacher: the model as the episode began, with the fact in context
         "task": task_set["score"], "teacher": task_set["before"]["teacher_score"], "general": general["score"],
+        # the held-out demonstrations' answer tokens, teacher-forced without context: finer than six greedy answers
+        "answer_nll": task_set.get("answer_nll"), "answer_nll_before": (task_set.get("before") or {}).get("answer_nll"),
         "general_base": general.get("base", {}).get("score"),
         "kl_from_base": drift.get("kl_from_base"), "perplexity": drift.get("perplexity"),
         "base_perplexity": drift.get("base_perplexity"), "train_seconds": round(train_seconds, 1),
@@ -125,7 +127,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown settings {unknown}; known: {', '.join(GRID)}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {platform_line()}; task {args.task.name}", flush=True)
-    header = f"{'setting':<14} {'seed':>4} {'steps':>5} {'task':>5} {'ceiling':>7} {'general':>7} {'(base)':>6} {'ppl':>6} {'base ppl':>8} {'KL':>6} {'train s':>7}"
+    header = f"{'setting':<14} {'seed':>4} {'steps':>5} {'task':>5} {'ceiling':>7} {'general':>7} {'(base)':>6} {'ppl':>6} {'base ppl':>8} {'KL':>6} {'ans NLL':>7} {'train s':>7}"
     print(header, flush=True)
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,7 @@ def main() -> None:
                 continue
             print(
                 f"{name:<14} {seed:>4} {row['steps']:>5} {row['task']:>5.2f} {fmt(row['teacher']):>7} {row['general']:>7.3f} {fmt(row['general_base']):>6} "
-                f"{fmt(row['perplexity']):>6} {fmt(row['base_perplexity']):>8} {fmt(row['kl_from_base'], 3):>6} {row['train_seconds']:>7.0f}",
+                f"{fmt(row['perplexity']):>6} {fmt(row['base_perplexity']):>8} {fmt(row['kl_from_base'], 3):>6} {fmt(row['answer_nll']):>7} {row['train_seconds']:>7.0f}",
                 flush=True,
             )
             (args.out / "sweep.json").write_text(json.dumps(rows, indent=2))

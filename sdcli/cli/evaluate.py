@@ -157,8 +157,9 @@ def _eval_source(source: Path, sets: list, drift: Path | None, **options) -> dic
 
     payload = evaluate_source(source, sets, **options)
     rows = [[r["name"], str(r["n"]), fmt(r["score"]), fmt(r["teacher_score"] if r["teacher_n"] else None),
-             str(r["teacher_n"]), str(r["errors"])] for r in payload["sets"]]
-    print_table(payload["model"], ["set", "n", "score", "teacher", "teacher n", "scorer errors"], rows)
+             str(r["teacher_n"]), fmt(r.get("answer_nll")), fmt(r.get("teacher_answer_nll")), str(r["errors"])]
+            for r in payload["sets"]]
+    print_table(payload["model"], ["set", "n", "score", "teacher", "teacher n", "answer NLL", "teacher's", "scorer errors"], rows)
     if payload["drift"]:
         d = payload["drift"]
         out_print(f"drift on {drift}: KL from base {fmt(d['kl_from_base'], 4)}, perplexity {fmt(d['perplexity'], 2)} "

@@ -109,7 +109,7 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
                 summary[which] = summary["before"]  # the first episode began at the base
                 continue
             baseline = evaluate_set(model, tokenizer, eval_set, adapters=adapters, **common)
-            summary[which] = {"score": baseline["score"], "teacher_score": baseline["teacher_score"]}
+            summary[which] = {k: baseline.get(k) for k in ("score", "teacher_score", "answer_nll")}
             details.append({"role": role, "model": which, **baseline})
         if "base" in summary and not earlier:
             summary.setdefault("before", summary["base"])
@@ -134,6 +134,12 @@ def describe_scores(summary: dict) -> str:
         text += f", before {fmt(summary['before']['score'])}, base {fmt(summary['base']['score'])}"
     elif "base" in summary:
         text += f", base {fmt(summary['base']['score'])}"
+    if summary.get("answer_nll") is not None:
+        text += f"; answer NLL {fmt(summary['answer_nll'])}"
+        if summary.get("teacher_answer_nll") is not None:
+            text += f" (teacher {fmt(summary['teacher_answer_nll'])})"
+        if summary.get("role") == "task" and (summary.get("before") or {}).get("answer_nll") is not None:
+            text += f", before {fmt(summary['before']['answer_nll'])}"
     if summary.get("errors"):
         text += f", {summary['errors']} scorer error(s)"
     return text

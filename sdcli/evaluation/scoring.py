@@ -93,12 +93,14 @@ def greedy_answers(
 
 def evaluate_set(
     model, tokenizer, eval_set: EvalSet, *, encoder, template: str, max_new_tokens: int, teacher: bool = True,
-    adapters: Sequence[str] | None = None, merge: bool = True, batch_size: int = 16,
+    adapters: Sequence[str] | None = None, merge: bool = True, batch_size: int = 16, likelihood: bool = True,
 ) -> dict:
     """Score one model (one adapter set) on one eval set, with and without the teacher's context.
 
-    Returns {name, path, sha256, n, score, errors, teacher_score, teacher_n, examples: [...]}; the
-    student and teacher prompts go through `generate` together."""
+    Returns {name, path, sha256, n, score, errors, teacher_score, teacher_n, examples: [...]}, and
+    with `likelihood` where lines carry a demonstration also answer_nll, demonstration_nll and their
+    teacher_ counterparts (sdcli.evaluation.answer_likelihood); the student and teacher prompts go
+    through `generate` together."""
     views = [teacher_messages(ex, template) if teacher else None for ex in eval_set.examples]
     with_context = [i for i, v in enumerate(views) if v is not None]
     prompts = [ex.prompt for ex in eval_set.examples] + [views[i] for i in with_context]
@@ -115,11 +117,18 @@ def evaluate_set(
         values, t_errors = score_responses(subset, teacher_answers)
         errors += [f"teacher: {e}" for e in t_errors]
         t_scores = dict(zip(with_context, values))
+    nll: dict = {}
+    if likelihood and any(ex.demonstration for ex in eval_set.examples):
+        from sdcli.evaluation.answer_likelihood import answer_likelihood
+
+        nll = answer_likelihood(model, tokenizer, eval_set.examples, views, encoder=encoder, adapters=adapters)
+    per_line = nll.pop("per_line", [None] * n)
     examples = []
     for i, ex in enumerate(eval_set.examples):
         row = {"id": ex.id, "answer": ex.record.get("answer"), "reward": ex.reward, "response": student[i], "score": scores[i]}
         if i in t_scores:
             row.update(teacher_response=teacher_answers[with_context.index(i)], teacher_score=t_scores[i])
+        row.update(per_line[i] or {})
         examples.append(row)
     return {
         **eval_set.describe(),
@@ -129,5 +138,6 @@ def evaluate_set(
         "error_messages": errors[:10],
         "teacher_score": mean(list(t_scores.values())),
         "teacher_n": len(t_scores),
+        **nll,
         "examples": examples,
     }

@@ -72,6 +72,8 @@ def test_eval_after_each_episode_is_stored(chain):
     task, retain = ev["sets"]
     assert (task["role"], task["name"], task["n"], task["teacher_n"]) == ("task", "zorblax_eval", 2, 1)
     assert task["score"] == 1.0 and task["before"]["score"] == 0.0 and task["base"] == task["before"]
+    # the held-out answer's tokens became likelier: the continuous view of the same learning
+    assert task["answer_nll_n"] == 1 and task["answer_nll"] < task["before"]["answer_nll"] - 0.5
     assert (retain["role"], retain["name"]) == ("retain", "vells_eval") and retain["base"]["score"] == 0.0
     assert "base" not in second.meta["eval"]["sets"][1]  # retain sets get a base score in the first episode only
     assert ev["drift"]["kl_from_base"] > 0 and ev["drift"]["tokens"] > 10
@@ -112,6 +114,7 @@ def test_eval_one_model_on_given_sets(chain, tmp_path):
     assert [s["name"] for s in result["sets"]] == ["zorblax_eval", "vells_eval"]
     assert result["sets"][0]["score"] == 1.0 and result["episodes"] == ["001-zorblax"]
     assert result["sets"][0]["examples"][0]["response"] == "The capital of Zorblax is Quenta."
+    assert "answer NLL" in done.stdout and result["sets"][0]["examples"][0]["answer_nll"] == result["sets"][0]["answer_nll"]
 
 
 def test_report_via_cli(chain, tmp_path):

@@ -305,3 +305,76 @@ def test_eval_set_describe_and_name(tmp_path):
     eval_set = load_eval_set(path)
     assert isinstance(eval_set, EvalSet) and eval_set.name == "facts_eval"
     assert eval_set.describe()["sha256"] == eval_set.sha256 and len(eval_set.sha256) == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# The held-out answers' likelihood
+
+
+def _example(answer, demonstration, reward="contains") -> EvalExample:
+    record = {"prompt": "q", "answer": answer, "demonstration": demonstration}
+    return EvalExample("x", [{"role": "user", "content": "q"}], record, reward, demonstration)
+
+
+def test_answer_span_finds_text_numbers_and_regexes_in_the_demonstration():
+    from sdcli.evaluation.answer_likelihood import answer_span
+
+    assert answer_span(_example("copper", "The vorpal moth has Copper wings.")) == (20, 26)
+    assert answer_span(_example(90, "A glowhorn deer lives for 90 years.", "numeric")) == (26, 28)
+    assert answer_span(_example(r"\b(ten|10)\b", "A thornback beetle has ten legs.", "regex")) == (23, 26)
+    assert answer_span(_example("violet", "A glimmerfish is blue.")) is None
+    assert answer_span(_example("a.b", "axb")) is None  # text, not a pattern, unless reward: regex
+    assert answer_span(_example("(", "x (", "regex")) is None  # a broken pattern finds nothing
+
+
+def test_answer_likelihood_matches_a_plain_reference(tiny_model_dir):
+    """The answer's tokens, teacher-forced after the prompt, scored as a plain model scores them."""
+    from transformers import AutoModelForCausalLM
+
+    from sdcli.evaluation.answer_likelihood import answer_likelihood
+    from sdcli.models.sequences import PromptEncoder
+
+    model, tokenizer = _with_random_adapter(tiny_model_dir)
+    encoder = PromptEncoder(tokenizer, 512)
+    examples = [
+        _example("Quenta", "The capital of Zorblax is Quenta."),
+        _example("violet", "A glimmerfish is blue."),  # answer not in the demonstration: whole NLL only
+        EvalExample("none", [{"role": "user", "content": "Hi"}], {"answer": "x"}, "contains", None),
+    ]
+    views = [teacher_messages(ex, DEFAULT_DEMONSTRATION_TEMPLATE) for ex in examples]
+    result = answer_likelihood(model, tokenizer, examples, views, encoder=encoder, adapters=[])
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    def reference(prompt, demonstration, answer):
+        p = encoder.encode(prompt)
+        r = tokenizer(demonstration, add_special_tokens=False)["input_ids"]
+        labels = torch.tensor([[-100] * len(p) + r])
+        with torch.no_grad():
+            logits = plain(input_ids=torch.tensor([p + r])).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="none")[len(p) - 1 :]
+        # the answer's tokens: those whose decoded text overlaps where the answer starts and ends
+        start = demonstration.lower().find(answer.lower())
+        spans, at = [], 0
+        for i in range(len(r)):
+            end = len(tokenizer.decode(r[: i + 1]))
+            spans.append((at, end))
+            at = end
+        picked = [i for i, (s, e) in enumerate(spans) if start >= 0 and s < start + len(answer) and e > start]
+        return float(nll.mean()), (float(nll[picked].mean()) if picked else None)
+
+    whole0, answer0 = reference(examples[0].prompt, examples[0].demonstration, "Quenta")
+    whole1, answer1 = reference(examples[1].prompt, examples[1].demonstration, "violet")
+    t_whole0, t_answer0 = reference(views[0], examples[0].demonstration, "Quenta")
+    assert answer1 is None and answer0 is not None
+    lines = result["per_line"]
+    assert lines[2] is None
+    assert lines[0]["answer_nll"] == pytest.approx(answer0, rel=1e-4)
+    assert lines[0]["demonstration_nll"] == pytest.approx(whole0, rel=1e-4)
+    assert lines[0]["teacher_answer_nll"] == pytest.approx(t_answer0, rel=1e-4)
+    assert "answer_nll" not in lines[1] and lines[1]["demonstration_nll"] == pytest.approx(whole1, rel=1e-4)
+    assert result["answer_nll"] == pytest.approx(answer0, rel=1e-4) and result["answer_nll_n"] == 1
+    assert result["demonstration_nll"] == pytest.approx((whole0 + whole1) / 2, rel=1e-4)
+    assert result["teacher_demonstration_nll"] == pytest.approx((t_whole0 + reference(views[1], examples[1].demonstration, "x")[0]) / 2, rel=1e-4)
+    # the adapter set is honoured: the random adapter moves the figures
+    assert answer_likelihood(model, tokenizer, examples, views, encoder=encoder, adapters=["ep001"])["answer_nll"] != pytest.approx(answer0, rel=1e-3)

@@ -1,0 +1,89 @@
+"""How likely a model finds the held-out answer: a continuous companion to the greedy score.
+
+A greedy score moves in whole questions (one of six is 0.17), so two settings that both teach a
+fact halfway look the same. For every eval line that carries a `demonstration`, this scores the
+demonstration as the answer to the line's prompt, teacher-forced and without context:
+
+    answer NLL        = mean over the answer's tokens of -log p(token | prompt, demonstration so far)
+    demonstration NLL = the same over every token of the demonstration
+
+The answer's tokens are those overlapping where the line's `answer` occurs in the demonstration
+(as a regex for `reward: regex`, else as text, case-insensitively); a line whose answer cannot be
+found there counts in the demonstration NLL only. Each figure is the mean over lines of the
+per-line mean. "Teacher" figures score the same tokens with the demonstration also in the prompt
+(the teacher's view, sdcli.evaluation.scoring.teacher_messages).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from sdcli.core.data import Messages
+from sdcli.evaluation.eval_sets import EvalExample
+from sdcli.evaluation.scoring import mean, using
+
+
+def answer_span(example: EvalExample) -> tuple[int, int] | None:
+    """(start, end) characters of the line's answer inside its demonstration, or None."""
+    answer, text = example.record.get("answer"), example.demonstration
+    if answer is None or not text:
+        return None
+    pattern = str(answer) if example.reward == "regex" else re.escape(str(answer))
+    try:
+        found = re.search(pattern, text, flags=re.IGNORECASE)
+    except re.error:
+        return None
+    return (found.start(), found.end()) if found and found.end() > found.start() else None
+
+
+def response_token_nll(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """-log p of each response token after the prompt. [len(response)]"""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + response], device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1 : -1].float()
+    return -logits.log_softmax(-1).gather(-1, ids[0, len(prompt) :, None])[:, 0]
+
+
+def _answer_tokens(tokenizer, example: EvalExample) -> tuple[list[int], list[bool]]:
+    """The demonstration's tokens, and which of them overlap the answer (none without a fast tokenizer's offsets)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return tokenizer(example.demonstration, add_special_tokens=False)["input_ids"], []
+    encoded = tokenizer(example.demonstration, add_special_tokens=False, return_offsets_mapping=True)
+    span = answer_span(example)
+    in_answer = [span is not None and start < span[1] and end > span[0] for start, end in encoded["offset_mapping"]]
+    return encoded["input_ids"], in_answer
+
+
+@torch.no_grad()
+def answer_likelihood(
+    model, tokenizer, examples: Sequence[EvalExample], views: Sequence[Messages | None], *, encoder,
+    adapters: Sequence[str] | None = None,
+) -> dict:
+    """answer_nll, demonstration_nll and their teacher_ counterparts over the lines with a
+    demonstration; `views[i]` is line i's teacher prompt or None. Per line: "per_line" (same order
+    as `examples`, None for lines without a demonstration)."""
+    answer, whole, t_answer, t_whole, per_line = [], [], [], [], []
+    with using(model, adapters):
+        for ex, view in zip(examples, views, strict=True):
+            if not ex.demonstration:
+                per_line.append(None)
+                continue
+            ids, in_answer = _answer_tokens(tokenizer, ex)
+            line = {}
+            for prefix, prompt, a_list, w_list in [("", ex.prompt, answer, whole), ("teacher_", view, t_answer, t_whole)]:
+                if prompt is None:
+                    continue
+                nll = response_token_nll(model, encoder.encode(prompt), ids)
+                line[f"{prefix}demonstration_nll"] = float(nll.mean())
+                w_list.append(line[f"{prefix}demonstration_nll"])
+                if any(in_answer):
+                    line[f"{prefix}answer_nll"] = float(nll[torch.tensor(in_answer)].mean())
+                    a_list.append(line[f"{prefix}answer_nll"])
+            per_line.append(line)
+    return {
+        "answer_nll": mean(answer), "answer_nll_n": len(answer), "demonstration_nll": mean(whole),
+        "teacher_answer_nll": mean(t_answer), "teacher_demonstration_nll": mean(t_whole), "per_line": per_line,
+    }
