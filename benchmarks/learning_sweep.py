@@ -72,6 +72,9 @@ GRID: dict[str, list[str]] = {
     "mix50-tt0.5": ["rollout.off_policy_fraction=0.5", "loss.teacher_temperature=0.5"],
     "mix50-tt0.5-24t": ["rollout.off_policy_fraction=0.5", "loss.teacher_temperature=0.5", "rollout.max_new_tokens=24"],
     "mix25-tt0.5": ["rollout.off_policy_fraction=0.75", "loss.teacher_temperature=0.5"],
+    "mlp": ["lora.target_modules=[gate_proj,up_proj,down_proj]"],
+    "mlp-lr1e-3": ["lora.target_modules=[gate_proj,up_proj,down_proj]", "train.lr=1e-3"],
+    "ema": ["teacher=ema"],
     "mix50-greedy-tt0.5": ["rollout.off_policy_fraction=0.5", "rollout.temperature=0", "loss.teacher_temperature=0.5"],
 }
 
