@@ -109,6 +109,8 @@ def run_setting(task: Path, name: str, overrides: list[str], seed: int, out: Pat
         "task": task_set["score"], "teacher": task_set["before"]["teacher_score"], "general": general["score"],
         # the held-out demonstrations' answer tokens, teacher-forced without context: finer than six greedy answers
         "answer_nll": task_set.get("answer_nll"), "answer_nll_before": (task_set.get("before") or {}).get("answer_nll"),
+        # with --set eval.samples=N: the share of N answers per question at temperature 1 that are right
+        "sampled": task_set.get("sampled_score"), "sampled_before": (task_set.get("before") or {}).get("sampled_score"),
         "general_base": general.get("base", {}).get("score"),
         "kl_from_base": drift.get("kl_from_base"), "perplexity": drift.get("perplexity"),
         "base_perplexity": drift.get("base_perplexity"), "train_seconds": round(train_seconds, 1),
@@ -130,7 +132,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown settings {unknown}; known: {', '.join(GRID)}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {platform_line()}; task {args.task.name}", flush=True)
-    header = f"{'setting':<14} {'seed':>4} {'steps':>5} {'task':>5} {'ceiling':>7} {'general':>7} {'(base)':>6} {'ppl':>6} {'base ppl':>8} {'KL':>6} {'ans NLL':>7} {'train s':>7}"
+    header = f"{'setting':<14} {'seed':>4} {'steps':>5} {'task':>5} {'ceiling':>7} {'general':>7} {'(base)':>6} {'ppl':>6} {'base ppl':>8} {'KL':>6} {'ans NLL':>7} {'sampled':>7} {'train s':>7}"
     print(header, flush=True)
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +145,7 @@ def main() -> None:
                 continue
             print(
                 f"{name:<14} {seed:>4} {row['steps']:>5} {row['task']:>5.2f} {fmt(row['teacher']):>7} {row['general']:>7.3f} {fmt(row['general_base']):>6} "
-                f"{fmt(row['perplexity']):>6} {fmt(row['base_perplexity']):>8} {fmt(row['kl_from_base'], 3):>6} {fmt(row['answer_nll']):>7} {row['train_seconds']:>7.0f}",
+                f"{fmt(row['perplexity']):>6} {fmt(row['base_perplexity']):>8} {fmt(row['kl_from_base'], 3):>6} {fmt(row['answer_nll']):>7} {fmt(row['sampled']):>7} {row['train_seconds']:>7.0f}",
                 flush=True,
             )
             (args.out / "sweep.json").write_text(json.dumps(rows, indent=2))

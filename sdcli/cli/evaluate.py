@@ -78,6 +78,9 @@ def eval_command(
     drift: Optional[Path] = typer.Option(None, "--drift", help='JSONL of {"text": ...}: mean KL from the base model and perplexity'),
     teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also score with each line's demonstration in context"),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    samples: int = typer.Option(
+        0, "--samples", min=0, max=256, help="Also draw N answers per line at temperature 1 and report the share right"
+    ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generate call"),
     out_json: Optional[Path] = typer.Option(None, "--out", help="Write the results, every answer included, as JSON"),
 ):
@@ -91,13 +94,16 @@ def eval_command(
     quiet_transformers()
     if out_json is not None:  # before the evaluation, whose results would otherwise be lost
         check_output_file(out_json, "--out")
+    if matrix and samples:
+        raise UserError("--samples scores one model; the matrix is greedy scores only.",
+                        hint="Leave out --matrix (sd eval RUN --upto N --samples 8), or leave out --samples.")
     sets, taught_by = _eval_sets(source, data, reward, matrix=matrix, upto=upto, no_adapters=no_adapters)
     texts = load_texts(drift) if drift is not None else None
     common = dict(drift_texts=texts, teacher=teacher, max_new_tokens=max_new_tokens, batch_size=batch_size, log=log)
     if matrix:
         payload = _eval_matrix(source, sets, taught_by, sets_given=bool(data), **common)
     else:
-        payload = _eval_source(source, sets, drift, upto=upto, no_adapters=no_adapters, **common)
+        payload = _eval_source(source, sets, drift, upto=upto, no_adapters=no_adapters, samples=samples, **common)
     if out_json is not None:
         from sdcli.core.atomic import write_atomic
 
@@ -159,7 +165,12 @@ def _eval_source(source: Path, sets: list, drift: Path | None, **options) -> dic
     rows = [[r["name"], str(r["n"]), fmt(r["score"]), fmt(r["teacher_score"] if r["teacher_n"] else None),
              str(r["teacher_n"]), fmt(r.get("answer_nll")), fmt(r.get("teacher_answer_nll")), str(r["errors"])]
             for r in payload["sets"]]
-    print_table(payload["model"], ["set", "n", "score", "teacher", "teacher n", "answer NLL", "teacher's", "scorer errors"], rows)
+    header = ["set", "n", "score", "teacher", "teacher n", "answer NLL", "teacher's", "scorer errors"]
+    if options.get("samples"):
+        header.insert(3, f"sampled ({options['samples']}/line)")
+        for row, r in zip(rows, payload["sets"]):
+            row.insert(3, fmt(r.get("sampled_score")))
+    print_table(payload["model"], header, rows)
     if payload["drift"]:
         d = payload["drift"]
         out_print(f"drift on {drift}: KL from base {fmt(d['kl_from_base'], 4)}, perplexity {fmt(d['perplexity'], 2)} "

@@ -96,7 +96,8 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
     common = dict(encoder=encoder, template=plan.template, max_new_tokens=cfg.max_new_tokens, teacher=cfg.teacher, merge=merge)
     sets, details = [], []
     for role, eval_set in [("task", plan.task)] * (plan.task is not None) + [("retain", s) for s in plan.retain]:
-        result = evaluate_set(model, tokenizer, eval_set, adapters=after, **common)
+        samples = cfg.samples if role == "task" else 0  # the episode's own questions: where learning shows
+        result = evaluate_set(model, tokenizer, eval_set, adapters=after, samples=samples, **common)
         summary = _summary(result, role)
         details.append({"role": role, "model": "after", **result})
         # baselines: the task set before the episode and at the base (forward transfer); a retain
@@ -108,8 +109,8 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
             if which == "base" and not earlier and "before" in summary:
                 summary[which] = summary["before"]  # the first episode began at the base
                 continue
-            baseline = evaluate_set(model, tokenizer, eval_set, adapters=adapters, **common)
-            summary[which] = {k: baseline.get(k) for k in ("score", "teacher_score", "answer_nll")}
+            baseline = evaluate_set(model, tokenizer, eval_set, adapters=adapters, samples=samples, **common)
+            summary[which] = {k: baseline.get(k) for k in ("score", "teacher_score", "answer_nll", "sampled_score")}
             details.append({"role": role, "model": which, **baseline})
         if "base" in summary and not earlier:
             summary.setdefault("before", summary["base"])
@@ -134,6 +135,11 @@ def describe_scores(summary: dict) -> str:
         text += f", before {fmt(summary['before']['score'])}, base {fmt(summary['base']['score'])}"
     elif "base" in summary:
         text += f", base {fmt(summary['base']['score'])}"
+    if summary.get("sampled_score") is not None:
+        text += f"; sampled {fmt(summary['sampled_score'])} ({summary['samples']} per line"
+        if summary.get("role") == "task" and (summary.get("before") or {}).get("sampled_score") is not None:
+            text += f", before {fmt(summary['before']['sampled_score'])}"
+        text += ")"
     if summary.get("answer_nll") is not None:
         text += f"; answer NLL {fmt(summary['answer_nll'])}"
         if summary.get("teacher_answer_nll") is not None:
@@ -160,7 +166,7 @@ def _source_template(loaded) -> str:
 
 def evaluate_source(
     source: Path, sets: list[EvalSet], *, upto: int | None = None, no_adapters: bool = False, drift_texts=None,
-    drift_max_tokens: int = 256, teacher: bool = True, max_new_tokens: int = 48, batch_size: int = 16,
+    drift_max_tokens: int = 256, teacher: bool = True, max_new_tokens: int = 48, batch_size: int = 16, samples: int = 0,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """One model (a run prefix, the base, or a model folder) on every set: {"model", "sets", "drift"}."""
@@ -171,7 +177,7 @@ def evaluate_source(
     log(loaded.description)
     common = dict(
         encoder=PromptEncoder(loaded.tokenizer, 2048), template=_source_template(loaded), max_new_tokens=max_new_tokens,
-        teacher=teacher, merge=can_fold(loaded.model), batch_size=batch_size,
+        teacher=teacher, merge=can_fold(loaded.model), batch_size=batch_size, samples=samples,
     )
     results = []
     for eval_set in sets:

@@ -70,14 +70,15 @@ def using(model, adapters: Sequence[str] | None):
 
 def greedy_answers(
     model, tokenizer, prompts: Sequence[Messages], *, encoder, max_new_tokens: int, adapters: Sequence[str] | None = None,
-    merge: bool = True, batch_size: int = 16,
+    merge: bool = True, batch_size: int = 16, temperature: float = 0.0,
 ) -> list[str]:
-    """Greedy answers, in order. Prompts are batched by length to keep padding small."""
+    """Greedy answers (or sampled ones at `temperature` > 0, untruncated), in order. Prompts are
+    batched by length to keep padding small."""
     from sdcli.models.rollout import SamplingSettings, sample_responses
     from sdcli.models.sequences import eos_ids
 
     # with adapters=[] (the bare base) merged_for_sampling folds nothing: it skips switched-off adapters
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, merge=merge)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0, merge=merge)
     stop = eos_ids(tokenizer, model)
     encoded = [encoder.encode(p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -94,13 +95,14 @@ def greedy_answers(
 def evaluate_set(
     model, tokenizer, eval_set: EvalSet, *, encoder, template: str, max_new_tokens: int, teacher: bool = True,
     adapters: Sequence[str] | None = None, merge: bool = True, batch_size: int = 16, likelihood: bool = True,
+    samples: int = 0,
 ) -> dict:
     """Score one model (one adapter set) on one eval set, with and without the teacher's context.
 
     Returns {name, path, sha256, n, score, errors, teacher_score, teacher_n, examples: [...]}, and
     with `likelihood` where lines carry a demonstration also answer_nll, demonstration_nll and their
-    teacher_ counterparts (sdcli.evaluation.answer_likelihood); the student and teacher prompts go
-    through `generate` together."""
+    teacher_ counterparts (sdcli.evaluation.answer_likelihood), and with `samples` > 0 sampled_score
+    (sampled_answers); the student and teacher prompts go through `generate` together."""
     views = [teacher_messages(ex, template) if teacher else None for ex in eval_set.examples]
     with_context = [i for i, v in enumerate(views) if v is not None]
     prompts = [ex.prompt for ex in eval_set.examples] + [views[i] for i in with_context]
@@ -123,12 +125,16 @@ def evaluate_set(
 
         nll = answer_likelihood(model, tokenizer, eval_set.examples, views, encoder=encoder, adapters=adapters)
     per_line = nll.pop("per_line", [None] * n)
+    sampled = sampled_answers(model, tokenizer, eval_set, samples, encoder=encoder, max_new_tokens=max_new_tokens,
+                              adapters=adapters, merge=merge, batch_size=batch_size) if samples > 0 else None
     examples = []
     for i, ex in enumerate(eval_set.examples):
         row = {"id": ex.id, "answer": ex.record.get("answer"), "reward": ex.reward, "response": student[i], "score": scores[i]}
         if i in t_scores:
             row.update(teacher_response=teacher_answers[with_context.index(i)], teacher_score=t_scores[i])
         row.update(per_line[i] or {})
+        if sampled is not None:
+            row["sampled_score"] = sampled["per_line"][i]
         examples.append(row)
     return {
         **eval_set.describe(),
@@ -139,5 +145,34 @@ def evaluate_set(
         "teacher_score": mean(list(t_scores.values())),
         "teacher_n": len(t_scores),
         **nll,
+        **({"sampled_score": sampled["score"], "samples": samples, "sampled_errors": sampled["errors"]} if sampled else {}),
         "examples": examples,
     }
+
+
+SAMPLING_SEED = 0  # eval samples are the same on every call, and leave the caller's random state alone
+
+
+def sampled_answers(
+    model, tokenizer, eval_set: EvalSet, samples: int, *, encoder, max_new_tokens: int,
+    adapters: Sequence[str] | None = None, merge: bool = True, batch_size: int = 16,
+) -> dict:
+    """`samples` answers per line at temperature 1 (the model's own distribution, no truncation).
+
+    {"score": mean over lines of the share of a line's samples the scorer gives, "per_line": that
+    share per line, "errors": scorer errors}. A fact the model has half learned answers some
+    samples right before its greedy answer flips, so this moves in steps of 1/(lines x samples)
+    where the greedy score moves in steps of 1/lines."""
+    import torch
+
+    prompts = [ex.prompt for ex in eval_set.examples for _ in range(samples)]
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(SAMPLING_SEED)
+        answers = greedy_answers(model, tokenizer, prompts, encoder=encoder, max_new_tokens=max_new_tokens,
+                                 adapters=adapters, merge=merge, batch_size=batch_size, temperature=1.0)
+    repeated = EvalSet(eval_set.path, eval_set.sha256, [ex for ex in eval_set.examples for _ in range(samples)],
+                       eval_set.scorers)
+    scores, errors = score_responses(repeated, answers)
+    per_line = [mean(scores[i * samples : (i + 1) * samples]) for i in range(len(eval_set.examples))]
+    return {"score": mean(per_line), "per_line": per_line, "errors": len(errors)}

@@ -250,6 +250,11 @@ class EvalConfig(StrictSection):
     )
     max_new_tokens: int = Field(48, ge=1, le=8192, description="Greedy answer length")
     teacher: bool = Field(True, description="Also score with each line's demonstration in context (the ceiling)")
+    samples: int = Field(
+        0, ge=0, le=256,
+        description="Also draw this many answers per line of `path` at temperature 1 and report the share right "
+        "(sampled_score): it moves before a greedy answer flips",
+    )
     baselines: bool = Field(
         True, description="Also score `path` with the model as the episode began and with the bare base (forward transfer)"
     )

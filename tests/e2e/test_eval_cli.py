@@ -41,7 +41,7 @@ def task_files(folder: Path, model_dir: Path, name: str, other: str, steps: int 
         f"name: {name}\nrun_dir: {folder / 'run'}\nmethod: sft\nmodel: {{name_or_path: {model_dir}}}\n"
         f"lora: {{r: 8, alpha: 16}}\ndata: {{path: {name}.jsonl}}\n"
         f"train: {{max_steps: {steps}, prompts_per_step: 1, lr: 0.01}}\n"
-        f"eval:\n  path: {name}_eval.jsonl\n  retain: [{other}_eval.jsonl]\n  drift_path: text.jsonl\n  max_new_tokens: 16\n"
+        f"eval:\n  path: {name}_eval.jsonl\n  retain: [{other}_eval.jsonl]\n  drift_path: text.jsonl\n  max_new_tokens: 16\n  samples: 2\n"
     )
     return recipe
 
@@ -74,6 +74,8 @@ def test_eval_after_each_episode_is_stored(chain):
     assert task["score"] == 1.0 and task["before"]["score"] == 0.0 and task["base"] == task["before"]
     # the held-out answer's tokens became likelier: the continuous view of the same learning
     assert task["answer_nll_n"] == 1 and task["answer_nll"] < task["before"]["answer_nll"] - 0.5
+    assert task["samples"] == 2 and task["sampled_score"] > task["before"]["sampled_score"]
+    assert "sampled_score" not in retain  # samples are drawn for the episode's own questions only
     assert (retain["role"], retain["name"]) == ("retain", "vells_eval") and retain["base"]["score"] == 0.0
     assert "base" not in second.meta["eval"]["sets"][1]  # retain sets get a base score in the first episode only
     assert ev["drift"]["kl_from_base"] > 0 and ev["drift"]["tokens"] > 10
@@ -115,6 +117,19 @@ def test_eval_one_model_on_given_sets(chain, tmp_path):
     assert result["sets"][0]["score"] == 1.0 and result["episodes"] == ["001-zorblax"]
     assert result["sets"][0]["examples"][0]["response"] == "The capital of Zorblax is Quenta."
     assert "answer NLL" in done.stdout and result["sets"][0]["examples"][0]["answer_nll"] == result["sets"][0]["answer_nll"]
+
+
+def test_eval_samples_answers_and_refuses_them_for_the_matrix(chain, tmp_path):
+    out = tmp_path / "sampled.json"
+    done = sd("eval", str(chain / "run"), "--upto", "1", "--data", str(chain / "zorblax_eval.jsonl"), "--samples", "3",
+              "--max-new-tokens", "16", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "sampled (3/line)" in done.stdout
+    zorblax = json.loads(out.read_text())["sets"][0]
+    assert zorblax["samples"] == 3 and [e["sampled_score"] * 3 % 1 for e in zorblax["examples"]] == [0, 0]
+    assert zorblax["sampled_score"] > 0  # the learned fact comes up in samples too
+    done = sd("eval", str(chain / "run"), "--matrix", "--samples", "3")
+    assert done.returncode == 2 and "--samples scores one model" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_report_via_cli(chain, tmp_path):

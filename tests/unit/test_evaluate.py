@@ -378,3 +378,31 @@ def test_answer_likelihood_matches_a_plain_reference(tiny_model_dir):
     assert result["teacher_demonstration_nll"] == pytest.approx((t_whole0 + reference(views[1], examples[1].demonstration, "x")[0]) / 2, rel=1e-4)
     # the adapter set is honoured: the random adapter moves the figures
     assert answer_likelihood(model, tokenizer, examples, views, encoder=encoder, adapters=["ep001"])["answer_nll"] != pytest.approx(answer0, rel=1e-3)
+
+
+def test_sampled_answers_share_right_per_line_reproducible_and_leaves_the_random_state(tiny_model_dir):
+    from sdcli.evaluation.scoring import SAMPLING_SEED, sampled_answers
+    from sdcli.models.sequences import PromptEncoder
+
+    model, tokenizer = _with_random_adapter(tiny_model_dir)
+    encoder = PromptEncoder(tokenizer, 512)
+    examples = [EvalExample(str(i), [{"role": "user", "content": q}], {"answer": "x"}, "odd", None)
+                for i, q in enumerate(["What is the capital of Zorblax?", "Hi"])]
+    eval_set = EvalSet(Path("s.jsonl"), "0", examples, {"odd": lambda response, example: float(len(response) % 2)})
+    kw = dict(encoder=encoder, max_new_tokens=8, adapters=["ep001"])
+
+    torch.manual_seed(123)
+    result = sampled_answers(model, tokenizer, eval_set, 6, **kw)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after)  # the caller's random stream is untouched
+    assert sampled_answers(model, tokenizer, eval_set, 6, **kw) == result  # and the samples are the same every call
+
+    # the same answers drawn by hand: 6 per line at temperature 1, scored, averaged per line then over lines
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SAMPLING_SEED)
+        answers = greedy_answers(model, tokenizer, [ex.prompt for ex in examples for _ in range(6)], temperature=1.0, **kw)
+    assert len(set(answers)) > 2  # sampled, not six copies of the greedy answer
+    per_line = [sum(len(a) % 2 for a in answers[i * 6 : (i + 1) * 6]) / 6 for i in range(2)]
+    assert result["per_line"] == pytest.approx(per_line) and result["score"] == pytest.approx(sum(per_line) / 2)
+    assert result["errors"] == 0
