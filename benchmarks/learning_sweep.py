@@ -72,6 +72,7 @@ GRID: dict[str, list[str]] = {
     "mix50-tt0.5": ["rollout.off_policy_fraction=0.5", "loss.teacher_temperature=0.5"],
     "mix50-tt0.5-24t": ["rollout.off_policy_fraction=0.5", "loss.teacher_temperature=0.5", "rollout.max_new_tokens=24"],
     "mix25-tt0.5": ["rollout.off_policy_fraction=0.75", "loss.teacher_temperature=0.5"],
+    "a16": ["anchor.max_new_tokens=16"],
     "mlp": ["lora.target_modules=[gate_proj,up_proj,down_proj]"],
     "mlp-lr1e-3": ["lora.target_modules=[gate_proj,up_proj,down_proj]", "train.lr=1e-3"],
     "ema": ["teacher=ema"],
