@@ -109,9 +109,9 @@ def run_setting(task: Path, name: str, overrides: list[str], seed: int, out: Pat
         # the ceiling is the episode's teacher: the model as the episode began, with the fact in context
         "task": task_set["score"], "teacher": task_set["before"]["teacher_score"], "general": general["score"],
         # the held-out demonstrations' answer tokens, teacher-forced without context: finer than six greedy answers
-        "answer_nll": task_set.get("answer_nll"), "answer_nll_before": (task_set.get("before") or {}).get("answer_nll"),
+        "answer_nll": task_set.get("answer_nll"), "answer_nll_before": task_set["before"].get("answer_nll"),
         # with --set eval.samples=N: the share of N answers per question at temperature 1 that are right
-        "sampled": task_set.get("sampled_score"), "sampled_before": (task_set.get("before") or {}).get("sampled_score"),
+        "sampled": task_set.get("sampled_score"), "sampled_before": task_set["before"].get("sampled_score"),
         "general_base": general.get("base", {}).get("score"),
         "kl_from_base": drift.get("kl_from_base"), "perplexity": drift.get("perplexity"),
         "base_perplexity": drift.get("base_perplexity"), "train_seconds": round(train_seconds, 1),

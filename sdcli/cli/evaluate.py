@@ -162,14 +162,12 @@ def _eval_source(source: Path, sets: list, drift: Path | None, **options) -> dic
     from sdcli.evaluation.evaluate import evaluate_source
 
     payload = evaluate_source(source, sets, **options)
-    rows = [[r["name"], str(r["n"]), fmt(r["score"]), fmt(r["teacher_score"] if r["teacher_n"] else None),
-             str(r["teacher_n"]), fmt(r.get("answer_nll")), fmt(r.get("teacher_answer_nll")), str(r["errors"])]
-            for r in payload["sets"]]
-    header = ["set", "n", "score", "teacher", "teacher n", "answer NLL", "teacher's", "scorer errors"]
-    if options.get("samples"):
-        header.insert(3, f"sampled ({options['samples']}/line)")
-        for row, r in zip(rows, payload["sets"]):
-            row.insert(3, fmt(r.get("sampled_score")))
+    samples = options.get("samples")
+    rows = [[r["name"], str(r["n"]), fmt(r["score"]), *([fmt(r.get("sampled_score"))] if samples else []),
+             fmt(r["teacher_score"] if r["teacher_n"] else None), str(r["teacher_n"]), fmt(r.get("answer_nll")),
+             fmt(r.get("teacher_answer_nll")), str(r["errors"])] for r in payload["sets"]]
+    header = ["set", "n", "score", *([f"sampled ({samples}/line)"] if samples else []), "teacher", "teacher n",
+              "answer NLL", "teacher's", "scorer errors"]
     print_table(payload["model"], header, rows)
     if payload["drift"]:
         d = payload["drift"]

@@ -135,17 +135,18 @@ def describe_scores(summary: dict) -> str:
         text += f", before {fmt(summary['before']['score'])}, base {fmt(summary['base']['score'])}"
     elif "base" in summary:
         text += f", base {fmt(summary['base']['score'])}"
+    before = (summary.get("before") or {}) if summary.get("role") == "task" else {}
     if summary.get("sampled_score") is not None:
         text += f"; sampled {fmt(summary['sampled_score'])} ({summary['samples']} per line"
-        if summary.get("role") == "task" and (summary.get("before") or {}).get("sampled_score") is not None:
-            text += f", before {fmt(summary['before']['sampled_score'])}"
+        if before.get("sampled_score") is not None:
+            text += f", before {fmt(before['sampled_score'])}"
         text += ")"
     if summary.get("answer_nll") is not None:
         text += f"; answer NLL {fmt(summary['answer_nll'])}"
         if summary.get("teacher_answer_nll") is not None:
             text += f" (teacher {fmt(summary['teacher_answer_nll'])})"
-        if summary.get("role") == "task" and (summary.get("before") or {}).get("answer_nll") is not None:
-            text += f", before {fmt(summary['before']['answer_nll'])}"
+        if before.get("answer_nll") is not None:
+            text += f", before {fmt(before['answer_nll'])}"
     if summary.get("errors"):
         text += f", {summary['errors']} scorer error(s)"
     return text

@@ -68,12 +68,17 @@ def using(model, adapters: Sequence[str] | None):
         model.train(was_training)
 
 
-def greedy_answers(
-    model, tokenizer, prompts: Sequence[Messages], *, encoder, max_new_tokens: int, adapters: Sequence[str] | None = None,
-    merge: bool = True, batch_size: int = 16, temperature: float = 0.0,
+def greedy_answers(model, tokenizer, prompts: Sequence[Messages], **options) -> list[str]:
+    """Greedy answers, in order (`model_answers` at temperature 0)."""
+    return model_answers(model, tokenizer, prompts, temperature=0.0, **options)
+
+
+def model_answers(
+    model, tokenizer, prompts: Sequence[Messages], *, encoder, max_new_tokens: int, temperature: float,
+    adapters: Sequence[str] | None = None, merge: bool = True, batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers (or sampled ones at `temperature` > 0, untruncated), in order. Prompts are
-    batched by length to keep padding small."""
+    """The model's answers at `temperature` (0: greedy; above: sampled, untruncated), in order.
+    Prompts are batched by length to keep padding small."""
     from sdcli.models.rollout import SamplingSettings, sample_responses
     from sdcli.models.sequences import eos_ids
 
@@ -94,13 +99,12 @@ def greedy_answers(
 
 def evaluate_set(
     model, tokenizer, eval_set: EvalSet, *, encoder, template: str, max_new_tokens: int, teacher: bool = True,
-    adapters: Sequence[str] | None = None, merge: bool = True, batch_size: int = 16, likelihood: bool = True,
-    samples: int = 0,
+    adapters: Sequence[str] | None = None, merge: bool = True, batch_size: int = 16, samples: int = 0,
 ) -> dict:
     """Score one model (one adapter set) on one eval set, with and without the teacher's context.
 
     Returns {name, path, sha256, n, score, errors, teacher_score, teacher_n, examples: [...]}, and
-    with `likelihood` where lines carry a demonstration also answer_nll, demonstration_nll and their
+    where lines carry a demonstration also answer_nll, demonstration_nll and their
     teacher_ counterparts (sdcli.evaluation.answer_likelihood), and with `samples` > 0 sampled_score
     (sampled_answers); the student and teacher prompts go through `generate` together."""
     views = [teacher_messages(ex, template) if teacher else None for ex in eval_set.examples]
@@ -120,7 +124,7 @@ def evaluate_set(
         errors += [f"teacher: {e}" for e in t_errors]
         t_scores = dict(zip(with_context, values))
     nll: dict = {}
-    if likelihood and any(ex.demonstration for ex in eval_set.examples):
+    if any(ex.demonstration for ex in eval_set.examples):
         from sdcli.evaluation.answer_likelihood import answer_likelihood
 
         nll = answer_likelihood(model, tokenizer, eval_set.examples, views, encoder=encoder, adapters=adapters)
@@ -169,8 +173,8 @@ def sampled_answers(
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(SAMPLING_SEED)
-        answers = greedy_answers(model, tokenizer, prompts, encoder=encoder, max_new_tokens=max_new_tokens,
-                                 adapters=adapters, merge=merge, batch_size=batch_size, temperature=1.0)
+        answers = model_answers(model, tokenizer, prompts, encoder=encoder, max_new_tokens=max_new_tokens, temperature=1.0,
+                                adapters=adapters, merge=merge, batch_size=batch_size)
     repeated = EvalSet(eval_set.path, eval_set.sha256, [ex for ex in eval_set.examples for _ in range(samples)],
                        eval_set.scorers)
     scores, errors = score_responses(repeated, answers)

@@ -14,7 +14,7 @@ from sdcli.evaluation.continual_matrix import Matrix, gem_metrics, matrix_from_e
 from sdcli.core.divergence import kl as token_kl
 from sdcli.evaluation.drift import measure_drift, perplexity
 from sdcli.evaluation.eval_sets import EvalExample, EvalSet, load_eval_set, load_texts, stored_eval_sets
-from sdcli.evaluation.scoring import greedy_answers, score_responses, teacher_messages
+from sdcli.evaluation.scoring import greedy_answers, model_answers, score_responses, teacher_messages
 from sdcli.recipe.loading import load_recipe
 from sdcli.recipe.sections import EvalConfig
 from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
@@ -401,7 +401,7 @@ def test_sampled_answers_share_right_per_line_reproducible_and_leaves_the_random
     # the same answers drawn by hand: 6 per line at temperature 1, scored, averaged per line then over lines
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SAMPLING_SEED)
-        answers = greedy_answers(model, tokenizer, [ex.prompt for ex in examples for _ in range(6)], temperature=1.0, **kw)
+        answers = model_answers(model, tokenizer, [ex.prompt for ex in examples for _ in range(6)], temperature=1.0, **kw)
     assert len(set(answers)) > 2  # sampled, not six copies of the greedy answer
     per_line = [sum(len(a) % 2 for a in answers[i * 6 : (i + 1) * 6]) / 6 for i in range(2)]
     assert result["per_line"] == pytest.approx(per_line) and result["score"] == pytest.approx(sum(per_line) / 2)
