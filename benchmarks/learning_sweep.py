@@ -76,6 +76,10 @@ GRID: dict[str, list[str]] = {
     "mlp": ["lora.target_modules=[gate_proj,up_proj,down_proj]"],
     "mlp-lr1e-3": ["lora.target_modules=[gate_proj,up_proj,down_proj]", "train.lr=1e-3"],
     "ema": ["teacher=ema"],
+    "ta4": ["rollout.teacher_answers=4"],
+    "ta1-greedy": ["rollout.teacher_answers=1", "rollout.teacher_answer_temperature=0"],
+    "ta4-no-anchor": ["rollout.teacher_answers=4", "anchor.prompts_per_step=0"],
+    "ta4-a2": ["rollout.teacher_answers=4", "anchor.prompts_per_step=2"],
     "mix50-greedy-tt0.5": ["rollout.off_policy_fraction=0.5", "rollout.temperature=0", "loss.teacher_temperature=0.5"],
 }
 

@@ -117,6 +117,17 @@ class RolloutConfig(StrictSection):
         "scored by the teacher, instead of on a sample; 0 = all on-policy, 1 = no sampling. Prompts without one "
         "(rewards, feedback, interactions) are always sampled",
     )
+    teacher_answers: int = Field(
+        0, ge=0, le=16,
+        description="Answers the teacher writes, once, per example that carries a demonstration (the model with "
+        "the demonstration in its prompt; the first time a batch holds the example); the example's off-policy "
+        "visits learn on the demonstration and these in turn: the fact in the model's own words. "
+        "0 = the demonstration only",
+    )
+    teacher_answer_temperature: float = Field(
+        0.5, ge=0.0, le=5.0, description="Sampling temperature of the teacher's answers; 0 = greedy (one answer)"
+    )
+    teacher_answer_max_new_tokens: int = Field(32, ge=1, le=8192, description="Longest teacher answer")
 
 
 class LossConfig(StrictSection):

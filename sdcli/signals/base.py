@@ -32,6 +32,7 @@ class Example:
     prompt: Messages  # what the student sees; ends with a user turn
     fields: dict[str, Any] = field(default_factory=dict)  # signal-specific data from the line
     response: str | None = None  # a logged response to train on (offline interactions); None = sample
+    visit: int = 0  # the pass over the data that handed it to this step (0 = the first): picks its off-policy response
 
 
 @dataclass

@@ -47,13 +47,14 @@ class ExampleSampler:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.n, generator=g)
 
-    def take(self, k: int) -> list[int]:
+    def take(self, k: int) -> list[tuple[int, int]]:
+        """The next k examples as (index, epoch): the epoch is the pass over the data each came from."""
         out = []
         for _ in range(k):
             if self.position >= self.n:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation()
-            out.append(int(self._order[self.position]))
+            out.append((int(self._order[self.position]), self.epoch))
             self.position += 1
         return out
 
@@ -88,9 +89,11 @@ def demonstration_sequences(batch: list[Example], encoder, tokenizer, stop) -> l
     return [Sequence(encoder.encode(ex.prompt), response_tokens(tokenizer, demonstration_text(ex), stop)) for ex in batch]
 
 
-def off_policy_sequences(batch: list[Example], n_off: int, signal, encoder, tokenizer, stop) -> tuple[list[Sequence], list[Example]]:
+def off_policy_sequences(batch: list[Example], n_off: int, signal, encoder, tokenizer, stop,
+                         answers=None) -> tuple[list[Sequence], list[Example]]:
     """The first `n_off` examples of the batch that carry a demonstration, as off-policy sequences
-    (the demonstration is the response, the signal says what the teacher sees); and the rest, to sample."""
+    (the signal says what the teacher sees); and the rest, to sample. The response is the
+    demonstration, or with `answers` (sdcli.training.teacher_answers) the one its visit takes in turn."""
     off, rest = [], []
     for ex in batch:
         found = signal.demonstration_view(ex) if len(off) < n_off else None
@@ -98,7 +101,10 @@ def off_policy_sequences(batch: list[Example], n_off: int, signal, encoder, toke
             rest.append(ex)
             continue
         text, view = found
-        off.append(Sequence(encoder.encode(ex.prompt), response_tokens(tokenizer, text, stop), view, OFF_POLICY))
+        response = response_tokens(tokenizer, text, stop)
+        if answers is not None:
+            response = answers.response_for(ex, text, response)
+        off.append(Sequence(encoder.encode(ex.prompt), response, view, OFF_POLICY))
     return off, rest
 
 

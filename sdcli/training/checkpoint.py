@@ -1,7 +1,8 @@
 """Resumable state of an episode in progress, written atomically.
 
 A checkpoint holds everything that decides the rest of the run: the trainable adapter (and the
-EMA teacher), optimizer and scheduler state, every RNG, the data sampler's position and the step.
+EMA teacher), optimizer and scheduler state, every RNG, the data sampler's position, the teacher's
+answers written so far (sdcli.training.teacher_answers) and the step.
 Resuming from it with the same recipe gives the same adapter as an uninterrupted run;
 `restore_checkpoint` refuses a checkpoint whose recipe (budget aside) or data file has changed.
 
@@ -110,7 +111,7 @@ def resume_key(recipe: Recipe) -> dict[str, str]:
 
 
 def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, scheduler, sampler, metrics_path: Path, log,
-                       dist: Ranks | None = None) -> int:
+                       dist: Ranks | None = None, teacher_answers=None) -> int:
     """Put the interrupted episode's state back; returns the step to continue from. Every rank
     reads the checkpoint; rank 0 alone rewrites the metrics."""
     dist = dist or Ranks()
@@ -141,6 +142,8 @@ def restore_checkpoint(partial: Path, recipe: Recipe, params: dict, optimizer, s
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     sampler.restore(state["sampler"])
+    if teacher_answers is not None:
+        teacher_answers.restore(state["extra"].get("teacher_answers", []))
     rng = dist.own_rng(state, log)
     if rng is not None:
         set_rng_state(rng)

@@ -50,6 +50,7 @@ from sdcli.training.checkpoint import restore_checkpoint, resume_key, save_check
 from sdcli.training.distributed import Ranks
 from sdcli.training.losses import DivergenceSpec
 from sdcli.training.simulator import attach_user_simulator
+from sdcli.training.teacher_answers import TeacherAnswers
 from sdcli.training.teacher import EMA_ADAPTER, TeacherMemo, add_ema_adapter, cache_anchor_teacher, teacher_adapters
 
 
@@ -88,6 +89,7 @@ class EpisodeState:
     anchor_set: list[str]  # ... and of the anchors' teacher: the model as the episode began
     anchors: list[Sequence]
     off_fraction: float
+    teacher_answers: TeacherAnswers  # the teacher's own answers to demonstrated prompts, written as met
     resume_key: dict
     teacher_memo: TeacherMemo | None = None  # teacher: base, which never changes in an episode
     start_step: int = 0
@@ -110,7 +112,7 @@ class EpisodeState:
         return sample_responses(self.model, self.tokenizer, prompts, settings or self.sampling, self.stop)
 
     def checkpoint(self, step: int) -> None:
-        extra = self.dist.with_rank_rng(self.resume_key)  # several ranks: every rank's random state
+        extra = self.dist.with_rank_rng({**self.resume_key, "teacher_answers": self.teacher_answers.state()})
         if self.dist.is_main:
             save_checkpoint(
                 self.partial, step=step, params=self.saved_params, optimizer=self.optimizer,
@@ -250,6 +252,10 @@ def setup_episode(recipe: Recipe, *, resume: bool, log, dist: Ranks, allow_mixed
         anchor_set=teacher_adapters(TeacherKind.base, m["earlier"], m["episode"]),  # anchors hold to the start
         anchors=[], resume_key={},
         off_fraction=recipe.rollout.off_policy_fraction if recipe.method is Method.self_distillation else 0.0,
+        teacher_answers=TeacherAnswers(
+            recipe.rollout.teacher_answers if recipe.method is Method.self_distillation else 0,
+            recipe.rollout.teacher_answer_temperature, recipe.rollout.teacher_answer_max_new_tokens, cfg.seed,
+        ),
         teacher_memo=TeacherMemo() if recipe.teacher is TeacherKind.base else None,
     )
     if run.sampling.int8:
@@ -267,7 +273,7 @@ def restore_and_check(run: EpisodeState, resume: bool, log) -> None:
     dist.seed_sampling(cfg.seed)  # several ranks: a sampling stream per rank
     if resume:
         run.start_step = restore_checkpoint(run.partial, recipe, run.saved_params, run.optimizer, run.scheduler,
-                                            run.sampler, metrics_path, log, dist)
+                                            run.sampler, metrics_path, log, dist, run.teacher_answers)
     if dist.is_main:
         write_atomic(run.partial / "recipe.yaml", dump_recipe(recipe))
     run.resume_key = resume_key(recipe)  # hashed once: the data as this run read it
@@ -281,5 +287,6 @@ def restore_and_check(run: EpisodeState, resume: bool, log) -> None:
     chosen = "off_policy_fraction" in recipe.rollout.model_fields_set  # the default is silent where it cannot apply
     if chosen and run.off_fraction > 0 and not any(run.signal.demonstration_view(ex) for ex in run.examples[:1000]):
         log("warning: rollout.off_policy_fraction > 0, but no example carries a demonstration; every prompt is sampled")
+    answers = run.teacher_answers.per_example if run.off_fraction > 0 else 0
     log(f"train: {run.total_steps} step(s); {cfg.updates_per_rollout} update(s) per rollout; "
-        f"{run.off_fraction:.0%} of prompts off-policy")
+        f"{run.off_fraction:.0%} of prompts off-policy" + (f", {answers} teacher answer(s) per demonstration" if answers else ""))

@@ -70,7 +70,8 @@ def distillation_rollout(run, batch: list[Example], n_off: int, rollout_index: i
     the signal's context for each sample, this rank's anchors, and the teacher's hidden states."""
     recipe, tokenizer = run.recipe, run.tokenizer
     with timer("rollout"):
-        off, on_policy = off_policy_sequences(batch, n_off, run.signal, run.encoder, tokenizer, run.stop)
+        off, on_policy = off_policy_sequences(batch, n_off, run.signal, run.encoder, tokenizer, run.stop,
+                                              run.teacher_answers)
         seqs_on, generated = rollout_sequences(on_policy, recipe.rollout.num_samples, run.encoder, tokenizer, run.stop,
                                                run.sample)
     with timer("context"):

@@ -1,7 +1,8 @@
 """The training loop: one learning episode of on-policy self-distillation.
 
 Per step, top to bottom:
-    1. sample a batch of prompts
+    1. sample a batch of prompts; the teacher writes its own answers to those with a demonstration
+       that it has not answered yet (off-policy visits learn on them and the demonstration in turn)
     2. rollout:  y ~ student(. | x)                    (no grad, adapters folded in for speed)
     3. context:  the signal builds the teacher's view c for every (x, y)
     4. teacher:  hidden states of teacher(. | x, c, y<t) (no grad, episode adapter off)
@@ -27,6 +28,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import dataclasses
 
 import torch
 
@@ -123,9 +126,13 @@ def _train_episode(
         while step < run.total_steps:
             timer, step_start = PhaseTimer(memory), time.perf_counter()
             rollout_index = step // cfg.updates_per_rollout
-            # 1. this rank's share of a batch of prompts, n_off of them to learn off-policy
-            batch = [run.examples[i] for i in run.sampler.take(cfg.prompts_per_step)]
+            # 1. a batch of prompts, n_off of them to learn off-policy; the teacher answers the new ones
+            batch = [dataclasses.replace(run.examples[i], visit=epoch) for i, epoch in run.sampler.take(cfg.prompts_per_step)]
             n_off = off_policy_count(run.off_fraction, cfg.prompts_per_step, rollout_index)
+            if n_off and run.teacher_answers.per_example:
+                with timer("teacher_answers"):
+                    run.teacher_answers.write(run, batch, n_off, rollout_index)
+            # ... and this rank's share of it
             batch, n_off = dist.share_of_batch(batch, n_off, lambda ex: run.signal.demonstration_view(ex) is not None)
             # 2-4. the responses to learn on, what the teacher sees for each, its hidden states (once per rollout)
             rollout = make_rollout(run, batch, n_off, rollout_index, timer)

@@ -27,9 +27,11 @@ def test_every_example_once_per_pass_and_no_rank_takes_one_twice(world, n, per_s
         for r, share in enumerate(shares):
             assert len(share) in (per_step // world, -(-per_step // world))  # balanced
             taken[r] += share
-    # the global sequence of examples is that of one process, so each pass uses each example once
+    # the global sequence of examples is that of one process, so each pass uses each example once,
+    # and each pick names its pass (an off-policy visit's response depends on it)
     for start in range(0, steps * per_step - n + 1, n):
-        assert sorted(one_process[start : start + n]) == list(range(n))
+        assert sorted(index for index, _ in one_process[start : start + n]) == list(range(n))
+        assert {epoch for _, epoch in one_process[start : start + n]} == {start // n}
     assert sum(len(t) for t in taken) == steps * per_step
 
 
