@@ -44,7 +44,7 @@ class TeacherAnswers:
                 new.setdefault((ex.id, text), view)
         if not new:
             return 0
-        prompts = [run.teacher_encoder.encode(view) for view in new.values() for _ in range(self.per_example)]
+        prompts = [prompt for view in new.values() for prompt in [run.teacher_encoder.encode(view)] * self.per_example]
         settings = dataclasses.replace(run.sampling, temperature=self.temperature, max_new_tokens=self.max_new_tokens)
         device = run.device
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):

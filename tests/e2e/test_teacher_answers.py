@@ -104,6 +104,24 @@ def test_the_teacher_answers_each_example_once_with_its_demonstration_and_withou
     assert any(float(t.abs().max()) > 0 for k, t in adapter.items() if "lora_B" in k)
 
 
+def test_int8_sampling_writes_the_same_answers_whatever_the_episode_adapter_has_learned(tmp_path, tiny_model_dir, sampled):
+    """On a CPU the teacher's answers come from the int8 sampler (the default there): the second
+    batch, written after an update at lr 0.05, equals the one written after an update at lr 1e-9."""
+    from sdcli.training.train import train_episode
+
+    rollout = "  teacher_answers: 1\n  teacher_answer_temperature: 0\n  teacher_answer_max_new_tokens: 6"
+    answers = {}
+    for lr in ("0.05", "1e-9"):
+        (tmp_path / lr).mkdir()
+        sampled.clear()
+        recipe = load_recipe(recipe_for(tmp_path / lr, tiny_model_dir, rollout), ["rollout.sample_precision=int8",
+                                                                                  f"train.lr={lr}"])
+        train_episode(recipe)
+        assert [len(prompts) for prompts, _ in sampled] == [2, 2]
+        answers[lr] = sampled[1][1]
+    assert answers["0.05"] == answers["1e-9"]
+
+
 def test_without_a_demonstration_share_nothing_is_written(tmp_path, tiny_model_dir, sampled):
     """rollout.off_policy_fraction 0: every prompt is sampled from the student, and the teacher writes nothing."""
     from sdcli.training.train import train_episode
