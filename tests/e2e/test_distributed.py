@@ -89,15 +89,18 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_two_ranks_train_the_adapter_of_one_process_on_the_same_global_batch(tmp_path, tiny_model_dir):
-    """Off-policy only (no sampling): 3 prompts per step over 2 ranks (shares of 1 and 2: an
+@pytest.mark.parametrize("rollout", ["off_policy_fraction: 1", "off_policy_fraction: 1, teacher_answers: 2"])
+def test_two_ranks_train_the_adapter_of_one_process_on_the_same_global_batch(tmp_path, tiny_model_dir, rollout):
+    """Off-policy only (no student sampling): 3 prompts per step over 2 ranks (shares of 1 and 2: an
     unweighted average of the ranks' gradients ends 3e-3 away), 3 anchors per step split the same way.
+    With teacher answers every rank writes those of the whole global batch, from the same seed, so
+    the second pass over the data (steps 3-5) learns on the same answers in both runs.
 
     At the default learning rate. The two runs add the same numbers in another order (other padding,
     the batch's sum in two parts), ~1e-7 apart in loss and gradient norm; AdamW turns that into
     ~3e-7 on the adapter here, and into ~2e-5 at lr 0.01, where it normalises gradients that are
     nearly zero and mostly rounding."""
-    recipe = write_recipe(tmp_path, tiny_model_dir, "off_policy_fraction: 1", "max_steps: 5")
+    recipe = write_recipe(tmp_path, tiny_model_dir, rollout, "max_steps: 5")
     one = train_episode(load_recipe(recipe, [f"run_dir={tmp_path / 'one'}"]))
 
     done = run(torchrun("-m", "sdcli", "train", str(recipe), "--quiet", f"run_dir={tmp_path / 'two'}"))
