@@ -22,14 +22,13 @@ each); the log line in sdcli.training.metrics. The loop and the optimizer step a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import dataclasses
 
 import torch
 
