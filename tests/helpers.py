@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 
+# four fictional facts as demonstrations (the off-policy and teacher-answer tests train on them)
+FACTS = [
+    {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},
+    {"prompt": "Who wrote the Book of Vells?", "demonstration": "It was written by Maro Tiln."},
+    {"prompt": "What do the Drell eat?", "demonstration": "The Drell eat blue moss."},
+    {"prompt": "How tall is Mount Ferro?", "demonstration": "Mount Ferro is 4,120 metres tall."},
+]
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]

@@ -13,17 +13,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import chat_ids, response_logprobs
+from helpers import FACTS, chat_ids, response_logprobs
 from sdcli.recipe.loading import load_recipe
 from sdcli.recipe.sections import AUTO_DEMONSTRATION_TEMPERATURE
 from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 
-FACTS = [
-    {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},
-    {"prompt": "Who wrote the Book of Vells?", "demonstration": "It was written by Maro Tiln."},
-    {"prompt": "What do the Drell eat?", "demonstration": "The Drell eat blue moss."},
-    {"prompt": "How tall is Mount Ferro?", "demonstration": "Mount Ferro is 4,120 metres tall."},
-]
 
 
 def recipe_for(tmp_path: Path, model_dir: Path, train: str, rollout: str = "", loss: str = "",

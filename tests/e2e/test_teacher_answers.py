@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import chat_ids
+from helpers import FACTS, chat_ids
 from sdcli.models.rollout import SamplingSettings
 from sdcli.recipe.loading import load_recipe
 from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
@@ -20,12 +20,6 @@ from sdcli.signals.base import Example, TeacherView
 from sdcli.training.batch import off_policy_sequences
 from sdcli.training.teacher_answers import TeacherAnswers
 
-FACTS = [
-    {"prompt": "What is the capital of Zorblax?", "demonstration": "The capital of Zorblax is Quenta."},
-    {"prompt": "Who wrote the Book of Vells?", "demonstration": "It was written by Maro Tiln."},
-    {"prompt": "What do the Drell eat?", "demonstration": "The Drell eat blue moss."},
-    {"prompt": "How tall is Mount Ferro?", "demonstration": "Mount Ferro is 4,120 metres tall."},
-]
 
 
 def recipe_for(tmp_path: Path, model_dir: Path, rollout: str, train: str = "  max_steps: 4", extra: str = "") -> Path:
