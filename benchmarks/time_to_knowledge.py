@@ -64,7 +64,7 @@ class Curve:
         self.paused += time.perf_counter() - stopped
 
 
-def run_sd(every: int, steps: int | None) -> list[dict]:
+def run_sd(every: int, steps: int | None, settings: list[str]) -> list[dict]:
     import sdcli.training.train as train_module
     from sdcli.evaluation.scoring import greedy_answers
     from sdcli.recipe.loading import load_recipe
@@ -84,6 +84,7 @@ def run_sd(every: int, steps: int | None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"run_dir={tmp}", f"train.threads={os.environ.get('SD_BENCH_THREADS', '2')}"]
         overrides += [f"train.max_steps={steps}", "train.epochs=null"] if steps else []
+        overrides += settings
         recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", overrides)  # its final eval runs after the curve
         curve.started = time.perf_counter()
         train_module.train_episode(recipe)
@@ -141,12 +142,14 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10, help="steps between held-out checks")
     parser.add_argument("--sd-steps", type=int, default=None, help="default: the quickstart's own budget (40 steps)")
     parser.add_argument("--peer-steps", type=int, default=60)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of sd's recipe (repeat), e.g. --set rollout.teacher_answers=4")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "time_to_knowledge")
     parser.add_argument("--one", choices=["sd", "peer"], help=argparse.SUPPRESS)  # a child process runs one tool
     args = parser.parse_args()
 
     if args.one:
-        points = run_sd(args.eval_every, args.sd_steps) if args.one == "sd" else run_peer(args.eval_every, args.peer_steps)
+        points = run_sd(args.eval_every, args.sd_steps, args.set) if args.one == "sd" else run_peer(args.eval_every, args.peer_steps)
         print("RESULT " + json.dumps(points))
         return
 
@@ -158,6 +161,7 @@ def main() -> None:
     for tool in args.tools:  # each in its own process: one tool's memory and threads do not touch the other's
         command = [sys.executable, __file__, "--one", tool, "--eval-every", str(args.eval_every),
                    "--peer-steps", str(args.peer_steps)] + (["--sd-steps", str(args.sd_steps)] if args.sd_steps else [])
+        command += [f"--set={setting}" for setting in args.set]
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
@@ -170,7 +174,7 @@ def main() -> None:
     for tool, points in results.items():
         print(f"{tool:5} 3 of 4 right: {first_minute(points, 3)};  4 of 4: {first_minute(points, 4)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "time_to_knowledge.json").write_text(json.dumps({"started": started, "cpu": cpu_name(), "curves": results}, indent=1))
+    (args.out / "time_to_knowledge.json").write_text(json.dumps({"started": started, "cpu": cpu_name(), "sd_settings": args.set, "curves": results}, indent=1))
     print(f"wrote {args.out / 'time_to_knowledge.json'}")
 
 
