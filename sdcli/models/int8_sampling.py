@@ -31,8 +31,8 @@ import torch
 
 from sdcli.core.errors import UserError
 
-# float linear -> (its weight, the weight's storage and version when packed, the int8 copy); weak
-# keys, so the copies go when the model does
+# first float linear -> {ids of the linears packed together: (their weights, the weights' storage and
+# version when packed, the int8 copy)}; weak keys, so the copies go when the model does
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -77,6 +77,11 @@ def int8_linear(packed, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tenso
     """
     if x.dim() > 2 and x.shape[-2] > 1:
         return torch.nn.functional.linear(x, linear.weight, linear.bias)
+    return int8_matmul(x, packed)
+
+
+def int8_matmul(x: torch.Tensor, packed) -> torch.Tensor:
+    """x [..., in] times the packed int8 weight (and its bias), the input quantized per call."""
     return torch.ops.quantized.linear_dynamic(x.float(), packed, _seven_bit_activations()).to(x.dtype)
 
 
@@ -92,15 +97,20 @@ def _seven_bit_activations() -> bool:
     return "avx512_vnni" not in flags
 
 
-def packed_copy(linear: torch.nn.Linear):
-    """The int8 copy of `linear`, made once and reused while its weight is the same unchanged tensor."""
-    weight = linear.weight
-    cached = _PACKED.get(linear)
-    state = (weight.data_ptr(), weight._version)
-    if cached is not None and cached[0]() is weight and cached[1] == state:
+def packed_copy(*linears: torch.nn.Linear):
+    """The int8 copy of `linears` (their weights stacked, in order), made once and reused while each
+    weight is the same unchanged tensor."""
+    weights = [linear.weight for linear in linears]
+    state = tuple((w.data_ptr(), w._version) for w in weights)
+    copies = _PACKED.setdefault(linears[0], {})
+    key = tuple(id(linear) for linear in linears)
+    cached = copies.get(key)
+    if cached is not None and all(ref() is w for ref, w in zip(cached[0], weights)) and cached[1] == state:
         return cached[2]
-    packed = pack_int8(weight, linear.bias)
-    _PACKED[linear] = (weakref.ref(weight), state, packed)
+    biases = [linear.bias for linear in linears]
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    packed = pack_int8(torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0], bias)
+    copies[key] = ([weakref.ref(w) for w in weights], state, packed)
     return packed
 
 

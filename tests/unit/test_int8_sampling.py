@@ -160,17 +160,21 @@ def test_sample_precision_in_the_recipe(tmp_path):
 
 def test_training_samples_in_int8_by_default_on_a_cpu_and_keeps_the_base(tmp_path, tiny_model_dir, facts_jsonl,
                                                                          captured_model, monkeypatch):
+    import sdcli.models.rollout as rollout_module
     import sdcli.training.setup as setup_module  # the episode's sampler calls sample_responses there
     import sdcli.training.train as train_module
 
-    used = []
+    used, direct = [], []
     real = setup_module.sample_responses
     monkeypatch.setattr(setup_module, "sample_responses", lambda m, t, p, s, stop: used.append(s.int8) or real(m, t, p, s, stop))
+    real_direct = rollout_module.direct_decode
+    monkeypatch.setattr(rollout_module, "direct_decode", lambda *a, **k: direct.append(k["int8"]) or real_direct(*a, **k))
     recipe = load_recipe(None, [f"model.name_or_path={tiny_model_dir}", f"data.path={facts_jsonl}", f"run_dir={tmp_path}",
                                 "train.max_steps=2", "train.prompts_per_step=2", "rollout.max_new_tokens=4",
                                 "rollout.off_policy_fraction=0", "anchor.prompts_per_step=0"])
     train_module.train_episode(recipe, log=lambda line: None)
     assert used and all(used)
+    assert len(direct) == len(used) and all(direct)  # a Llama-family model: the direct decoding steps
     model = captured_model["model"]
     base = {n.replace(".base_layer", "").removeprefix("base_model.model."): p for n, p in model.named_parameters() if "lora_" not in n}
     assert base.keys() == captured_model["base"].keys()
