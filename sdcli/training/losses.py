@@ -30,9 +30,12 @@ Supports:
               first update rho = 1 and it is exactly the gradient above.
 
 Memory: full-vocabulary logits are never held for the whole sequence. `chunked_token_divergence`
-takes final hidden states and projects them through the LM head a chunk of positions at a time;
-the student's chunk is recomputed in backward (activation checkpointing), so at most one chunk of
-[B, chunk, V] float32 logits per role exists at any moment.
+takes final hidden states and projects them through the LM head a chunk of positions at a time,
+so at most one chunk of [B, chunk, V] float32 logits per role exists at any moment. Each
+position's value depends on that position's hidden state alone, so the forward pass also takes
+its gradient with respect to it ([B, chunk, H], small) and backward only scales it by the
+upstream gradient: the logits are computed once, not again in backward. (Where the LM head itself
+is trained, the chunk is recomputed in backward instead: activation checkpointing.)
 """
 
 from __future__ import annotations
@@ -224,18 +227,16 @@ def chunked_divergence_and_stats(
     """
 
     def piece(s_h: torch.Tensor, t_h: torch.Tensor, y: torch.Tensor | None, old: torch.Tensor | None,
-              temp: torch.Tensor | None) -> torch.Tensor:
+              temp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad():
             t_logits = lm_head(t_h)
             target = t_logits if temp is None else t_logits.float() / temp.unsqueeze(-1)
         s_logits = lm_head(s_h)
-        divergence = token_divergence(s_logits, target, spec, y, old).unsqueeze(-1)
-        if y is None:
-            return divergence
-        return torch.cat([divergence, token_stats(s_logits, t_logits, y)], dim=-1)
+        divergence = token_divergence(s_logits, target, spec, y, old)
+        return divergence, (token_stats(s_logits, t_logits, y) if y is not None else None)
 
-    out = _over_chunks(piece, student_hidden, teacher_hidden, tokens, old_logp, teacher_temperature, chunk=chunk)
-    return out[..., 0], (out[..., 1:] if tokens is not None else None)
+    return _over_chunks(piece, student_hidden, teacher_hidden, tokens, old_logp, teacher_temperature, chunk=chunk,
+                        positionwise=not _trained(lm_head))
 
 
 STAT_STUDENT_LOGP, STAT_TEACHER_LOGP, STAT_DISAGREE = 0, 1, 2
@@ -256,20 +257,56 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, toke
     return torch.stack([s.gather(-1, index).squeeze(-1), t.gather(-1, index).squeeze(-1), disagree], dim=-1)
 
 
-def _over_chunks(fn, grad_input: torch.Tensor, *others: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """fn(grad_input[:, c], *others[:, c]) -> [B, c, ...] for each chunk c of positions, concatenated.
+def _trained(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
-    While gradients are on, each chunk is checkpointed: its logits are recomputed in backward
-    instead of being kept, so at most one chunk of [B, chunk, V] logits is alive at a time.
+
+def _over_chunks(fn, grad_input: torch.Tensor, *others: torch.Tensor | None, chunk: int,
+                 positionwise: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fn(grad_input[:, c], *others[:, c]) -> ([B, c] values, [B, c, k] extras without gradient, or
+    None) for each chunk c of positions, concatenated.
+
+    While gradients are on, at most one chunk of [B, chunk, V] logits is alive at a time: with
+    `positionwise` (each value depends only on its own position of grad_input, and fn has no
+    trained parameters of its own) each value's gradient is taken in the forward pass
+    (`_PositionwiseGradient`); otherwise each chunk is checkpointed and recomputed in backward.
     """
-    pieces = []
+    values, extras = [], []
     for start in range(0, grad_input.shape[1], chunk):
         args = [t[:, start : start + chunk] if t is not None else None for t in (grad_input, *others)]
-        if torch.is_grad_enabled() and grad_input.requires_grad:
-            pieces.append(checkpoint(fn, *args, use_reentrant=False))
+        if not (torch.is_grad_enabled() and grad_input.requires_grad):
+            value, extra = fn(*args)
+        elif positionwise:
+            found: list = []
+            value = _PositionwiseGradient.apply(args[0], fn, args[1:], found)
+            extra = found[0]
         else:
-            pieces.append(fn(*args))
-    return torch.cat(pieces, dim=1)
+            value, extra = checkpoint(fn, *args, use_reentrant=False)
+        values.append(value)
+        extras.append(extra)
+    return torch.cat(values, dim=1), (torch.cat(extras, dim=1) if extras[0] is not None else None)
+
+
+class _PositionwiseGradient(torch.autograd.Function):
+    """values = fn(h, *others)[0], [B, c], where values[:, t] depends on h[:, t] alone. The forward
+    pass also computes d values[:, t] / d h[:, t] for every t (one backward through the chunk, as
+    the sum's gradient: no position contributes to another's), and backward returns it times the
+    upstream gradient. Exact, and the chunk's logits are never recomputed."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, fn, others: list, found: list) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = h.detach().requires_grad_()
+            values, extras = fn(leaf, *others)
+            gradient = torch.autograd.grad(values.sum(), leaf)[0] if values.requires_grad else torch.zeros_like(leaf)
+        ctx.save_for_backward(gradient)
+        found.append(extras)
+        return values.detach()
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        return (upstream.unsqueeze(-1) * gradient).to(gradient.dtype), None, None, None
 
 
 def masked_sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -298,7 +335,8 @@ def sft_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def chunked_token_nll(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """`sft_token_nll(lm_head(hidden), targets)` computed a chunk of positions at a time. [B,T,H] -> [B,T]"""
-    return _over_chunks(lambda h, y: sft_token_nll(lm_head(h), y), hidden, targets, chunk=chunk)
+    return _over_chunks(lambda h, y: (sft_token_nll(lm_head(h), y), None), hidden, targets, chunk=chunk,
+                        positionwise=not _trained(lm_head))[0]
 
 
 def packed_token_divergence(

@@ -223,20 +223,23 @@ def test_sampled_estimator_reusing_a_rollout_is_the_clipped_surrogate():
     DivergenceSpec("jsd", alpha=0.3, support="topk", topk=4),
     DivergenceSpec("reverse_kl", support="sampled"),
 ])
-def test_chunked_equals_unchunked_in_value_and_gradient(spec):
+@pytest.mark.parametrize("head_trained", [False, True], ids=["frozen head: gradient in forward", "trained head: recomputed"])
+def test_chunked_equals_unchunked_in_value_and_gradient(spec, head_trained):
     torch.manual_seed(2)
-    head = torch.nn.Linear(H, V, bias=False)
+    head = torch.nn.Linear(H, V, bias=False).requires_grad_(head_trained)
     hs = torch.randn(B, T, H, requires_grad=True)
     ht = torch.randn(B, T, H)
     tokens = torch.randint(0, V, (B, T))
-    mask = torch.ones(B, T)
+    mask = torch.rand(B, T) > 0.3  # the upstream gradient differs by position
+    inputs = (hs, head.weight) if head_trained else (hs,)
 
-    full = token_divergence(head(hs), head(ht), spec, tokens)
-    (g_full,) = torch.autograd.grad(masked_sequence_mean(full, mask), hs)
+    full = token_divergence(head(hs), head(ht).detach(), spec, tokens)  # the teacher is a fixed target
+    want = torch.autograd.grad(masked_sequence_mean(full, mask), inputs)
     chunked = chunked_token_divergence(hs, ht, head, spec, tokens, chunk=3)
-    (g_chunked,) = torch.autograd.grad(masked_sequence_mean(chunked, mask), hs)
+    got = torch.autograd.grad(masked_sequence_mean(chunked, mask), inputs)
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g_chunked, g_full, rtol=1e-5, atol=1e-6)
+    for g_chunked, g_full in zip(got, want):
+        torch.testing.assert_close(g_chunked, g_full, rtol=1e-5, atol=1e-6)
 
 
 def test_masked_sequence_mean_weights_each_sequence_equally():
@@ -262,6 +265,11 @@ def test_chunked_nll_matches_cross_entropy():
     want = torch.nn.functional.cross_entropy(head(h).reshape(-1, V), y.reshape(-1), reduction="none").reshape(B, T)
     torch.testing.assert_close(chunked_token_nll(h, head, y, chunk=2), want)
     torch.testing.assert_close(sft_token_nll(head(h), y), want)
+    weights = torch.rand(B, T)
+    head.requires_grad_(False)  # the gradient taken in the forward pass, scaled per position
+    (g_chunked,) = torch.autograd.grad((chunked_token_nll(h, head, y, chunk=2) * weights).sum(), h)
+    (g_full,) = torch.autograd.grad((sft_token_nll(head(h), y) * weights).sum(), h)
+    torch.testing.assert_close(g_chunked, g_full)
 
 
 def test_packed_equals_masked_chunked_in_value_and_gradient():
