@@ -55,7 +55,9 @@ def run_one(recipe: str, steps: int, warmup: int, overrides: list[str]) -> dict:
              "rollout.num_samples=1",
              # the reference setting is the on-policy step TRL's SDFTTrainer takes; the defaults'
              # off-policy share and anchors are measured by passing them back as overrides
-             "rollout.off_policy_fraction=0", "anchor.prompts_per_step=0", *overrides],
+             "rollout.off_policy_fraction=0", "anchor.prompts_per_step=0",
+             # the steps are measured, not the held-out evaluation after them (the peer has none)
+             "eval=null", *overrides],
         )
         rows: list[dict] = []
         train_episode(recipe_obj, progress=lambda step, m: rows.append(m))
