@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -83,6 +84,30 @@ def trim_heap() -> None:
     libc = _libc()
     if libc:
         libc.malloc_trim(0)
+
+
+@contextmanager
+def heap_trimmed_between_layers(decoder: torch.nn.Module, every: int = 5):
+    """Inside the block, give freed heap memory back to the OS after the forward of every
+    `every`-th decoder layer (CPU, glibc; elsewhere it does nothing).
+
+    Tensors under the mmap threshold (1 MB, `return_freed_memory_to_os`) come from the heap, and a
+    layer's transient ones, freed while the saved activations above them stay, leave holes that
+    the heap keeps: on the reference step the student's forward ended ~200 MB above what was live.
+    A trim costs 2-5 ms. Measured (benchmarks/step_speed.py, 2026-11-30, AMD EPYC, 2 threads): the
+    student phase's peak RSS 1660 MB against ~1860 MB without, every 2 or every 5 layers alike.
+    """
+    layers = getattr(decoder, "layers", None)
+    on_cpu = next(decoder.parameters()).device.type == "cpu"
+    if layers is None or not on_cpu or not _libc():
+        yield
+        return
+    handles = [layer.register_forward_hook(lambda *_: trim_heap()) for i, layer in enumerate(layers) if i % every == every - 1]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def return_freed_memory_to_os() -> bool:

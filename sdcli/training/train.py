@@ -44,7 +44,7 @@ from sdcli.recipe.schema import Recipe
 from sdcli.recipe.sections import TeacherKind
 from sdcli.training.batch import off_policy_count
 from sdcli.training.distributed import Ranks, current
-from sdcli.training.memory import PeakMemory, return_freed_memory_to_os
+from sdcli.training.memory import PeakMemory, heap_trimmed_between_layers, return_freed_memory_to_os
 from sdcli.training.metrics import PhaseTimer, global_step_metrics, grad_norm, step_figures, step_metrics
 from sdcli.training.setup import EpisodeState, setup_episode
 from sdcli.training.step import METHODS, Rollout, StepLoss
@@ -190,7 +190,7 @@ def train_step(run: EpisodeState, rollout: Rollout, compute_loss, timer: PhaseTi
     Returns the loss, the gradient norm before clipping, and under several ranks every rank's figures."""
     cfg = run.recipe.train
     # 5-6. student forward and the loss; 7. backward
-    with timer("student"):
+    with timer("student"), heap_trimmed_between_layers(run.decoder):
         out = compute_loss(run, rollout) if rollout.batch is not None else StepLoss(torch.zeros((), device=run.device))
         if out.per_token is not None:  # nothing kept (every sample masked): no graph, the step still counts
             out.loss.backward()
