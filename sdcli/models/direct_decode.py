@@ -229,4 +229,4 @@ def direct_decode(model, input_ids: torch.Tensor, attention: torch.Tensor, *, in
         if bool(finished.all()) or index == max_new_tokens - 1:
             break
         logits = decoder.step(tokens)
-    return torch.stack(drawn, dim=1)
+    return torch.stack(drawn, dim=1) if drawn else input_ids.new_zeros((input_ids.shape[0], 0))
