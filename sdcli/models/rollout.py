@@ -9,8 +9,8 @@ costs one read of every weight. What keeps it cheap:
   matmul per linear layer instead of three;
 - every prompt x sample is one left-padded batch, which stops when all rows have produced a stop
   token. From int8 copies of a Llama-family model the decoding steps are computed directly
-  (`sdcli.models.direct_decode`: fused projections and adapters, 2.1 s against 3.1 s through
-  `generate` for 4 x 48 tokens); everything else goes through `generate`.
+  (`sdcli.models.direct_decode`: fused projections and adapters; `generate` took 1.45x its time for
+  4 x 48 tokens, benchmarks/decode_vs_generate.py); everything else goes through `generate`.
 """
 
 from __future__ import annotations
