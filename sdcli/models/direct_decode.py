@@ -75,7 +75,7 @@ def supports_direct_decoding(model, length: int) -> bool:
         return False
     if getattr(config, "pretraining_tp", 1) != 1 or inner is None or not hasattr(inner, "rotary_emb"):
         return False
-    if any(dtype != torch.float32 for dtype in {p.dtype for p in base.parameters()}):
+    if any(p.dtype != torch.float32 for p in base.parameters()):
         return False
     linears = [base.get_output_embeddings()]
     for layer in inner.layers:
@@ -145,8 +145,8 @@ class DirectDecoder:
     def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """input_ids, attention [rows, width], left-padded -> the logits after each prompt."""
         rows, width = input_ids.shape
-        self.positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=self.positions,
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                          use_cache=True, logits_to_keep=1)
         length = width + self.max_new_tokens
         shape = (rows, self.kv_heads, length, self.head_dim)
@@ -161,7 +161,7 @@ class DirectDecoder:
         self.visible[:, :width] = attention.bool()
         cos, sin = self.inner.rotary_emb(self.inner.embed_tokens.weight[:1], torch.arange(length)[None])
         self.cos, self.sin = cos[0], sin[0]
-        self.filled, self.positions = width, self.positions[:, -1]
+        self.filled, self.positions = width, positions[:, -1]  # each row's last position
         return out.logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
