@@ -1,8 +1,9 @@
-"""The shared-prefix pass (sdcli.models.sequences.response_hidden) gives the full pass's numbers.
+"""The shared-prefix and packed passes (sdcli.models.sequences.response_hidden) give the full pass's numbers.
 
 Rows that begin with the same chat header run it once; every row then attends to its keys and
-values. Checked per listed architecture on tiny random models: hidden states, the LoRA gradients,
-with activation checkpointing, and the cases that must fall back to the full pass."""
+values. Rows' own tokens can also run end to end in one packed row, with or without the shared
+prefix in front. Checked per listed architecture on tiny random models: hidden states, the LoRA
+gradients, with activation checkpointing, and the cases that must fall back to the full pass."""
 
 from __future__ import annotations
 
@@ -61,8 +62,19 @@ def test_common_prefix_stops_before_every_predicting_position():
     assert batch_of(prompts[:1], responses[:1]).shared_prefix == 0  # one row: nothing to share
 
 
-@pytest.mark.parametrize("model_type", sorted(SHARED_PREFIX_MODEL_TYPES))
-def test_shared_prefix_equals_full_pass_with_gradients(model_type):
+WAYS = ("full", "shared", "packed", "packed_shared")
+
+
+def force(way: str, batch, monkeypatch):
+    """The batch and the patched module for one way of computing it; returns what must run."""
+    import sdcli.models.sequences as sequences
+
+    monkeypatch.setattr(sequences, "_packing_pays", lambda *a: way.startswith("packed"))
+    keep_prefix = way in ("shared", "packed_shared")
+    return batch if keep_prefix else dataclasses.replace(batch, shared_prefix=0)
+
+
+def lora_model(model_type: str):
     from peft import LoraConfig, get_peft_model
 
     extra = {"sliding_window": None} if model_type == "mistral" else {}  # Mistral's default window is 4096
@@ -70,57 +82,84 @@ def test_shared_prefix_equals_full_pass_with_gradients(model_type):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # B = 0 would make every LoRA gradient but B's zero
-    decoder = model.get_base_model().model
-    assert plain_causal_attention(decoder.config)
-    prompts, responses = uneven_rows()
-    shared = batch_of(prompts, responses)
-    full = dataclasses.replace(shared, shared_prefix=0)
-    params = [p for p in model.parameters() if p.requires_grad]
+    return model
 
-    def hidden_and_grads(batch):
-        hidden = response_hidden(decoder, batch)
+
+@pytest.mark.parametrize("way", WAYS[1:])
+@pytest.mark.parametrize("model_type", sorted(SHARED_PREFIX_MODEL_TYPES))
+def test_each_way_equals_the_full_pass_with_gradients(model_type, way, monkeypatch):
+    import sdcli.models.sequences as sequences
+
+    model = lora_model(model_type)
+    decoder = model.get_base_model().model
+    assert plain_causal_attention(decoder.config) and decoder.config._attn_implementation == "sdpa"
+    prompts, responses = uneven_rows()
+    batch = batch_of(prompts, responses)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ran = []
+    for name in ("_packed_rows", "_hidden_after_shared_prefix"):
+        real = getattr(sequences, name)
+        monkeypatch.setattr(sequences, name, lambda *a, real=real, name=name: (ran.append(name), real(*a))[1])
+
+    def hidden_and_grads(way):
+        hidden = response_hidden(decoder, force(way, batch, monkeypatch))
         loss = projection_loss(hidden, batch.response_mask)
         grads = torch.autograd.grad(loss, params)
         return hidden.detach(), torch.cat([g.flatten() for g in grads])
 
-    h_full, g_full = hidden_and_grads(full)
-    h_shared, g_shared = hidden_and_grads(shared)
-    mask = shared.response_mask
-    torch.testing.assert_close(h_shared[mask], h_full[mask], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(g_shared, g_full, rtol=1e-4, atol=1e-4 * float(g_full.abs().max()))
+    h_full, g_full = hidden_and_grads("full")
+    assert ran == []
+    h, g = hidden_and_grads(way)
+    assert ran == [{"shared": "_hidden_after_shared_prefix"}.get(way, "_packed_rows")]
+    mask = batch.response_mask
+    assert h.shape == h_full.shape
+    torch.testing.assert_close(h[mask], h_full[mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-4 * float(g_full.abs().max()))
 
 
-def test_shared_prefix_under_activation_checkpointing():
-    from peft import LoraConfig, get_peft_model
+def test_packing_is_chosen_where_the_padding_costs_more_than_the_longer_attention():
+    config = tiny_decoder("llama").config
+    from sdcli.models.sequences import _packing_pays
 
+    assert not _packing_pays(config, [40], 0)  # one row: nothing to pack
+    assert _packing_pays(config, [40, 10, 12, 30], 0)  # a step's rows of different lengths
+    assert not _packing_pays(config, [40, 40, 40, 40], 0)  # no padding: packing only adds attention
+    assert not _packing_pays(config, [2000, 1900, 1800, 1950] * 4, 0)  # long rows: the packed square dominates
+    # SmolLM2's shapes at the reference step: ~25% padding, 4 rows of ~60 tokens after a 24-token header
+    from transformers import LlamaConfig
+
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    assert _packing_pays(smollm2, [86, 60, 75, 52], 24)
+
+
+@pytest.mark.parametrize("way", WAYS[1:])
+def test_each_way_under_activation_checkpointing(way, monkeypatch):
     from sdcli.models.model import enable_activation_checkpointing
 
-    model = get_peft_model(tiny_decoder("llama"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
+    model = lora_model("llama")
     decoder = model.get_base_model().model
     prompts, responses = uneven_rows()
-    shared = batch_of(prompts, responses)
+    batch = batch_of(prompts, responses)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def grads(batch):
-        loss = projection_loss(response_hidden(decoder, batch), batch.response_mask)
+    def grads(way):
+        loss = projection_loss(response_hidden(decoder, force(way, batch, monkeypatch)), batch.response_mask)
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
 
-    expected = grads(dataclasses.replace(shared, shared_prefix=0))
+    expected = grads("full")
     assert enable_activation_checkpointing(model, 1.0) == 2
-    torch.testing.assert_close(grads(shared), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    torch.testing.assert_close(grads(way), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_falls_back_to_the_full_pass(monkeypatch):
     """A sliding window, an unlisted architecture, a short prefix or an older cache API never reach
-    the shared pass."""
+    the shared pass; nor another attention kernel the packed one."""
     import sdcli.models.sequences as sequences
 
     def must_not_run(*args):
         raise AssertionError("the shared-prefix pass ran")
 
+    monkeypatch.setattr(sequences, "_packing_pays", lambda *a: False)
     monkeypatch.setattr(sequences, "_hidden_after_shared_prefix", must_not_run)
     prompts, responses = uneven_rows()
     for decoder in (tiny_decoder("mistral", sliding_window=4).model, tiny_decoder("gpt_neox").gpt_neox):
@@ -132,5 +171,11 @@ def test_falls_back_to_the_full_pass(monkeypatch):
     assert response_hidden(decoder, batch_of(prompts, responses)).shape == (3, 7, 32)
     monkeypatch.undo()
     monkeypatch.setattr(sequences, "_hidden_after_shared_prefix", must_not_run)
+    monkeypatch.setattr(sequences, "_packed_rows", must_not_run)
     monkeypatch.setattr(sequences, "SHARED_PREFIX_MODEL_TYPES", set())
+    assert response_hidden(decoder, batch_of(prompts, responses)).shape == (3, 7, 32)
+    monkeypatch.undo()
+    monkeypatch.setattr(sequences, "_packed_rows", must_not_run)
+    monkeypatch.setattr(sequences, "_packing_pays", lambda *a: True)
+    decoder.config._attn_implementation = "eager"  # a 4D bool mask is sdpa's; eager adds its mask
     assert response_hidden(decoder, batch_of(prompts, responses)).shape == (3, 7, 32)
