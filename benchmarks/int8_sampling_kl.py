@@ -10,6 +10,11 @@ computes them (prompt pass, then one step per token), and the script prints the 
 per-token KL(float || int8) over those positions: how much the int8 sampler's next token differs
 from the float student's, per token, on the student's own trajectories. The model is the base at
 the start of an episode (a fresh adapter is zero).
+
+--rows: how many responses are decoded together (default 4, the reference step's 4 prompts x 1
+sample). It matters: fbgemm rounds each call's whole input with one scale, so one row's outlier
+coarsens every other row's activations, and the MLP output projections' outlier columns are those
+of any row.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=8, help="responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--rows", type=int, default=4, help="responses decoded together (default 4, the reference step)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -100,8 +106,16 @@ def main() -> None:
     kept = [(p, r) for p, r in zip(prompts, responses) if r]
     prompts, responses = [p for p, _ in kept], [r for _, r in kept]
 
-    float_logp, mask = sampler_logp(model, prompts, responses, False, tokenizer.pad_token_id)
-    int8_logp, _ = sampler_logp(model, prompts, responses, True, tokenizer.pad_token_id)
+    def in_groups(int8: bool):
+        parts = [sampler_logp(model, prompts[i:i + args.rows], responses[i:i + args.rows], int8, tokenizer.pad_token_id)
+                 for i in range(0, len(prompts), args.rows)]
+        steps = max(logp.shape[1] for logp, _ in parts)
+        pad = torch.nn.functional.pad
+        return (torch.cat([pad(logp, (0, 0, 0, steps - logp.shape[1])) for logp, _ in parts]),
+                torch.cat([pad(mask, (0, steps - mask.shape[1])) for _, mask in parts]))
+
+    float_logp, mask = in_groups(False)
+    int8_logp, _ = in_groups(True)
     t = args.temperature or 1.0
     p_logp, q_logp = torch.log_softmax(float_logp / t, -1), torch.log_softmax(int8_logp / t, -1)  # the samplers' own
     kl = (p_logp.exp() * (p_logp - q_logp)).sum(-1)[mask]
@@ -112,7 +126,7 @@ def main() -> None:
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {cpu_name()}  "
           f"torch {torch.__version__}  {platform.python_version()}  {args.threads} thread(s)")
     print(f"model {loaded.path.name}  {len(DATA)} quickstart files, {len(prompts)} responses x <= {args.max_new_tokens} "
-          f"tokens at temperature {args.temperature:g}: {int(mask.sum())} positions")
+          f"tokens at temperature {args.temperature:g}, decoded {args.rows} at a time: {int(mask.sum())} positions")
     print(f"mean per-token KL(float || int8)   {kl.mean():.5f} nats   (median {kl.median():.5f}, "
           f"95th percentile {kl.quantile(0.95):.5f}, max {kl.max():.4f})")
     print(f"same most likely token             {same_top:.1%} of positions")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sdcli.models.int8_sampling import int8_matmul, packed_copy
+from sdcli.models.int8_sampling import int8_matmul, int8_matmul_outliers_in_float, packed_copy
 
 # Llama's decoder layer, as Qwen2 and Mistral also have it (Qwen2 adds biases to q, k and v)
 ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -86,12 +86,14 @@ def supports_direct_decoding(model, length: int) -> bool:
 
 
 class _Fused:
-    """Linears that read the same input, as one: y = [W_1; W_2; ...] x + blockdiag(B) (stacked A) x."""
+    """Linears that read the same input, as one: y = [W_1; W_2; ...] x + blockdiag(B) (stacked A) x.
+    `outliers`: the input's outlier columns in float (the MLP output projection, `int8_sampling`)."""
 
-    def __init__(self, linears: list, int8: bool):
+    def __init__(self, linears: list, int8: bool, outliers: bool = False):
         plain = [_plain(linear) for linear in linears]
         self.packed = packed_copy(*plain) if int8 else None
-        if not int8:
+        self.outliers = outliers
+        if not int8 or outliers:  # the float weight itself where there is one linear (no copy)
             self.weight = torch.cat([p.weight for p in plain]) if len(plain) > 1 else plain[0].weight
             self.bias = None if plain[0].bias is None else torch.cat([p.bias for p in plain])
         widths = [p.out_features for p in plain]
@@ -107,7 +109,12 @@ class _Fused:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] -> [rows, sum of the outputs]"""
-        y = int8_matmul(x, self.packed) if self.packed is not None else F.linear(x, self.weight, self.bias)
+        if self.packed is None:
+            y = F.linear(x, self.weight, self.bias)
+        elif self.outliers:
+            y = int8_matmul_outliers_in_float(x, self.packed, self.weight)
+        else:
+            y = int8_matmul(x, self.packed)
         if self.a is not None:
             y = y + (x @ self.a.t()) @ self.b.t()
         return y
@@ -138,7 +145,7 @@ class DirectDecoder:
             attention, mlp = layer.self_attn, layer.mlp
             self.layers.append((layer.input_layernorm, _Fused([attention.q_proj, attention.k_proj, attention.v_proj], int8),
                                 _Fused([attention.o_proj], int8), layer.post_attention_layernorm,
-                                _Fused([mlp.gate_proj, mlp.up_proj], int8), _Fused([mlp.down_proj], False),
+                                _Fused([mlp.gate_proj, mlp.up_proj], int8), _Fused([mlp.down_proj], int8, outliers=True),
                                 attention.scaling))
         self.lm_head = _Fused([base.get_output_embeddings()], int8)
 

@@ -6,7 +6,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdcli.core.errors import RecipeError, UserError
-from sdcli.models.int8_sampling import _PACKED, float_linears, int8_for_sampling, sample_in_int8
+from sdcli.models.int8_sampling import (
+    _PACKED,
+    float_linears,
+    int8_for_sampling,
+    int8_matmul,
+    int8_matmul_outliers_in_float,
+    is_mlp_output,
+    pack_int8,
+    sample_in_int8,
+)
 from sdcli.models.model import add_trainable_adapter, eval_mode, load_base, merged_for_sampling
 from sdcli.models.rollout import SamplingSettings, decode, sample_responses
 from sdcli.models.sequences import cache_argument
@@ -93,8 +102,9 @@ def test_a_tied_lm_head_is_quantized_as_a_copy(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
     embedding = model.model.embed_tokens.weight.detach().clone()
-    chosen = float_linears(model)
-    assert model.lm_head in chosen and all(m not in chosen for layer in model.model.layers for m in [layer.mlp.down_proj])
+    chosen = dict(float_linears(model))
+    assert chosen["lm_head"] is model.lm_head and chosen["model.layers.0.mlp.down_proj"] is model.model.layers[0].mlp.down_proj
+    assert [name for name in chosen if is_mlp_output(name)] == [f"model.layers.{i}.mlp.down_proj" for i in range(len(model.model.layers))]
     decode(model, PROMPTS, settings(0.0), {2}, 0)
     with int8_for_sampling(model, True):
         decode(model, PROMPTS, settings(0.0), {2}, 0)
@@ -180,3 +190,25 @@ def test_training_samples_in_int8_by_default_on_a_cpu_and_keeps_the_base(tmp_pat
     assert base.keys() == captured_model["base"].keys()
     for n, p in base.items():
         assert torch.equal(p, captured_model["base"][n]), n
+
+
+def test_outlier_columns_go_through_float_and_the_rest_through_int8():
+    """An input with one outlier column (as the MLP output projection's has): with that column in
+    float the other columns keep their resolution, and the result is int8 of the rest plus float of it."""
+    torch.manual_seed(0)
+    weight = torch.randn(48, 96) * 0.05
+    packed = pack_int8(weight, None)
+    x = torch.randn(4, 96) * 0.2
+    x[1, 7] = 300.0  # a massive activation in one row
+    exact = x @ weight.t()
+    plain = int8_matmul(x, packed)
+    split = int8_matmul_outliers_in_float(x, packed, weight, threshold=16.0)
+    rest = x.clone()
+    rest[:, 7] = 0.0
+    torch.testing.assert_close(split, int8_matmul(rest, packed) + x[:, 7:8] @ weight[:, 7:8].t())
+    plain_error, split_error = (plain - exact).abs().max(), (split - exact).abs().max()
+    assert split_error < plain_error / 10, (split_error, plain_error)
+    # nothing beyond the threshold: exactly the plain int8 product; a [rows, 1, in] step keeps its shape
+    assert torch.equal(int8_matmul_outliers_in_float(rest, packed, weight, threshold=16.0), int8_matmul(rest, packed))
+    stepped = int8_matmul_outliers_in_float(x[:, None, :], packed, weight, threshold=16.0)
+    assert stepped.shape == (4, 1, 48) and torch.equal(stepped[:, 0], split)
