@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sdcli.models.int8_sampling import int8_matmul, int8_matmul_outliers_in_float, packed_copy
+from sdcli.models.sequences import MIN_SHARED_PREFIX, cache_argument, common_prefix_length
 
 # Llama's decoder layer, as Qwen2 and Mistral also have it (Qwen2 adds biases to q, k and v)
 ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -121,7 +122,8 @@ class _Fused:
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    """The model's RMSNorm as one fused call (its module takes six)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -150,16 +152,39 @@ class DirectDecoder:
         self.lm_head = _Fused([base.get_output_embeddings()], int8)
 
     def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention [rows, width], left-padded -> the logits after each prompt."""
-        rows, width = input_ids.shape
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        """input_ids, attention [rows, width], left-padded -> the logits after each prompt.
+
+        The tokens every prompt begins with (the chat header and system prompt) run once, as one
+        row; the rows' other tokens follow, left-padded after them, with their positions counted on
+        from the prefix: the cache then holds [prefix | padding | row's tokens], and the padding
+        stays masked for every later step."""
+        rows = input_ids.shape[0]
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention)]
+        shared = common_prefix_length(prompts) if rows > 1 else 0
+        extra = {}
+        if shared >= MIN_SHARED_PREFIX:
+            from transformers import DynamicCache
+
+            first = self.model(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True, logits_to_keep=1)
+            prefix, cache = _cache_of(first), DynamicCache()
+            for index, layer in enumerate(prefix.layers):
+                cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
+            rest = [p[shared:] for p in prompts]
+            width = max(map(len, rest))
+            input_ids = input_ids.new_tensor([[input_ids[0, 0].item()] * (width - len(r)) + r for r in rest])
+            rest_attention = attention.new_tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest])
+            positions = shared + (rest_attention.cumsum(-1) - 1).clamp(min=0)
+            attention = torch.cat([attention.new_ones(rows, shared), rest_attention], dim=1)
+            extra = {cache_argument(self.model): cache}
+        else:
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **extra)
+        width = attention.shape[1]
         length = width + self.max_new_tokens
         shape = (rows, self.kv_heads, length, self.head_dim)
         self.keys, self.values = [], []
-        cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5
-        for layer in cache.layers:
+        for layer in _cache_of(out).layers:
             keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
             keys[:, :, :width], values[:, :, :width] = layer.keys, layer.values
             self.keys.append(keys)
@@ -192,6 +217,10 @@ class DirectDecoder:
             gate, up = gate_up(_rms_norm(norm_2, h)).chunk(2, dim=-1)
             h = h + down(F.silu(gate) * up)
         return self.lm_head(_rms_norm(self.inner.norm, h)).float()
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5
 
 
 def warpers(temperature: float, top_k: int, top_p: float) -> list:

@@ -14,6 +14,8 @@ from sdcli.models.stack import active_adapters
 from sdcli.recipe.sections import LoraSettings
 
 PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50, 51], [1, 60, 61, 62], [1, 70, 71, 72, 73]]
+HEADER = [1, 11, 12, 13, 14, 15, 16, 17, 18, 19]  # a chat header every prompt begins with: its prefill runs once
+HEADED = [HEADER + p[1:] for p in PROMPTS]
 int8_kernels = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm int8 kernels")
 
 
@@ -38,15 +40,22 @@ def padded(prompts):
     return ids, torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, HEADED], ids=["own", "shared_header"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_each_step_is_the_models_own_forward_on_the_whole_sequence(arch, tiny_model_dir, tiny_llama_dir):
+def test_each_step_is_the_models_own_forward_on_the_whole_sequence(arch, prompts, tiny_model_dir, tiny_llama_dir,
+                                                                     monkeypatch):
+    import sdcli.models.direct_decode as direct
+
     model = with_adapters(tiny_model_dir if arch == "qwen2" else tiny_llama_dir, torch.float64)
-    continuation = torch.tensor([[5, 6, 7, 8, 9]] * len(PROMPTS))
+    continuation = torch.tensor([[5, 6, 7, 8, 9]] * len(prompts))
+    shared, real = [], direct.common_prefix_length
+    monkeypatch.setattr(direct, "common_prefix_length", lambda rows: shared.append(real(rows)) or shared[-1])
     with torch.no_grad(), active_adapters(model, ["ep001", "ep002"]):
         decoder = DirectDecoder(model, int8=False, max_new_tokens=6)
-        steps = [decoder.prefill(*padded(PROMPTS))]
+        steps = [decoder.prefill(*padded(prompts))]
         steps += [decoder.step(continuation[:, t]) for t in range(continuation.shape[1])]
-        for row, prompt in enumerate(PROMPTS):  # unpadded, no cache
+        assert shared == [1 if prompts is PROMPTS else len(HEADER)]  # the header ran once, as one row
+        for row, prompt in enumerate(prompts):  # unpadded, no cache
             whole = model(input_ids=torch.tensor([prompt + continuation[row].tolist()])).logits[0, len(prompt) - 1:]
             for t, logits in enumerate(steps):
                 torch.testing.assert_close(logits[row].double(), whole[t].double(), rtol=0, atol=1e-5)
