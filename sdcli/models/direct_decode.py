@@ -99,13 +99,13 @@ class _Fused:
             self.bias = None if plain[0].bias is None else torch.cat([p.bias for p in plain])
         widths = [p.out_features for p in plain]
         pieces = [(i, a, b) for i, linear in enumerate(linears) for a, b in _adapters(linear)]
-        self.a = torch.cat([a for _, a, _ in pieces]).detach() if pieces else None
+        self.a_t = torch.cat([a for _, a, _ in pieces]).detach().t().contiguous() if pieces else None  # [in, ranks]
         if pieces:
             starts = [sum(widths[:i]) for i in range(len(widths) + 1)]
-            self.b = self.a.new_zeros(starts[-1], self.a.shape[0])
+            self.b_t = self.a_t.new_zeros(self.a_t.shape[1], starts[-1])  # [ranks, outputs], block-diagonal
             rank = 0
             for i, a, b in pieces:
-                self.b[starts[i]:starts[i + 1], rank:rank + a.shape[0]] = b.detach()
+                self.b_t[rank:rank + a.shape[0], starts[i]:starts[i + 1]] = b.detach().t()
                 rank += a.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,8 +116,8 @@ class _Fused:
             y = int8_matmul_outliers_in_float(x, self.packed, self.weight)
         else:
             y = int8_matmul(x, self.packed)
-        if self.a is not None:
-            y = y + (x @ self.a.t()) @ self.b.t()
+        if self.a_t is not None:
+            y = torch.addmm(y, x @ self.a_t, self.b_t)
         return y
 
 
@@ -165,7 +165,7 @@ class DirectDecoder:
         if shared >= MIN_SHARED_PREFIX:
             from transformers import DynamicCache
 
-            first = self.model(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True, logits_to_keep=1)
+            first = self.inner(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True)  # no LM head
             prefix, cache = _cache_of(first), DynamicCache()
             for index, layer in enumerate(prefix.layers):
                 cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
