@@ -238,9 +238,10 @@ def response_hidden(decoder, batch: ScoreBatch) -> torch.Tensor:
     - the tokens every row shares (`batch.shared_prefix`: on chat prompts the header and system
       prompt, often a third of a short sequence) run once, as one row, and every row's attention
       reads their keys and values;
-    - the rows' own tokens run packed end to end in one row, each attending only to its own
-      tokens (and the prefix), so that no padding is computed: 10-35% of the tokens of a step
-      with responses of different lengths. Packed attention spans every row's tokens, so it is
+    - the prefix and then the rows' own tokens run packed end to end in one row, each token
+      attending only to its own row's tokens and the prefix's, so that no padding is computed
+      (10-35% of the tokens of a step with responses of different lengths) and the prefix needs
+      no pass of its own. Packed attention spans every row's tokens, so it is
       chosen only where the padding it saves costs more than that (`_packing_pays`).
     The full pass serves everything else (one row, other architectures or attention kernels)."""
     config = decoder.config
@@ -274,29 +275,26 @@ def _packing_pays(config, lengths: list[int], shared: int) -> bool:
     kv = getattr(config, "num_key_value_heads", None) or heads
     per_token = 2 * hidden * (heads * head_dim * 2 + kv * head_dim * 2 + 3 * config.intermediate_size)
     per_pair = 4 * heads * head_dim
-    width, packed = max(own), sum(own)
-    padded_cost = rows * width * (per_token + (width + shared) * per_pair)
-    packed_cost = packed * (per_token + (packed + shared) * per_pair)
+    width, packed = max(own), shared + sum(own)
+    padded_cost = shared * (per_token + shared * per_pair) + rows * width * (per_token + (width + shared) * per_pair)
+    packed_cost = packed * (per_token + packed * per_pair)
     return packed_cost < padded_cost
 
 
 def _packed_rows(decoder, batch: ScoreBatch, lengths: list[int], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows' tokens after the shared prefix, end to end in one row. -> hidden [1, P, H] and,
-    for every response token, the index of its predicting position in it [N, T]."""
+    """The shared prefix, then every row's own tokens, end to end in one row. -> hidden [1, P, H]
+    and, for every response token, the index of its predicting position in it [N, T]."""
     device = batch.input_ids.device
     own = torch.tensor([n - shared for n in lengths], device=device)
-    starts = own.cumsum(0) - own
-    ids = torch.cat([batch.input_ids[i, shared:n] for i, n in enumerate(lengths)])[None]
-    row = torch.repeat_interleave(torch.arange(len(lengths), device=device), own)
+    starts = shared + own.cumsum(0) - own
+    ids = torch.cat([batch.input_ids[0, :shared]] + [batch.input_ids[i, shared:n] for i, n in enumerate(lengths)])[None]
+    row = torch.cat([torch.full((shared,), -1, device=device),  # the prefix's tokens: row -1
+                     torch.repeat_interleave(torch.arange(len(lengths), device=device), own)])
     at = torch.arange(ids.shape[1], device=device)
-    local = at - starts[row]
-    # each token sees the prefix and the tokens of its own row up to itself: True = attend (sdpa's bool mask)
-    mask = (row[:, None] == row[None, :]) & (at[None, :] <= at[:, None])
-    cache: dict = {"use_cache": False}
-    if shared:
-        mask = torch.cat([mask.new_ones(mask.shape[0], shared), mask], dim=1)
-        cache = {cache_argument(decoder): _prefix_cache(decoder, batch.input_ids[:1, :shared], rows=1), "use_cache": True}
-    hidden = decoder(input_ids=ids, attention_mask=mask[None, None], position_ids=(local + shared)[None], **cache)
+    position = torch.where(row < 0, at, shared + at - starts[row.clamp(min=0)])
+    # a token sees the earlier tokens of its own row and of the prefix; True = attend (sdpa's bool mask)
+    mask = ((row[:, None] == row[None, :]) | (row[None, :] < 0)) & (at[None, :] <= at[:, None])
+    hidden = decoder(input_ids=ids, attention_mask=mask[None, None], position_ids=position[None], use_cache=False)
     index = starts[:, None] + (batch.predict_positions - shared).clamp(min=0)  # padding slots point at a row's first
     return hidden.last_hidden_state, index
 

@@ -106,8 +106,8 @@ class RolloutConfig(StrictSection):
     )
     sample_precision: Literal["auto", "float", "int8"] = Field(
         "auto",
-        description="Weights the sampler reads. int8: dynamic-quantized copies of the base linears (not the MLP "
-        "output projections) and LM head for the decoding steps, made once per episode (CPU only; the loss still "
+        description="Weights the sampler reads. int8: dynamic-quantized copies of the base linears and LM head for "
+        "the decoding steps (the MLP output projections' outlier inputs in float), made once per episode (CPU only; the loss still "
         "scores the samples with the float model). "
         "auto: int8 on a CPU when the base is not bitsandbytes-quantized and loss.support is not sampled",
     )
