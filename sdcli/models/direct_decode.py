@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sdcli.models.int8_sampling import int8_matmul, int8_matmul_outliers_in_float, packed_copy
-from sdcli.models.sequences import MIN_SHARED_PREFIX, cache_argument, common_prefix_length
+from sdcli.models.sequences import MIN_SHARED_PREFIX, cache_argument, common_prefix_length, pack_rows
 
 # Llama's decoder layer, as Qwen2 and Mistral also have it (Qwen2 adds biases to q, k and v)
 ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -154,47 +154,61 @@ class DirectDecoder:
     def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """input_ids, attention [rows, width], left-padded -> the logits after each prompt.
 
-        The tokens every prompt begins with (the chat header and system prompt) run once, as one
-        row; the rows' other tokens follow, left-padded after them, with their positions counted on
-        from the prefix: the cache then holds [prefix | padding | row's tokens], and the padding
-        stays masked for every later step."""
+        Where the prompts begin with the same tokens (the chat header and system prompt), those
+        run once: the header and then each row's own tokens, end to end in one packed row
+        (`pack_rows`), and each row's cache is [header | padding | its own tokens], the padding
+        masked in every later step. Otherwise the padded rows run as they are."""
         rows = input_ids.shape[0]
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention)]
-        shared = common_prefix_length(prompts) if rows > 1 else 0
-        extra = {}
-        if shared >= MIN_SHARED_PREFIX:
-            from transformers import DynamicCache
-
-            first = self.inner(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True)  # no LM head
-            prefix, cache = _cache_of(first), DynamicCache()
-            for index, layer in enumerate(prefix.layers):
-                cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
-            rest = [p[shared:] for p in prompts]
-            width = max(map(len, rest))
-            input_ids = input_ids.new_tensor([[input_ids[0, 0].item()] * (width - len(r)) + r for r in rest])
-            rest_attention = attention.new_tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest])
-            positions = shared + (rest_attention.cumsum(-1) - 1).clamp(min=0)
-            attention = torch.cat([attention.new_ones(rows, shared), rest_attention], dim=1)
-            extra = {cache_argument(self.model): cache}
+        prompts = [ids[mask.bool()] for ids, mask in zip(input_ids, attention)]
+        shared = common_prefix_length([p.tolist() for p in prompts]) if rows > 1 else 0
+        if shared >= MIN_SHARED_PREFIX and getattr(self.inner.config, "_attn_implementation", None) == "sdpa":
+            logits, layers, own = self._packed_prefill(prompts, shared)
+            width = shared + max(own)
+            attention = torch.zeros(rows, width, dtype=torch.long)
+            for i, n in enumerate(own):
+                attention[i, :shared], attention[i, width - n:] = 1, 1
+            positions = torch.tensor([shared + n - 1 for n in own])
         else:
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **extra)
-        width = attention.shape[1]
+            out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                             use_cache=True, logits_to_keep=1)
+            logits, layers, positions = out.logits[:, -1].float(), [(l.keys, l.values) for l in _cache_of(out).layers], positions[:, -1]
+            width = attention.shape[1]
         length = width + self.max_new_tokens
         shape = (rows, self.kv_heads, length, self.head_dim)
         self.keys, self.values = [], []
-        for layer in _cache_of(out).layers:
-            keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
-            keys[:, :, :width], values[:, :, :width] = layer.keys, layer.values
+        for layer_keys, layer_values in layers:
+            keys, values = layer_keys.new_zeros(shape), layer_values.new_zeros(shape)
+            keys[:, :, :width], values[:, :, :width] = layer_keys, layer_values
             self.keys.append(keys)
             self.values.append(values)
         self.visible = torch.zeros(rows, length, dtype=torch.bool)
         self.visible[:, :width] = attention.bool()
         cos, sin = self.inner.rotary_emb(self.inner.embed_tokens.weight[:1], torch.arange(length)[None])
         self.cos, self.sin = cos[0], sin[0]
-        self.filled, self.positions = width, positions[:, -1]  # each row's last position
-        return out.logits[:, -1].float()
+        self.filled, self.positions = width, positions  # each row's last position
+        return logits
+
+    def _packed_prefill(self, prompts: list[torch.Tensor], shared: int):
+        """-> the logits after each prompt [rows, V], each layer's (keys, values) laid out
+        [rows, kv heads, header | left padding | own tokens, head dim], and each row's own length."""
+        from transformers import DynamicCache
+
+        packed, cache = pack_rows(prompts, shared), DynamicCache()
+        out = self.inner(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
+                         use_cache=True, **{cache_argument(self.inner): cache})
+        own = (packed.ends - packed.starts).tolist()
+        width = shared + max(own)
+        layers = []
+        for layer in cache.layers:
+            keys = layer.keys.new_zeros(len(prompts), self.kv_heads, width, self.head_dim)
+            values = torch.zeros_like(keys)
+            keys[:, :, :shared], values[:, :, :shared] = layer.keys[0, :, :shared], layer.values[0, :, :shared]
+            for i, (start, end) in enumerate(zip(packed.starts.tolist(), packed.ends.tolist())):
+                keys[i, :, width - own[i]:], values[i, :, width - own[i]:] = layer.keys[0, :, start:end], layer.values[0, :, start:end]
+            layers.append((keys, values))
+        last = out.last_hidden_state[0, packed.ends - 1]  # each row's last token
+        return _base_model(self.model).get_output_embeddings()(last).float(), layers, own
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [rows]: the token each row just drew -> the logits for the next."""

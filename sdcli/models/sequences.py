@@ -281,21 +281,39 @@ def _packing_pays(config, lengths: list[int], shared: int) -> bool:
     return packed_cost < padded_cost
 
 
+@dataclass
+class PackedRows:
+    """Rows of tokens that begin with the same `shared` tokens, as one row: the shared tokens once,
+    then each row's own tokens, every token attending to the earlier tokens of its own row and of
+    the shared prefix."""
+
+    ids: torch.Tensor  # [1, P]
+    positions: torch.Tensor  # [1, P] each token's position in its own row
+    mask: torch.Tensor  # [1, 1, P, P] bool, True = attend (sdpa's convention)
+    starts: torch.Tensor  # [N] where each row's own tokens begin in the packed row
+    ends: torch.Tensor  # [N] one past each row's last token
+
+
+def pack_rows(rows: list[torch.Tensor], shared: int) -> PackedRows:
+    """rows: each row's token ids [L_i], all beginning with the same `shared` tokens."""
+    device = rows[0].device
+    own = torch.tensor([len(r) - shared for r in rows], device=device)
+    starts = shared + own.cumsum(0) - own
+    ids = torch.cat([rows[0][:shared]] + [r[shared:] for r in rows])[None]
+    row = torch.cat([torch.full((shared,), -1, device=device),  # the prefix's tokens: row -1
+                     torch.repeat_interleave(torch.arange(len(rows), device=device), own)])
+    at = torch.arange(ids.shape[1], device=device)
+    position = torch.where(row < 0, at, shared + at - starts[row.clamp(min=0)])
+    mask = ((row[:, None] == row[None, :]) | (row[None, :] < 0)) & (at[None, :] <= at[:, None])
+    return PackedRows(ids, position[None], mask[None, None], starts, starts + own)
+
+
 def _packed_rows(decoder, batch: ScoreBatch, lengths: list[int], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared prefix, then every row's own tokens, end to end in one row. -> hidden [1, P, H]
     and, for every response token, the index of its predicting position in it [N, T]."""
-    device = batch.input_ids.device
-    own = torch.tensor([n - shared for n in lengths], device=device)
-    starts = shared + own.cumsum(0) - own
-    ids = torch.cat([batch.input_ids[0, :shared]] + [batch.input_ids[i, shared:n] for i, n in enumerate(lengths)])[None]
-    row = torch.cat([torch.full((shared,), -1, device=device),  # the prefix's tokens: row -1
-                     torch.repeat_interleave(torch.arange(len(lengths), device=device), own)])
-    at = torch.arange(ids.shape[1], device=device)
-    position = torch.where(row < 0, at, shared + at - starts[row.clamp(min=0)])
-    # a token sees the earlier tokens of its own row and of the prefix; True = attend (sdpa's bool mask)
-    mask = ((row[:, None] == row[None, :]) | (row[None, :] < 0)) & (at[None, :] <= at[:, None])
-    hidden = decoder(input_ids=ids, attention_mask=mask[None, None], position_ids=position[None], use_cache=False)
-    index = starts[:, None] + (batch.predict_positions - shared).clamp(min=0)  # padding slots point at a row's first
+    packed = pack_rows([batch.input_ids[i, :n] for i, n in enumerate(lengths)], shared)
+    hidden = decoder(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions, use_cache=False)
+    index = packed.starts[:, None] + (batch.predict_positions - shared).clamp(min=0)  # padding slots: a row's first
     return hidden.last_hidden_state, index
 
 
