@@ -234,7 +234,7 @@ def response_hidden(decoder, batch: ScoreBatch) -> torch.Tensor:
     """Final hidden states at the positions that predict each response token. -> [N, T, H]
 
     Two ways to compute fewer tokens than the padded batch holds, each the same numbers as the
-    full pass, gradients included (tests/unit/test_shared_prefix.py, test_packed_rows.py):
+    full pass, gradients included (tests/unit/test_shared_prefix.py):
     - the tokens every row shares (`batch.shared_prefix`: on chat prompts the header and system
       prompt, often a third of a short sequence) run once, as one row, and every row's attention
       reads their keys and values;
@@ -248,12 +248,12 @@ def response_hidden(decoder, batch: ScoreBatch) -> torch.Tensor:
     if not plain_causal_attention(config):
         return _gather(decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                use_cache=False).last_hidden_state, batch.predict_positions)
-    shared = batch.shared_prefix if batch.shared_prefix >= MIN_SHARED_PREFIX and _layered_cache() else 0
+    shared = batch.shared_prefix if batch.shared_prefix >= MIN_SHARED_PREFIX else 0
     lengths = [int(n) for n in batch.attention_mask.sum(1)]
     if getattr(config, "_attn_implementation", None) == "sdpa" and _packing_pays(config, lengths, shared):
         hidden, index = _packed_rows(decoder, batch, lengths, shared)
         return hidden[0][index]
-    if shared:
+    if shared and _layered_cache():
         return _gather(_hidden_after_shared_prefix(decoder, batch, shared),
                        (batch.predict_positions - shared).clamp(min=0))  # padding slots point at 0 and are masked
     return _gather(decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -317,27 +317,23 @@ def _packed_rows(decoder, batch: ScoreBatch, lengths: list[int], shared: int) ->
     return hidden.last_hidden_state, index
 
 
-def _prefix_cache(decoder, prefix_ids: torch.Tensor, rows: int):
-    """A cache holding the prefix's keys and values (computed once, with their graph) for `rows` rows."""
+def _hidden_after_shared_prefix(decoder, batch: ScoreBatch, shared: int) -> torch.Tensor:
+    """[N, L - shared, H]: the prefix once, then every row's remaining tokens against its keys and values."""
     from transformers import DynamicCache
 
     captured_layer, prefix_layer = _cache_layers()
+    argument = cache_argument(decoder)
     capture = DynamicCache()
     capture.layers = []
     capture.layer_class_to_replicate = captured_layer
-    decoder(input_ids=prefix_ids, use_cache=True, **{cache_argument(decoder): capture})
+    decoder(input_ids=batch.input_ids[:1, :shared], use_cache=True, **{argument: capture})
+    rows = batch.input_ids.shape[0]
     prefix = DynamicCache()
     prefix.layers = [prefix_layer(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
                      for layer in capture.layers]
     prefix.layer_class_to_replicate = None
-    return prefix
-
-
-def _hidden_after_shared_prefix(decoder, batch: ScoreBatch, shared: int) -> torch.Tensor:
-    """[N, L - shared, H]: the prefix once, then every row's remaining tokens against its keys and values."""
-    prefix = _prefix_cache(decoder, batch.input_ids[:1, :shared], rows=batch.input_ids.shape[0])
     out = decoder(input_ids=batch.input_ids[:, shared:], attention_mask=batch.attention_mask, use_cache=True,
-                  **{cache_argument(decoder): prefix})
+                  **{argument: prefix})
     return out.last_hidden_state
 
 
