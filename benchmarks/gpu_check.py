@@ -192,7 +192,7 @@ def random_weights(shapes: Path, tmp: Path) -> Path:
     torch.manual_seed(0)
     folder = tmp / f"{shapes.name}-random"
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-    for f in shapes.iterdir():  # the tokenizer's files (and the config again, unchanged)
+    for f in shapes.iterdir():  # the tokenizer's files (the config is already there)
         if f.is_file() and not (folder / f.name).exists():
             shutil.copy2(f, folder / f.name)
     return folder

@@ -122,7 +122,8 @@ class _Fused:
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm as one fused call (its module takes six)."""
+    """The model's RMSNorm in one call (its module makes six from Python; torch composes the
+    same operations in C++, so the numbers are the same)."""
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
@@ -162,18 +163,13 @@ class DirectDecoder:
         prompts = [ids[mask.bool()] for ids, mask in zip(input_ids, attention)]
         shared = common_prefix_length([p.tolist() for p in prompts]) if rows > 1 else 0
         if shared >= MIN_SHARED_PREFIX and getattr(self.inner.config, "_attn_implementation", None) == "sdpa":
-            logits, layers, own = self._packed_prefill(prompts, shared)
-            width = shared + max(own)
-            attention = torch.zeros(rows, width, dtype=torch.long)
-            for i, n in enumerate(own):
-                attention[i, :shared], attention[i, width - n:] = 1, 1
-            positions = torch.tensor([shared + n - 1 for n in own])
+            logits, layers, attention, positions = self._packed_prefill(prompts, shared)
         else:
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                              use_cache=True, logits_to_keep=1)
             logits, layers, positions = out.logits[:, -1].float(), [(l.keys, l.values) for l in _cache_of(out).layers], positions[:, -1]
-            width = attention.shape[1]
+        width = attention.shape[1]
         length = width + self.max_new_tokens
         shape = (rows, self.kv_heads, length, self.head_dim)
         self.keys, self.values = [], []
@@ -190,15 +186,19 @@ class DirectDecoder:
         return logits
 
     def _packed_prefill(self, prompts: list[torch.Tensor], shared: int):
-        """-> the logits after each prompt [rows, V], each layer's (keys, values) laid out
-        [rows, kv heads, header | left padding | own tokens, head dim], and each row's own length."""
+        """-> the logits after each prompt [rows, V]; each layer's (keys, values) laid out
+        [rows, kv heads, header | left padding | own tokens, head dim]; which of those positions
+        hold tokens [rows, width]; and each row's last position [rows]."""
         from transformers import DynamicCache
 
         packed, cache = pack_rows(prompts, shared), DynamicCache()
         out = self.inner(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
                          use_cache=True, **{cache_argument(self.inner): cache})
-        own = (packed.ends - packed.starts).tolist()
+        own_lengths = packed.ends - packed.starts
+        own = own_lengths.tolist()
         width = shared + max(own)
+        column = torch.arange(width)
+        attention = ((column[None] < shared) | (column[None] >= width - own_lengths[:, None])).long()
         layers = []
         for layer in cache.layers:
             keys = layer.keys.new_zeros(len(prompts), self.kv_heads, width, self.head_dim)
@@ -208,7 +208,8 @@ class DirectDecoder:
                 keys[i, :, width - own[i]:], values[i, :, width - own[i]:] = layer.keys[0, :, start:end], layer.values[0, :, start:end]
             layers.append((keys, values))
         last = out.last_hidden_state[0, packed.ends - 1]  # each row's last token
-        return _base_model(self.model).get_output_embeddings()(last).float(), layers, own
+        logits = _base_model(self.model).get_output_embeddings()(last).float()
+        return logits, layers, attention, shared + own_lengths - 1
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [rows]: the token each row just drew -> the logits for the next."""

@@ -245,17 +245,15 @@ def response_hidden(decoder, batch: ScoreBatch) -> torch.Tensor:
       chosen only where the padding it saves costs more than that (`_packing_pays`).
     The full pass serves everything else (one row, other architectures or attention kernels)."""
     config = decoder.config
-    if not plain_causal_attention(config):
-        return _gather(decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               use_cache=False).last_hidden_state, batch.predict_positions)
-    shared = batch.shared_prefix if batch.shared_prefix >= MIN_SHARED_PREFIX else 0
-    lengths = [int(n) for n in batch.attention_mask.sum(1)]
-    if getattr(config, "_attn_implementation", None) == "sdpa" and _packing_pays(config, lengths, shared):
-        hidden, index = _packed_rows(decoder, batch, lengths, shared)
-        return hidden[0][index]
-    if shared and _layered_cache():
-        return _gather(_hidden_after_shared_prefix(decoder, batch, shared),
-                       (batch.predict_positions - shared).clamp(min=0))  # padding slots point at 0 and are masked
+    if plain_causal_attention(config):
+        shared = batch.shared_prefix if batch.shared_prefix >= MIN_SHARED_PREFIX else 0
+        lengths = [int(n) for n in batch.attention_mask.sum(1)]
+        if getattr(config, "_attn_implementation", None) == "sdpa" and _packing_pays(config, lengths, shared):
+            hidden, index = _packed_rows(decoder, batch, lengths, shared)
+            return hidden[0][index]
+        if shared and _layered_cache():
+            return _gather(_hidden_after_shared_prefix(decoder, batch, shared),
+                           (batch.predict_positions - shared).clamp(min=0))  # padding slots point at 0 and are masked
     return _gather(decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            use_cache=False).last_hidden_state, batch.predict_positions)
 

@@ -66,7 +66,8 @@ WAYS = ("full", "shared", "packed", "packed_shared")
 
 
 def force(way: str, batch, monkeypatch):
-    """The batch and the patched module for one way of computing it; returns what must run."""
+    """Patch the packing choice for one way of computing the batch; returns the batch that way takes
+    (the shared prefix cleared where the way does not use it)."""
     import sdcli.models.sequences as sequences
 
     monkeypatch.setattr(sequences, "_packing_pays", lambda *a: way.startswith("packed"))
