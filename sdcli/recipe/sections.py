@@ -128,6 +128,11 @@ class RolloutConfig(StrictSection):
         0.5, ge=0.0, le=5.0, description="Sampling temperature of the teacher's answers; 0 = greedy (one answer)"
     )
     teacher_answer_max_new_tokens: int = Field(32, ge=1, le=8192, description="Longest teacher answer")
+    teacher_answer_filter: bool = Field(
+        True,
+        description="Keep only the teacher's answers that state the demonstration's facts: every word the "
+        "demonstration in the prompt makes ~55x likelier (names, numbers, colours) must appear in the answer",
+    )
 
 
 class LossConfig(StrictSection):

@@ -255,6 +255,7 @@ def setup_episode(recipe: Recipe, *, resume: bool, log, dist: Ranks, allow_mixed
         teacher_answers=TeacherAnswers(
             recipe.rollout.teacher_answers if recipe.method is Method.self_distillation else 0,
             recipe.rollout.teacher_answer_temperature, recipe.rollout.teacher_answer_max_new_tokens, cfg.seed,
+            check_facts=recipe.rollout.teacher_answer_filter,
         ),
         teacher_memo=TeacherMemo() if recipe.teacher is TeacherKind.base else None,
     )

@@ -181,6 +181,9 @@ def _train_episode(
     if cut:
         log(f"warning: {cut} teacher prompt(s) were longer than {run.teacher_encoder.max_tokens} tokens "
             "and had their context cut")
+    if run.teacher_answers.dropped:
+        log(f"teacher answers: {run.teacher_answers.dropped} of {run.teacher_answers.sampled} dropped for not stating "
+            "their demonstration's facts (rollout.teacher_answer_filter)")
     path = save_episode(run, last, started=started, recipe_file=recipe_file, truncated=truncated, cut=cut, log=log)
     return EpisodeResult(path=dist.from_main(path), steps=run.total_steps, final=last)
 

