@@ -81,6 +81,9 @@ GRID: dict[str, list[str]] = {
     "ta4-no-anchor": ["rollout.teacher_answers=4", "anchor.prompts_per_step=0"],
     "ta4-a2": ["rollout.teacher_answers=4", "anchor.prompts_per_step=2"],
     "mix50-greedy-tt0.5": ["rollout.off_policy_fraction=0.5", "rollout.temperature=0", "loss.teacher_temperature=0.5"],
+    "r32": ["lora.r=32", "lora.alpha=64"],
+    "r64": ["lora.r=64", "lora.alpha=128"],
+    "r64-a64": ["lora.r=64", "lora.alpha=64"],
 }
 
 
