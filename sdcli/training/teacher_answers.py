@@ -33,7 +33,8 @@ from sdcli.signals.base import Example
 # A word of the demonstration is one of its facts when having the demonstration in the prompt makes
 # the word at least e^4 (~55) times likelier (the log-probability gains of its tokens, summed). On
 # the quickstart's and the fact benchmarks' demonstrations (SmolLM2-135M) the names, colours and
-# numbers gain 4.5 to 30 nats, the sentence's other words -1 to 2.5 (README, "Teacher answers").
+# numbers gain 4.5 to 30 nats, the sentences' other words -1.5 to 3.9 (README, "Checking the
+# teacher's answers").
 FACT_GAIN_NATS = 4.0
 _WORD = re.compile(r"\S+")
 _EDGE_PUNCTUATION = ".,;:!?\"'()[]{}"
