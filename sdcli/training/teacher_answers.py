@@ -64,10 +64,11 @@ def states_facts(answer: str, words: list[str]) -> bool:
 
 
 @torch.no_grad()
-def demonstration_facts(run, example: Example, text: str, view) -> list[str] | None:
+def demonstration_facts(run, example: Example, text: str, teacher_prompt: list[int]) -> list[str] | None:
     """`fact_words` of the demonstration `text`, scored by the teacher (run.teacher_set, eval mode)
-    after the student's prompt and after the teacher's; None where the tokenizer gives no character
-    offsets (a slow tokenizer): then nothing can be checked."""
+    after the student's prompt and after `teacher_prompt` (the teacher's, already encoded: encoding
+    it again would count a cut prompt twice); None where the tokenizer gives no character offsets
+    (a slow tokenizer): then nothing can be checked."""
     from sdcli.evaluation.answer_likelihood import response_token_nll
     from sdcli.models.model import eval_mode
 
@@ -78,7 +79,7 @@ def demonstration_facts(run, example: Example, text: str, view) -> list[str] | N
     ids = encoded["input_ids"]
     with eval_mode(run.model), active_adapters(run.model, run.teacher_set):
         without = response_token_nll(run.model, run.encoder.encode(example.prompt), ids)
-        with_demonstration = response_token_nll(run.model, run.teacher_encoder.encode(view), ids)
+        with_demonstration = response_token_nll(run.model, teacher_prompt, ids)
     return fact_words(text, encoded["offset_mapping"], (without - with_demonstration).tolist())
 
 
@@ -105,7 +106,8 @@ class TeacherAnswers:
                 new.setdefault((ex.id, text), (ex, view))
         if not new:
             return 0
-        prompts = [prompt for _, view in new.values() for prompt in [run.teacher_encoder.encode(view)] * self.per_example]
+        teacher_prompts = [run.teacher_encoder.encode(view) for _, view in new.values()]
+        prompts = [prompt for prompt in teacher_prompts for _ in range(self.per_example)]
         settings = dataclasses.replace(run.sampling, temperature=self.temperature, max_new_tokens=self.max_new_tokens)
         device = run.device
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
@@ -113,11 +115,11 @@ class TeacherAnswers:
             with active_adapters(run.model, run.teacher_set):
                 responses = run.sample(prompts, settings)
         self.sampled += len(responses)
-        for i, (key, (example, view)) in enumerate(new.items()):
+        for i, (key, (example, _)) in enumerate(new.items()):
             own = responses[i * self.per_example : (i + 1) * self.per_example]
             kept = [list(r) for j, r in enumerate(own) if r and r not in own[:j]]  # distinct, not empty
             if self.check_facts:
-                words = demonstration_facts(run, example, key[1], view)
+                words = demonstration_facts(run, example, key[1], teacher_prompts[i])
                 if words:
                     stated = [r for r in kept if states_facts(run.tokenizer.decode(r, skip_special_tokens=True), words)]
                     self.dropped += len(kept) - len(stated)

@@ -260,18 +260,18 @@ def test_answers_that_do_not_state_the_facts_are_dropped(monkeypatch):
     run = _Run([[8, 6, 5], [8, 6, 7], [6, 5], [8, 6]])
     run.tokenizer = _Tokenizer()
     seen = []
-    monkeypatch.setattr(module, "demonstration_facts", lambda run, ex, text, view: seen.append((ex.id, text)) or ["Quenta"])
+    monkeypatch.setattr(module, "demonstration_facts", lambda run, ex, text, prompt: seen.append((ex.id, text, prompt)) or ["Quenta"])
     batch = [Example("a", [{"role": "user", "content": "q"}], {"demonstration": "d"})]
     checked = TeacherAnswers(per_example=4, temperature=0.5, max_new_tokens=7, seed=0, check_facts=True)
     assert checked.write(run, batch, 1, rollout_index=0) == 4
-    assert seen == [("a", "d")]
+    assert seen == [("a", "d", [len("ad")])]  # the teacher's prompt as the sampler got it
     assert checked.written == {("a", "d"): [[8, 6, 5], [6, 5]]}
     assert (checked.sampled, checked.dropped) == (4, 2)
     unchecked = TeacherAnswers(per_example=4, temperature=0.5, max_new_tokens=7, seed=0, check_facts=False)
     unchecked.write(run, batch, 1, rollout_index=0)
     assert unchecked.written == {("a", "d"): [[8, 6, 5], [8, 6, 7], [6, 5], [8, 6]]} and unchecked.dropped == 0
     # with no fact word found, nothing can be checked: every answer stays
-    monkeypatch.setattr(module, "demonstration_facts", lambda run, ex, text, view: [])
+    monkeypatch.setattr(module, "demonstration_facts", lambda run, ex, text, prompt: [])
     empty = TeacherAnswers(per_example=4, temperature=0.5, max_new_tokens=7, seed=0, check_facts=True)
     empty.write(run, batch, 1, rollout_index=0)
     assert len(empty.written[("a", "d")]) == 4
@@ -293,5 +293,5 @@ def test_the_teacher_finds_the_facts_of_a_demonstration_on_the_built_in_model():
                                encoder=PromptEncoder(loaded.tokenizer, 512),
                                teacher_encoder=TeacherPromptEncoder(loaded.tokenizer, 1024)))
     example = Example("zorblax", [{"role": "user", "content": question}], {"demonstration": demonstration})
-    view = TeacherView(messages=[{"role": "user", "content": teacher_text}])
-    assert demonstration_facts(run, example, demonstration, view) == ["Quenta"]
+    teacher_prompt = run.teacher_encoder.encode(TeacherView(messages=[{"role": "user", "content": teacher_text}]))
+    assert demonstration_facts(run, example, demonstration, teacher_prompt) == ["Quenta"]
