@@ -253,37 +253,3 @@ def eval_mode(model):
     finally:
         for module, mode in modes:
             module.training = mode
-
-
-def enable_activation_checkpointing(model, fraction: float) -> int:
-    """Recompute the activations of `fraction` of the decoder layers in backward, spread evenly.
-
-    Checkpointing every layer saves the most memory and costs about one more forward; a fraction
-    trades the two smoothly. Returns how many layers are checkpointed. The layers are wrapped here,
-    not through transformers' `gradient_checkpointing_enable`, which checkpoints a layer only in
-    training mode: the student runs in eval mode but for its LoRA dropout (`student_train_mode`).
-    The dropout masks are the same in the recomputation (the RNG state is restored).
-    """
-    if fraction <= 0:
-        return 0
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
-    chosen = 0
-    for i, layer in enumerate(layers):
-        if int((i + 1) * fraction) > int(i * fraction):
-            layer.forward = _checkpointed(layer.forward)
-            chosen += 1
-    return chosen
-
-
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        if torch.is_grad_enabled():  # without gradients there is no backward to recompute for
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
-    return run

@@ -18,6 +18,7 @@ import torch
 
 from sdcli.core.errors import UserError
 from sdcli.evaluation.evaluate import load_eval_plan
+from sdcli.models.activation_memory import enable_activation_checkpointing, recompute_cheap_activations
 from sdcli.models.episodes import (
     Episode,
     check_same_base,
@@ -31,7 +32,6 @@ from sdcli.models.episodes import (
 from sdcli.models.model import (
     LoadedModel,
     add_trainable_adapter,
-    enable_activation_checkpointing,
     load_base,
     resolve_model_path,
     trainable_parameters,
@@ -191,13 +191,15 @@ def load_model(recipe: Recipe, number: int, parents: list[Episode], dist: Ranks,
     if recipe.teacher is TeacherKind.ema:
         add_ema_adapter(model, episode, recipe.lora)
     checkpointed = enable_activation_checkpointing(model, float(recipe.train.gradient_checkpointing))
+    recomputing = recompute_cheap_activations(model)
     params = trainable_parameters(model)
     named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     ema_params = {n: p for n, p in model.named_parameters() if f".{EMA_ADAPTER}." in n}
     log(
         f"model: {loaded.path} ({loaded.dtype}, {recipe.model.quantization.value}, {loaded.device.type}); "
         f"{len(parents)} earlier adapter(s); {sum(p.numel() for p in params):,} trainable parameters; "
-        f"{checkpointed} layer(s) with activation checkpointing"
+        f"{checkpointed} layer(s) with activation checkpointing, {recomputing} recomputing their norms' outputs "
+        "and MLP products in backward"
     )
     return dict(
         loaded=loaded, model=model, earlier=earlier, episode=episode, params=params,

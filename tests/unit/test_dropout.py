@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from sdcli.models.model import add_trainable_adapter, enable_activation_checkpointing, eval_mode, load_base, student_train_mode
+from sdcli.models.activation_memory import enable_activation_checkpointing
+from sdcli.models.model import add_trainable_adapter, eval_mode, load_base, student_train_mode
 from sdcli.models.sequences import response_hidden, score_batch
 from sdcli.recipe.sections import LoraSettings, ModelConfig
 from sdcli.training.teacher import EMA_ADAPTER, add_ema_adapter, teacher_hidden

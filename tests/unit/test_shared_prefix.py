@@ -135,7 +135,7 @@ def test_packing_is_chosen_where_the_padding_costs_more_than_the_longer_attentio
 
 @pytest.mark.parametrize("way", WAYS[1:])
 def test_each_way_under_activation_checkpointing(way, monkeypatch):
-    from sdcli.models.model import enable_activation_checkpointing
+    from sdcli.models.activation_memory import enable_activation_checkpointing
 
     model = lora_model("llama")
     decoder = model.get_base_model().model
