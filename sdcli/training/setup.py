@@ -261,6 +261,10 @@ def setup_episode(recipe: Recipe, *, resume: bool, log, dist: Ranks, allow_mixed
         ),
         teacher_memo=TeacherMemo() if recipe.teacher is TeacherKind.base else None,
     )
+    if run.teacher_answers.per_example and run.teacher_answers.check_facts and not getattr(tokenizer, "is_fast", False):
+        log("warning: rollout.teacher_answer_filter cannot check the teacher's answers with this model's tokenizer "
+            "(a slow tokenizer gives no character offsets); every answer is kept. A tokenizer.json beside the model "
+            "gives a fast one; rollout.teacher_answer_filter=false silences this")
     if run.sampling.int8:
         log("rollout: sampling from int8 copies of the base (rollout.sample_precision); the loss scores in float")
     attach_user_simulator(signal, run.model, tokenizer, model_config, log=log, sample=run.sample)  # interactions, online

@@ -295,3 +295,21 @@ def test_the_teacher_finds_the_facts_of_a_demonstration_on_the_built_in_model():
     example = Example("zorblax", [{"role": "user", "content": question}], {"demonstration": demonstration})
     teacher_prompt = run.teacher_encoder.encode(TeacherView(messages=[{"role": "user", "content": teacher_text}]))
     assert demonstration_facts(run, example, demonstration, teacher_prompt) == ["Quenta"]
+
+
+def test_a_slow_tokenizer_keeps_every_answer_and_says_so(tmp_path, tiny_model_dir, sampled, monkeypatch):
+    """Without character offsets no fact word can be located: every answer is kept, and the log says
+    why the check did not run."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    from sdcli.training.train import train_episode
+
+    monkeypatch.setattr(TokenizersBackend, "is_fast", property(lambda self: False))
+    lines: list[str] = []
+    recipe = load_recipe(recipe_for(tmp_path, tiny_model_dir, "  teacher_answers: 2\n  teacher_answer_max_new_tokens: 6",
+                                    train="  max_steps: 2"))
+    train_episode(recipe, log=lines.append)
+    assert sampled  # answers were written
+    warned = [line for line in lines if "teacher_answer_filter cannot check" in line]
+    assert len(warned) == 1 and "slow tokenizer" in warned[0]
+    assert not any(line.startswith("teacher answers:") for line in lines)  # nothing dropped
