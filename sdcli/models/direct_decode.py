@@ -155,20 +155,20 @@ class DirectDecoder:
     def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """input_ids, attention [rows, width], left-padded -> the logits after each prompt.
 
-        Where the prompts begin with the same tokens (the chat header and system prompt), those
-        run once: the header and then each row's own tokens, end to end in one packed row
-        (`pack_rows`), and each row's cache is [header | padding | its own tokens], the padding
-        masked in every later step. Otherwise the padded rows run as they are."""
+        Rows that repeat another (several samples of one prompt) run once, and each copy starts
+        from the same cache. Where the prompts begin with the same tokens (the chat header and
+        system prompt), those run once: the header and then each row's own tokens, end to end in
+        one packed row (`pack_rows`), and each row's cache is [header | padding | its own tokens],
+        the padding masked in every later step. Otherwise the padded rows run as they are."""
         rows = input_ids.shape[0]
-        prompts = [ids[mask.bool()] for ids, mask in zip(input_ids, attention)]
-        shared = common_prefix_length([p.tolist() for p in prompts]) if rows > 1 else 0
-        if shared >= MIN_SHARED_PREFIX and getattr(self.inner.config, "_attn_implementation", None) == "sdpa":
-            logits, layers, attention, positions = self._packed_prefill(prompts, shared)
+        distinct, copy_of = torch.unique(torch.cat([input_ids, attention], dim=1), dim=0, return_inverse=True)
+        if len(distinct) < rows:
+            width = input_ids.shape[1]
+            logits, layers, attention, positions = self._prefill(distinct[:, :width], distinct[:, width:])
+            logits, attention, positions = logits[copy_of], attention[copy_of], positions[copy_of]
+            layers = [(keys[copy_of], values[copy_of]) for keys, values in layers]
         else:
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                             use_cache=True, logits_to_keep=1)
-            logits, layers, positions = out.logits[:, -1].float(), [(l.keys, l.values) for l in _cache_of(out).layers], positions[:, -1]
+            logits, layers, attention, positions = self._prefill(input_ids, attention)
         width = attention.shape[1]
         length = width + self.max_new_tokens
         shape = (rows, self.kv_heads, length, self.head_dim)
@@ -184,6 +184,20 @@ class DirectDecoder:
         self.cos, self.sin = cos[0], sin[0]
         self.filled, self.positions = width, positions  # each row's last position
         return logits
+
+    def _prefill(self, input_ids: torch.Tensor, attention: torch.Tensor):
+        """-> the logits after each prompt [rows, V], each layer's (keys, values) [rows, kv heads,
+        width, head dim], which positions hold tokens [rows, width], each row's last position [rows]."""
+        rows = input_ids.shape[0]
+        prompts = [ids[mask.bool()] for ids, mask in zip(input_ids, attention)]
+        shared = common_prefix_length([p.tolist() for p in prompts]) if rows > 1 else 0
+        if shared >= MIN_SHARED_PREFIX and getattr(self.inner.config, "_attn_implementation", None) == "sdpa":
+            return self._packed_prefill(prompts, shared)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                         use_cache=True, logits_to_keep=1)
+        layers = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
+        return out.logits[:, -1].float(), layers, attention, positions[:, -1]
 
     def _packed_prefill(self, prompts: list[torch.Tensor], shared: int):
         """-> the logits after each prompt [rows, V]; each layer's (keys, values) laid out

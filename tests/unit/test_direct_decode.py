@@ -16,6 +16,7 @@ from sdcli.recipe.sections import LoraSettings
 PROMPTS = [[1, 40, 41, 42, 43, 44], [1, 50, 51], [1, 60, 61, 62], [1, 70, 71, 72, 73]]
 HEADER = [1, 11, 12, 13, 14, 15, 16, 17, 18, 19]  # a chat header every prompt begins with: its prefill runs once
 HEADED = [HEADER + p[1:] for p in PROMPTS]
+REPEATED = [HEADED[1], HEADED[0], HEADED[1], HEADED[1], HEADED[2]]  # several samples of a prompt
 int8_kernels = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm int8 kernels")
 
 
@@ -40,7 +41,7 @@ def padded(prompts):
     return ids, torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
 
-@pytest.mark.parametrize("prompts", [PROMPTS, HEADED], ids=["own", "shared_header"])
+@pytest.mark.parametrize("prompts", [PROMPTS, HEADED, REPEATED], ids=["own", "shared_header", "repeated"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_each_step_is_the_models_own_forward_on_the_whole_sequence(arch, prompts, tiny_model_dir, tiny_llama_dir,
                                                                      monkeypatch):
@@ -60,8 +61,22 @@ def test_each_step_is_the_models_own_forward_on_the_whole_sequence(arch, prompts
             for t, logits in enumerate(steps):
                 torch.testing.assert_close(logits[row].double(), whole[t].double(), rtol=0, atol=1e-5)
         with active_adapters(model, ["ep001"]):  # the inactive adapters count for nothing
-            alone = DirectDecoder(model, int8=False, max_new_tokens=1).prefill(*padded(PROMPTS))
+            alone = DirectDecoder(model, int8=False, max_new_tokens=1).prefill(*padded(prompts))
         assert not torch.allclose(alone, steps[0])
+
+
+@pytest.mark.parametrize("prompts", [[PROMPTS[0]] * 3, REPEATED], ids=["one_prompt", "three_prompts"])
+def test_a_repeated_prompt_runs_once(prompts, tiny_llama_dir):
+    """Several samples of one prompt: the prefill computes each distinct prompt's tokens once."""
+    model = with_adapters(tiny_llama_dir)
+    seen = []
+    embed = model.get_base_model().model.embed_tokens
+    embed.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    with torch.no_grad(), active_adapters(model, ["ep001"]):
+        DirectDecoder(model, int8=False, max_new_tokens=2).prefill(*padded(prompts))
+    distinct = [list(p) for p in dict.fromkeys(map(tuple, prompts))]
+    shared = len(HEADER) if len(distinct) > 1 else 0
+    assert sum(int(ids.numel()) for ids in seen) == shared + sum(len(p) - shared for p in distinct)
 
 
 def test_greedy_tokens_are_generates(tiny_llama_dir):
