@@ -208,8 +208,8 @@ class DirectDecoder:
         packed, cache = pack_rows(prompts, shared), DynamicCache()
         out = self.inner(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
                          use_cache=True, **{cache_argument(self.inner): cache})
-        own_lengths = packed.ends - packed.starts
-        own = own_lengths.tolist()
+        own = [len(p) - shared for p in prompts]
+        own_lengths = torch.tensor(own)
         width = shared + max(own)
         column = torch.arange(width)
         attention = ((column[None] < shared) | (column[None] >= width - own_lengths[:, None])).long()
@@ -218,10 +218,11 @@ class DirectDecoder:
             keys = layer.keys.new_zeros(len(prompts), self.kv_heads, width, self.head_dim)
             values = torch.zeros_like(keys)
             keys[:, :, :shared], values[:, :, :shared] = layer.keys[0, :, :shared], layer.values[0, :, :shared]
-            for i, (start, end) in enumerate(zip(packed.starts.tolist(), packed.ends.tolist())):
-                keys[i, :, width - own[i]:], values[i, :, width - own[i]:] = layer.keys[0, :, start:end], layer.values[0, :, start:end]
+            for i, n in enumerate(own):
+                at = packed.where[i, shared:shared + n]
+                keys[i, :, width - n:], values[i, :, width - n:] = layer.keys[0, :, at], layer.values[0, :, at]
             layers.append((keys, values))
-        last = out.last_hidden_state[0, packed.ends - 1]  # each row's last token
+        last = out.last_hidden_state[0, packed.where[torch.arange(len(own)), shared + own_lengths - 1]]  # each row's last token
         logits = _base_model(self.model).get_output_embeddings()(last).float()
         return logits, layers, attention, shared + own_lengths - 1
 

@@ -238,19 +238,22 @@ def response_hidden(decoder, batch: ScoreBatch) -> torch.Tensor:
     - the tokens every row shares (`batch.shared_prefix`: on chat prompts the header and system
       prompt, often a third of a short sequence) run once, as one row, and every row's attention
       reads their keys and values;
-    - the prefix and then the rows' own tokens run packed end to end in one row, each token
-      attending only to its own row's tokens and the prefix's, so that no padding is computed
-      (10-35% of the tokens of a step with responses of different lengths) and the prefix needs
-      no pass of its own. Packed attention spans every row's tokens, so it is
-      chosen only where the padding it saves costs more than that (`_packing_pays`).
+    - the prefix, each distinct prompt once and then each row's response run packed end to end
+      in one row, each token attending only to its own row's tokens, so that no padding is
+      computed (10-35% of the tokens of a step with responses of different lengths), the prefix
+      needs no pass of its own, and several samples of one prompt share its tokens. Packed
+      attention spans every row's tokens, so it is chosen only where the padding it saves costs
+      more than that (`_packing_pays`).
     The full pass serves everything else (one row, other architectures or attention kernels)."""
     config = decoder.config
     if plain_causal_attention(config):
         shared = batch.shared_prefix if batch.shared_prefix >= MIN_SHARED_PREFIX else 0
         lengths = [int(n) for n in batch.attention_mask.sum(1)]
-        if getattr(config, "_attn_implementation", None) == "sdpa" and _packing_pays(config, lengths, shared):
-            hidden, index = _packed_rows(decoder, batch, lengths, shared)
-            return hidden[0][index]
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            prompts = _prompt_lengths(batch, lengths)
+            if _packing_pays(config, lengths, shared, _packed_length(batch, lengths, prompts, shared)):
+                hidden, index = _packed_rows(decoder, batch, lengths, prompts, shared)
+                return hidden[0][index]
         if shared and _layered_cache():
             return _gather(_hidden_after_shared_prefix(decoder, batch, shared),
                            (batch.predict_positions - shared).clamp(min=0))  # padding slots point at 0 and are masked
@@ -262,9 +265,10 @@ def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
-def _packing_pays(config, lengths: list[int], shared: int) -> bool:
-    """Whether one packed row costs fewer FLOPs than the padded rows: a token's linear layers
-    against the query-key pairs of attention, whose packed square spans every row."""
+def _packing_pays(config, lengths: list[int], shared: int, packed: int | None = None) -> bool:
+    """Whether one packed row of `packed` tokens (default: the shared prefix once, then every row's
+    own tokens) costs fewer FLOPs than the padded rows: a token's linear layers against the
+    query-key pairs of attention, whose packed square spans every row."""
     rows, own = len(lengths), [n - shared for n in lengths]
     if rows < 2:
         return False
@@ -273,7 +277,7 @@ def _packing_pays(config, lengths: list[int], shared: int) -> bool:
     kv = getattr(config, "num_key_value_heads", None) or heads
     per_token = 2 * hidden * (heads * head_dim * 2 + kv * head_dim * 2 + 3 * config.intermediate_size)
     per_pair = 4 * heads * head_dim
-    width, packed = max(own), shared + sum(own)
+    width, packed = max(own), packed or shared + sum(own)
     padded_cost = shared * (per_token + shared * per_pair) + rows * width * (per_token + (width + shared) * per_pair)
     packed_cost = packed * (per_token + packed * per_pair)
     return packed_cost < padded_cost
@@ -282,37 +286,72 @@ def _packing_pays(config, lengths: list[int], shared: int) -> bool:
 @dataclass
 class PackedRows:
     """Rows of tokens that begin with the same `shared` tokens, as one row: the shared tokens once,
-    then each row's own tokens, every token attending to the earlier tokens of its own row and of
-    the shared prefix."""
+    then each distinct prompt once, then each row's remaining tokens (its response), every token
+    attending to the earlier tokens of its own row: the shared prefix, its prompt and its own."""
 
     ids: torch.Tensor  # [1, P]
     positions: torch.Tensor  # [1, P] each token's position in its own row
     mask: torch.Tensor  # [1, 1, P, P] bool, True = attend (sdpa's convention)
-    starts: torch.Tensor  # [N] where each row's own tokens begin in the packed row
-    ends: torch.Tensor  # [N] one past each row's last token
+    where: torch.Tensor  # [N, W] where each row's token at each of its positions sits in the packed row (0 past its end)
 
 
-def pack_rows(rows: list[torch.Tensor], shared: int) -> PackedRows:
-    """rows: each row's token ids [L_i], all beginning with the same `shared` tokens."""
+def pack_rows(rows: list[torch.Tensor], shared: int, prompt_lengths: list[int] | None = None) -> PackedRows:
+    """rows: each row's token ids [L_i], all beginning with the same `shared` tokens.
+    prompt_lengths: where each row's prompt ends (> shared); rows whose prompts are the same tokens
+    (several samples of one prompt) share one copy of them. None: no row shares more than `shared`."""
     device = rows[0].device
-    own = torch.tensor([len(r) - shared for r in rows], device=device)
-    starts = shared + own.cumsum(0) - own
-    ids = torch.cat([rows[0][:shared]] + [r[shared:] for r in rows])[None]
-    row = torch.cat([torch.full((shared,), -1, device=device),  # the prefix's tokens: row -1
-                     torch.repeat_interleave(torch.arange(len(rows), device=device), own)])
-    at = torch.arange(ids.shape[1], device=device)
-    position = torch.where(row < 0, at, shared + at - starts[row.clamp(min=0)])
-    mask = ((row[:, None] == row[None, :]) | (row[None, :] < 0)) & (at[None, :] <= at[:, None])
-    return PackedRows(ids, position[None], mask[None, None], starts, starts + own)
+    lengths = [len(r) for r in rows]
+    split = prompt_lengths or lengths
+    pieces, segment, parent, where = [rows[0][:shared]], [-1] * shared, [-1] * shared, torch.zeros(
+        len(rows), max(lengths), dtype=torch.long, device=device)
+    where[:, :shared] = torch.arange(shared, device=device)
+    at, first_of = shared, {}
+    for i, (row, end) in enumerate(zip(rows, split)):
+        key = tuple(row[shared:end].tolist())
+        if key not in first_of:  # a new prompt: its tokens, a segment of their own
+            first_of[key] = (at, len(pieces))
+            pieces.append(row[shared:end])
+            segment += [len(pieces) - 1] * (end - shared)
+            parent += [-1] * (end - shared)
+            at += end - shared
+        start, prompt_segment = first_of[key]
+        where[i, shared:end] = torch.arange(start, start + end - shared, device=device)
+        pieces.append(row[end:])  # the row's own tokens, under its prompt
+        segment += [len(pieces) - 1] * (len(row) - end)
+        parent += [prompt_segment] * (len(row) - end)
+        where[i, end:len(row)] = torch.arange(at, at + len(row) - end, device=device)
+        at += len(row) - end
+    ids = torch.cat(pieces)[None]
+    segment, parent = torch.tensor(segment, device=device), torch.tensor(parent, device=device)
+    position = torch.zeros(at, dtype=torch.long, device=device)
+    for i, n in enumerate(lengths):
+        position[where[i, :n]] = torch.arange(n, device=device)
+    index = torch.arange(at, device=device)
+    seen = (segment[None, :] == segment[:, None]) | (segment[None, :] == parent[:, None]) | (segment[None, :] < 0)
+    mask = seen & (index[None, :] <= index[:, None])
+    return PackedRows(ids, position[None], mask[None, None], where)
 
 
-def _packed_rows(decoder, batch: ScoreBatch, lengths: list[int], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared prefix, then every row's own tokens, end to end in one row. -> hidden [1, P, H]
-    and, for every response token, the index of its predicting position in it [N, T]."""
-    packed = pack_rows([batch.input_ids[i, :n] for i, n in enumerate(lengths)], shared)
+def _prompt_lengths(batch: ScoreBatch, lengths: list[int]) -> list[int]:
+    """Where each row's prompt ends: its first response token's predicting position, plus one."""
+    has_response = batch.response_mask[:, 0].tolist()
+    first = (batch.predict_positions[:, 0] + 1).tolist()
+    return [p if r else n for p, r, n in zip(first, has_response, lengths)]
+
+
+def _packed_length(batch: ScoreBatch, lengths: list[int], prompts: list[int], shared: int) -> int:
+    """How many tokens `pack_rows` lays out: the shared prefix, each distinct prompt, every response."""
+    distinct = {tuple(batch.input_ids[i, shared:end].tolist()) for i, end in enumerate(prompts)}
+    return shared + sum(len(p) for p in distinct) + sum(n - end for n, end in zip(lengths, prompts))
+
+
+def _packed_rows(decoder, batch: ScoreBatch, lengths: list[int], prompts: list[int],
+                 shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared prefix, each distinct prompt and every row's response, end to end in one row.
+    -> hidden [1, P, H] and, for every response token, the index of its predicting position in it [N, T]."""
+    packed = pack_rows([batch.input_ids[i, :n] for i, n in enumerate(lengths)], shared, prompts)
     hidden = decoder(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions, use_cache=False)
-    index = packed.starts[:, None] + (batch.predict_positions - shared).clamp(min=0)  # padding slots: a row's first
-    return hidden.last_hidden_state, index
+    return hidden.last_hidden_state, packed.where.gather(1, batch.predict_positions)  # padding slots point at 0
 
 
 def _hidden_after_shared_prefix(decoder, batch: ScoreBatch, shared: int) -> torch.Tensor:

@@ -118,6 +118,46 @@ def test_each_way_equals_the_full_pass_with_gradients(model_type, way, monkeypat
     torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-4 * float(g_full.abs().max()))
 
 
+def sampled_rows():
+    """Several samples of each prompt, as rollout.num_samples > 1 makes them, in no particular order."""
+    prompts, responses = uneven_rows()
+    order = [0, 1, 0, 2, 0, 1]
+    samples = [[50, 51, 52, 53], [54, 55], [56, 57], [58, 59, 60, 61, 62], [63], [40, 41, 42]]
+    return [prompts[i] for i in order], samples
+
+
+@pytest.mark.parametrize("way", ["packed", "packed_shared"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_samples_of_one_prompt_share_its_tokens_in_the_packed_row(model_type, way, monkeypatch):
+    """Each distinct prompt is laid out once and every sample's response attends to it: the same
+    hidden states and LoRA gradients as the full pass, where every row carries its own copy."""
+    from sdcli.models.sequences import _packed_length, _prompt_lengths
+
+    model = lora_model(model_type)
+    decoder = model.get_base_model().model
+    prompts, responses = sampled_rows()
+    batch = batch_of(prompts, responses)
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+    decoder.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+
+    def hidden_and_grads(way):
+        hidden = response_hidden(decoder, force(way, batch, monkeypatch))
+        grads = torch.autograd.grad(projection_loss(hidden, batch.response_mask), params)
+        return hidden.detach(), torch.cat([g.flatten() for g in grads])
+
+    h_full, g_full = hidden_and_grads("full")
+    h, g = hidden_and_grads(way)
+    shared = len(HEADER) if way == "packed_shared" else 0
+    distinct = {tuple(p[shared:]) for p in prompts}
+    assert seen[-1] == shared + sum(map(len, distinct)) + sum(map(len, responses))  # each prompt once
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    assert _packed_length(batch, lengths, _prompt_lengths(batch, lengths), shared) == seen[-1]
+    mask = batch.response_mask
+    torch.testing.assert_close(h[mask], h_full[mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-4 * float(g_full.abs().max()))
+
+
 def test_packing_is_chosen_where_the_padding_costs_more_than_the_longer_attention():
     config = tiny_decoder("llama").config
     from sdcli.models.sequences import _packing_pays
