@@ -39,12 +39,20 @@ def answer_span(example: EvalExample) -> tuple[int, int] | None:
     return (found.start(), found.end()) if found and found.end() > found.start() else None
 
 
-def response_token_nll(model, prompt: list[int], response: list[int]) -> torch.Tensor:
-    """-log p of each response token after the prompt. [len(response)]"""
+def response_token_nll(model, prompt: list[int], response: list[int], chunk: int = 128) -> torch.Tensor:
+    """-log p of each response token after the prompt. [len(response)]
+
+    Only the positions that predict response tokens go through the LM head, `chunk` of them at a
+    time: a long demonstration on a large vocabulary (2000 tokens x 152k entries) would otherwise
+    need gigabytes of logits at once."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt + response], device=device)
-    logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1 : -1].float()
-    return -logits.log_softmax(-1).gather(-1, ids[0, len(prompt) :, None])[:, 0]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, len(prompt) - 1 : -1]
+    head, targets = base.get_output_embeddings(), ids[0, len(prompt) :]
+    pieces = [-head(hidden[i : i + chunk]).float().log_softmax(-1).gather(-1, targets[i : i + chunk, None])[:, 0]
+              for i in range(0, len(response), chunk)]
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0)
 
 
 def _answer_tokens(tokenizer, example: EvalExample) -> tuple[list[int], list[bool]]:

@@ -380,6 +380,23 @@ def test_answer_likelihood_matches_a_plain_reference(tiny_model_dir):
     assert answer_likelihood(model, tokenizer, examples, views, encoder=encoder, adapters=["ep001"])["answer_nll"] != pytest.approx(answer0, rel=1e-3)
 
 
+def test_response_token_nll_reads_the_head_a_chunk_at_a_time(tiny_model_dir):
+    """The model's own logits at the response positions only, `chunk` positions per head call."""
+    from sdcli.evaluation.answer_likelihood import response_token_nll
+
+    model, _ = _with_random_adapter(tiny_model_dir)
+    prompt, response = [1, 5, 9, 12, 7, 3], [20, 21, 22, 23, 24, 25, 26]
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[-2]))
+    with torch.no_grad():
+        nll = response_token_nll(model, prompt, response, chunk=3)
+        handle.remove()
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+    assert rows == [3, 3, 1]  # never more than a chunk of positions, and no prompt position
+    expected = -logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+    torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_sampled_answers_share_right_per_line_reproducible_and_leaves_the_random_state(tiny_model_dir):
     from sdcli.evaluation.scoring import SAMPLING_SEED, sampled_answers
     from sdcli.models.sequences import PromptEncoder
