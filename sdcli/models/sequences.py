@@ -302,8 +302,10 @@ def pack_rows(rows: list[torch.Tensor], shared: int, prompt_lengths: list[int] |
     device = rows[0].device
     lengths = [len(r) for r in rows]
     split = prompt_lengths or lengths
-    pieces, segment, parent, where = [rows[0][:shared]], [-1] * shared, [-1] * shared, torch.zeros(
-        len(rows), max(lengths), dtype=torch.long, device=device)
+    # per packed token: its segment (-1: the shared prefix; then each prompt and each response) and
+    # the segment it also attends to (a response: its prompt)
+    pieces, segment, parent = [rows[0][:shared]], [-1] * shared, [-1] * shared
+    where = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=device)
     where[:, :shared] = torch.arange(shared, device=device)
     at, first_of = shared, {}
     for i, (row, end) in enumerate(zip(rows, split)):
