@@ -40,19 +40,32 @@ def answer_span(example: EvalExample) -> tuple[int, int] | None:
 
 
 def response_token_nll(model, prompt: list[int], response: list[int], chunk: int = 128) -> torch.Tensor:
-    """-log p of each response token after the prompt. [len(response)]
+    """-log p of each response token after the prompt. [len(response)]"""
+    return responses_token_nll(model, [(prompt, response)], chunk=chunk)[0]
 
-    Only the positions that predict response tokens go through the LM head, `chunk` of them at a
-    time: a long demonstration on a large vocabulary (2000 tokens x 152k entries) would otherwise
-    need gigabytes of logits at once."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt + response], device=device)
+
+def responses_token_nll(model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int | None = 0, rows: int = 16,
+                        chunk: int = 128) -> list[torch.Tensor]:
+    """`response_token_nll` of every (prompt, response) pair, `rows` pairs per forward pass through
+    the training passes' `response_hidden` (no padding computed, the shared chat header once).
+    Only the positions that predict response tokens go through the LM head, `chunk` at a time: a
+    long demonstration on a large vocabulary (2000 tokens x 152k entries) would otherwise need
+    gigabytes of logits at once."""
+    from sdcli.models.sequences import response_hidden, score_batch
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, len(prompt) - 1 : -1]
-    head, targets = base.get_output_embeddings(), ids[0, len(prompt) :]
-    pieces = [-head(hidden[i : i + chunk]).float().log_softmax(-1).gather(-1, targets[i : i + chunk, None])[:, 0]
-              for i in range(0, len(response), chunk)]
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0)
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    device = next(model.parameters()).device
+    found: list[torch.Tensor] = []
+    for start in range(0, len(pairs), rows):
+        part = pairs[start : start + rows]
+        batch = score_batch([p for p, _ in part], [r for _, r in part], 0 if pad_id is None else pad_id, device)
+        hidden = response_hidden(decoder, batch)[batch.response_mask]  # [tokens, H], row after row
+        targets = batch.response_ids[batch.response_mask]
+        nll = [-head(hidden[i : i + chunk]).float().log_softmax(-1).gather(-1, targets[i : i + chunk, None])[:, 0]
+               for i in range(0, len(targets), chunk)]
+        found += list((torch.cat(nll) if nll else hidden.new_zeros(0)).split([len(r) for _, r in part]))
+    return found
 
 
 def _answer_tokens(tokenizer, example: EvalExample) -> tuple[list[int], list[bool]]:
@@ -74,23 +87,26 @@ def answer_likelihood(
     demonstration; `views[i]` is line i's teacher prompt or None. Per line: "per_line" (same order
     as `examples`, None for lines without a demonstration)."""
     answer, whole, t_answer, t_whole, per_line = [], [], [], [], []
+    scored, pairs = [], []  # each (prompt, demonstration) pair, and (its line, its prefix, its answer tokens)
+    for ex, view in zip(examples, views, strict=True):
+        if not ex.demonstration:
+            per_line.append(None)
+            continue
+        ids, in_answer = _answer_tokens(tokenizer, ex)
+        per_line.append({})
+        for prefix, prompt in [("", ex.prompt), ("teacher_", view)]:
+            if prompt is not None:
+                scored.append((per_line[-1], prefix, in_answer))
+                pairs.append((encoder.encode(prompt), ids))
     with using(model, adapters):
-        for ex, view in zip(examples, views, strict=True):
-            if not ex.demonstration:
-                per_line.append(None)
-                continue
-            ids, in_answer = _answer_tokens(tokenizer, ex)
-            line = {}
-            for prefix, prompt, a_list, w_list in [("", ex.prompt, answer, whole), ("teacher_", view, t_answer, t_whole)]:
-                if prompt is None:
-                    continue
-                nll = response_token_nll(model, encoder.encode(prompt), ids)
-                line[f"{prefix}demonstration_nll"] = float(nll.mean())
-                w_list.append(line[f"{prefix}demonstration_nll"])
-                if any(in_answer):
-                    line[f"{prefix}answer_nll"] = float(nll[torch.tensor(in_answer)].mean())
-                    a_list.append(line[f"{prefix}answer_nll"])
-            per_line.append(line)
+        nlls = responses_token_nll(model, pairs, tokenizer.pad_token_id)
+    for (line, prefix, in_answer), nll in zip(scored, nlls, strict=True):
+        a_list, w_list = (t_answer, t_whole) if prefix else (answer, whole)
+        line[f"{prefix}demonstration_nll"] = float(nll.mean())
+        w_list.append(line[f"{prefix}demonstration_nll"])
+        if any(in_answer):
+            line[f"{prefix}answer_nll"] = float(nll[torch.tensor(in_answer)].mean())
+            a_list.append(line[f"{prefix}answer_nll"])
     return {
         "answer_nll": mean(answer), "answer_nll_n": len(answer), "demonstration_nll": mean(whole),
         "teacher_answer_nll": mean(t_answer), "teacher_demonstration_nll": mean(t_whole), "per_line": per_line,

@@ -397,6 +397,23 @@ def test_response_token_nll_reads_the_head_a_chunk_at_a_time(tiny_model_dir):
     torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_pairs_scored_together_equal_each_scored_alone(tiny_model_dir):
+    """Batched (packed, the shared header once) and one pair at a time give the same NLLs; an
+    empty response gives an empty tensor, and the pairs come back in order."""
+    from sdcli.evaluation.answer_likelihood import response_token_nll, responses_token_nll
+
+    model, tokenizer = _with_random_adapter(tiny_model_dir)
+    header = [1, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    pairs = [(header + [30, 31], [40, 41, 42]), (header + [32], [43]), (header + [30, 31], [44, 45, 46, 47, 48]),
+             ([5, 6, 7], []), (header + [33, 34, 35], [49, 50])]
+    with torch.no_grad():
+        together = responses_token_nll(model, pairs, tokenizer.pad_token_id, rows=4)
+        alone = [response_token_nll(model, p, r) for p, r in pairs]
+    assert [len(t) for t in together] == [3, 1, 5, 0, 2]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_sampled_answers_share_right_per_line_reproducible_and_leaves_the_random_state(tiny_model_dir):
     from sdcli.evaluation.scoring import SAMPLING_SEED, sampled_answers
     from sdcli.models.sequences import PromptEncoder
