@@ -261,10 +261,6 @@ def setup_episode(recipe: Recipe, *, resume: bool, log, dist: Ranks, allow_mixed
         ),
         teacher_memo=TeacherMemo() if recipe.teacher is TeacherKind.base else None,
     )
-    if run.teacher_answers.per_example and run.teacher_answers.check_facts and not getattr(tokenizer, "is_fast", False):
-        log("warning: rollout.teacher_answer_filter cannot check the teacher's answers with this model's tokenizer "
-            "(a slow tokenizer gives no character offsets); every answer is kept. A tokenizer.json beside the model "
-            "gives a fast one; rollout.teacher_answer_filter=false silences this")
     if run.sampling.int8:
         log("rollout: sampling from int8 copies of the base (rollout.sample_precision); the loss scores in float")
     attach_user_simulator(signal, run.model, tokenizer, model_config, log=log, sample=run.sample)  # interactions, online
@@ -295,5 +291,9 @@ def restore_and_check(run: EpisodeState, resume: bool, log) -> None:
     if chosen and run.off_fraction > 0 and not any(run.signal.demonstration_view(ex) for ex in run.examples[:1000]):
         log("warning: rollout.off_policy_fraction > 0, but no example carries a demonstration; every prompt is sampled")
     answers = run.teacher_answers.per_example if run.off_fraction > 0 else 0
+    if answers and run.teacher_answers.check_facts and not getattr(run.tokenizer, "is_fast", False):
+        log("warning: rollout.teacher_answer_filter cannot check the teacher's answers with this model's tokenizer "
+            "(a slow tokenizer gives no character offsets); every answer is kept. A tokenizer.json beside the model "
+            "gives a fast one; rollout.teacher_answer_filter=false silences this")
     log(f"train: {run.total_steps} step(s); {cfg.updates_per_rollout} update(s) per rollout; "
         f"{run.off_fraction:.0%} of prompts off-policy" + (f", {answers} teacher answer(s) per demonstration" if answers else ""))

@@ -69,7 +69,7 @@ def demonstration_facts(run, example: Example, text: str, teacher_prompt: list[i
     after the student's prompt and after `teacher_prompt` (the teacher's, already encoded: encoding
     it again would count a cut prompt twice); None where the tokenizer gives no character offsets
     (a slow tokenizer): then nothing can be checked."""
-    from sdcli.evaluation.answer_likelihood import response_token_nll
+    from sdcli.evaluation.answer_likelihood import responses_token_nll
     from sdcli.models.model import eval_mode
 
     tokenizer = run.tokenizer
@@ -78,8 +78,8 @@ def demonstration_facts(run, example: Example, text: str, teacher_prompt: list[i
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     with eval_mode(run.model), active_adapters(run.model, run.teacher_set):
-        without = response_token_nll(run.model, run.encoder.encode(example.prompt), ids)
-        with_demonstration = response_token_nll(run.model, teacher_prompt, ids)
+        without, with_demonstration = responses_token_nll(
+            run.model, [(run.encoder.encode(example.prompt), ids), (teacher_prompt, ids)], tokenizer.pad_token_id)
     return fact_words(text, encoded["offset_mapping"], (without - with_demonstration).tolist())
 
 
