@@ -8,7 +8,15 @@ and scores the episode's task set with three adapter sets: after (the whole stac
 stack as the episode began) and base (no adapters). The retain sets are scored after, and in a
 run's first episode also at the base. Drift is measured after. (`eval.baselines: false` keeps
 only "after".) The summary goes into episode.json; the answers go into eval.json in the episode
-folder.
+folder, each set with the model that answered it (its adapters' hashes) and the settings it was
+asked with.
+
+A baseline an earlier episode of the chain already scored is read from that episode's eval.json
+instead of answered again: the episode before this one scored this task set "after" when it was
+one of its retain sets, with the model that is this episode's "before", and the first episode
+scored every set at the base. A record is reused only when its set (content hash), its model
+(the base's hash, dtype, quantization and device, and the adapters' hashes) and every setting that
+shapes the answers are the same.
 
 `evaluate_source` scores one model (a run prefix, the base, or a model folder) on every set;
 `evaluate_matrix` every prefix of a run's stack on every set, the continual-learning matrix.
@@ -71,21 +79,30 @@ def _summary(result: dict, role: str) -> dict:
 def episode_eval(
     plan: EvalPlan | None, model, tokenizer, *, earlier: Sequence[str], episode: str, folder: Path,
     max_prompt_tokens: int = 512, merge: bool = True, log: Callable[[str], None] = lambda s: None,
+    parents: Sequence[Path] = (), stack: Sequence[str] = (), model_key: dict | None = None,
 ) -> dict:
     """Evaluate the just-trained model in memory; write the answers to folder/eval.json and return
     {"eval": summary} for episode.json ({} when the recipe has no eval section).
+
+    parents: the folders of the episodes stacked under this one, oldest first; stack: the adapter
+    hashes of those episodes and of this one, in the same order; model_key: what else makes the
+    model (the base's hash, dtype, quantization, device). Baselines that the parents already scored
+    with the same model and settings are read back instead of answered again (model_key None:
+    everything is answered).
 
     A failure here never costs the trained episode: it is logged and recorded as {"eval": {"error"}}."""
     if plan is None:
         return {}
     try:
-        return _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_tokens, merge, log)
+        return _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_tokens, merge, log,
+                             list(parents), list(stack), model_key)
     except Exception as e:  # noqa: BLE001 - the adapter is saved; keep the episode, say what failed
         log(f"warning: the evaluation after the episode failed ({type(e).__name__}: {e}); the episode is kept without it")
         return {"eval": {"error": f"{type(e).__name__}: {e}"}}
 
 
-def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_tokens, merge, log) -> dict:
+def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_tokens, merge, log, parents,
+                  stack, model_key) -> dict:
     from sdcli.core.atomic import write_atomic
     from sdcli.models.sequences import PromptEncoder
 
@@ -93,13 +110,18 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
     cfg = plan.cfg
     encoder = PromptEncoder(tokenizer, max_prompt_tokens)
     after = [*earlier, episode]
+    adapters_of = {"after": stack, "before": stack[:-1], "base": []}  # each model's adapters, by hash
+    records = _earlier_records(parents) if model_key is not None else []
     common = dict(encoder=encoder, template=plan.template, max_new_tokens=cfg.max_new_tokens, teacher=cfg.teacher, merge=merge)
-    sets, details = [], []
+    sets, details, reused = [], [], 0
     for role, eval_set in [("task", plan.task)] * (plan.task is not None) + [("retain", s) for s in plan.retain]:
         samples = cfg.samples if role == "task" else 0  # the episode's own questions: where learning shows
+        settings = {"max_new_tokens": cfg.max_new_tokens, "teacher": cfg.teacher, "template": plan.template,
+                    "max_prompt_tokens": max_prompt_tokens, "samples": samples, "reward": cfg.reward, "merge": merge,
+                    **(model_key or {})}
         result = evaluate_set(model, tokenizer, eval_set, adapters=after, samples=samples, **common)
         summary = _summary(result, role)
-        details.append({"role": role, "model": "after", **result})
+        details.append({"role": role, "model": "after", "stack": adapters_of["after"], "settings": settings, **result})
         # baselines: the task set before the episode and at the base (forward transfer); a retain
         # set at the base only in a run's first episode, where "before" is the base anyway
         wanted = [] if not cfg.baselines else (
@@ -109,9 +131,12 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
             if which == "base" and not earlier and "before" in summary:
                 summary[which] = summary["before"]  # the first episode began at the base
                 continue
-            baseline = evaluate_set(model, tokenizer, eval_set, adapters=adapters, samples=samples, **common)
+            baseline = _reusable(records, eval_set.sha256, adapters_of[which], settings)
+            reused += baseline is not None
+            if baseline is None:
+                baseline = evaluate_set(model, tokenizer, eval_set, adapters=adapters, samples=samples, **common)
             summary[which] = {k: baseline.get(k) for k in ("score", "teacher_score", "answer_nll", "sampled_score")}
-            details.append({"role": role, "model": which, **baseline})
+            details.append({"role": role, "model": which, "stack": adapters_of[which], "settings": settings, **baseline})
         if "base" in summary and not earlier:
             summary.setdefault("before", summary["base"])
         sets.append(summary)
@@ -123,8 +148,34 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
         )}
         log(f"eval: drift on {Path(plan.drift_path).name}: KL from base {fmt(drift['kl_from_base'], 4)}, "
             f"perplexity {fmt(drift['perplexity'], 2)} (base {fmt(drift['base_perplexity'], 2)})")
+    if reused:
+        log(f"eval: {reused} baseline(s) read from earlier episodes' {DETAILS_FILE} (the same model, set and settings)")
     write_atomic(folder / DETAILS_FILE, json.dumps({"sets": details, "drift": drift}, indent=2))
     return {"eval": {"sets": sets, "drift": drift, "seconds": round(time.perf_counter() - started, 2), "details": DETAILS_FILE}}
+
+
+def _earlier_records(parents: Sequence[Path]) -> list[tuple[str, dict]]:
+    """(episode folder name, one set's record) from each earlier episode's eval.json, newest first.
+    An episode without one, or with one this version cannot read, gives nothing: it is scored again."""
+    records = []
+    for folder in reversed([Path(p) for p in parents]):
+        try:
+            sets = json.loads((folder / DETAILS_FILE).read_text())["sets"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        records += [(folder.name, entry) for entry in sets if isinstance(entry, dict)]
+    return records
+
+
+def _reusable(records: list[tuple[str, dict]], sha256: str, stack: list[str], settings: dict) -> dict | None:
+    """An earlier record of the set with this content hash, answered by the adapters with these
+    hashes (in order) with the same settings; None when there is none. Records written before the
+    stack and settings were stored never match."""
+    for folder, entry in records:
+        if entry.get("sha256") == sha256 and entry.get("stack") == stack and entry.get("settings") == settings:
+            found = {k: v for k, v in entry.items() if k not in ("role", "model", "stack", "settings", "reused_from")}
+            return {**found, "reused_from": entry.get("reused_from") or f"{folder}/{DETAILS_FILE}"}
+    return None
 
 
 def describe_scores(summary: dict) -> str:

@@ -214,6 +214,15 @@ def train_step(run: EpisodeState, rollout: Rollout, compute_loss, timer: PhaseTi
     return out, float(norm), shares
 
 
+def _model_key(run: EpisodeState) -> dict | None:
+    """What, besides its adapters, decides the answers of the model the evaluation scores; None
+    (nothing is read back from earlier evaluations) where an episode's hash is not known."""
+    if run.base_hash is None or any(p.meta.get("adapter_sha256") is None for p in run.parents):
+        return None
+    return {"base": run.base_hash, "dtype": str(run.loaded.dtype), "quantization": run.recipe.model.quantization.value,
+            "device": run.device.type}
+
+
 def save_episode(run: EpisodeState, last: dict, *, started: str, recipe_file, truncated: int, cut: int, log) -> Path:
     """Save the adapter, then the metadata and evaluation; one rename makes the episode visible."""
     recipe, partial = run.recipe, run.partial
@@ -228,6 +237,8 @@ def save_episode(run: EpisodeState, last: dict, *, started: str, recipe_file, tr
     meta.update(episode_eval(
         run.eval_plan, run.model, run.tokenizer, earlier=run.earlier, episode=run.episode, folder=partial,
         max_prompt_tokens=recipe.model.max_prompt_tokens, merge=run.sampling.merge, log=log,
+        parents=[p.path for p in run.parents], stack=[*(p.meta.get("adapter_sha256") for p in run.parents), meta["adapter_sha256"]],
+        model_key=_model_key(run),
     ))
     write_atomic(partial / "episode.json", json.dumps(meta, indent=2))
     return publish(partial)

@@ -29,7 +29,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def task_files(folder: Path, model_dir: Path, name: str, other: str, steps: int = 20) -> Path:
+def task_files(folder: Path, model_dir: Path, name: str, other: str, steps: int = 20, samples: int = 2) -> Path:
     prompt, demo, answer = TASKS[name]
     write_jsonl(folder / f"{name}.jsonl", [{"prompt": prompt, "demonstration": demo}])
     write_jsonl(folder / f"{name}_eval.jsonl", [
@@ -41,7 +41,7 @@ def task_files(folder: Path, model_dir: Path, name: str, other: str, steps: int 
         f"name: {name}\nrun_dir: {folder / 'run'}\nmethod: sft\nmodel: {{name_or_path: {model_dir}}}\n"
         f"lora: {{r: 8, alpha: 16}}\ndata: {{path: {name}.jsonl}}\n"
         f"train: {{max_steps: {steps}, prompts_per_step: 1, lr: 0.01}}\n"
-        f"eval:\n  path: {name}_eval.jsonl\n  retain: [{other}_eval.jsonl]\n  drift_path: text.jsonl\n  max_new_tokens: 16\n  samples: 2\n"
+        f"eval:\n  path: {name}_eval.jsonl\n  retain: [{other}_eval.jsonl]\n  drift_path: text.jsonl\n  max_new_tokens: 16\n  samples: {samples}\n"
     )
     return recipe
 
@@ -55,6 +55,48 @@ def chain(tmp_path_factory, tiny_model_dir) -> Path:
     assert done.returncode == 0, done.stderr
     assert "eval: task zorblax_eval: score 1.000" in done.stderr
     return folder
+
+
+@pytest.fixture(scope="module")
+def chain_without_samples(tmp_path_factory, tiny_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("evalchain_plain")
+    write_jsonl(folder / "text.jsonl", [{"text": t} for t in TEXTS])
+    recipes = [task_files(folder, tiny_model_dir, "zorblax", "vells", samples=0),
+               task_files(folder, tiny_model_dir, "vells", "zorblax", samples=0)]
+    done = sd("train", *map(str, recipes), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "eval: 2 baseline(s) read from earlier episodes' eval.json" in done.stderr
+    return folder
+
+
+def test_baselines_an_earlier_episode_scored_are_read_back_not_answered_again(chain_without_samples, tmp_path):
+    first, second = list_episodes(chain_without_samples / "run")
+    earlier = json.loads((first.path / "eval.json").read_text())["sets"]
+    stored = json.loads((second.path / "eval.json").read_text())["sets"]
+
+    def entry(sets, role, name, model):
+        return next(s for s in sets if (s["role"], s["name"], s["model"]) == (role, name, model))
+
+    # episode 2's task set "before" is the stack episode 1 scored it with as a retain set; "base" too
+    for model, was in (("before", "after"), ("base", "base")):
+        got, source = entry(stored, "task", "vells_eval", model), entry(earlier, "retain", "vells_eval", was)
+        assert got["reused_from"] == f"{first.path.name}/eval.json"
+        assert got["examples"] == source["examples"] and got["stack"] == source["stack"]
+    assert entry(stored, "task", "vells_eval", "before")["stack"] == [first.meta["adapter_sha256"]]
+    assert entry(stored, "task", "vells_eval", "after")["stack"] == [first.meta["adapter_sha256"], second.meta["adapter_sha256"]]
+    summary = second.meta["eval"]["sets"][0]
+    assert summary["before"]["score"] == entry(earlier, "retain", "vells_eval", "after")["score"]
+    assert all("reused_from" not in s for s in earlier) and entry(stored, "task", "vells_eval", "after").get("reused_from") is None
+
+    # the record read back is what the model answers when loaded afresh
+    out = tmp_path / "before.json"
+    done = sd("eval", str(chain_without_samples / "run"), "--upto", "1", "--data",
+              str(chain_without_samples / "vells_eval.jsonl"), "--max-new-tokens", "16", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    fresh = json.loads(out.read_text())["sets"][0]["examples"]
+    reused = entry(stored, "task", "vells_eval", "before")["examples"]
+    assert [e["response"] for e in fresh] == [e["response"] for e in reused]
+    assert [e.get("teacher_response") for e in fresh] == [e.get("teacher_response") for e in reused]
 
 
 def test_sft_reduces_its_own_loss(chain):
@@ -78,6 +120,8 @@ def test_eval_after_each_episode_is_stored(chain):
     assert "sampled_score" not in retain  # samples are drawn for the episode's own questions only
     assert (retain["role"], retain["name"]) == ("retain", "vells_eval") and retain["base"]["score"] == 0.0
     assert "base" not in second.meta["eval"]["sets"][1]  # retain sets get a base score in the first episode only
+    # episode 1 scored the retain sets without samples; the task set's baselines draw them, so none is read back
+    assert not any("reused_from" in s for s in json.loads((second.path / "eval.json").read_text())["sets"])
     assert ev["drift"]["kl_from_base"] > 0 and ev["drift"]["tokens"] > 10
     assert second.meta["eval"]["sets"][0]["score"] == 1.0
     assert second.meta["eval"]["drift"]["base_perplexity"] == pytest.approx(ev["drift"]["base_perplexity"])

@@ -440,3 +440,34 @@ def test_sampled_answers_share_right_per_line_reproducible_and_leaves_the_random
     per_line = [sum(len(a) % 2 for a in answers[i * 6 : (i + 1) * 6]) / 6 for i in range(2)]
     assert result["per_line"] == pytest.approx(per_line) and result["score"] == pytest.approx(sum(per_line) / 2)
     assert result["errors"] == 0
+
+
+def test_an_earlier_record_is_reused_only_for_the_same_set_stack_and_settings(tmp_path):
+    from sdcli.evaluation.evaluate import _earlier_records, _reusable
+
+    settings = {"max_new_tokens": 16, "teacher": True, "template": "t", "max_prompt_tokens": 512, "samples": 0,
+                "reward": "contains", "merge": True, "base": "b", "dtype": "torch.float32", "quantization": "none",
+                "device": "cpu"}
+    record = {"role": "retain", "model": "after", "stack": ["a1"], "settings": settings, "sha256": "s", "score": 0.5,
+              "examples": [{"id": "a", "response": "x"}]}
+    old = {"role": "retain", "model": "after", "sha256": "s", "score": 0.25, "examples": []}  # before stacks were stored
+    first, second = tmp_path / "001-a", tmp_path / "002-b"
+    first.mkdir(), second.mkdir()
+    (first / "eval.json").write_text(json.dumps({"sets": [record]}))
+    (second / "eval.json").write_text("{not json")  # unreadable: scored again, never an error
+    records = _earlier_records([first, second, tmp_path / "003-missing"])
+    assert [folder for folder, _ in records] == ["001-a"]
+
+    found = _reusable(records, "s", ["a1"], dict(settings))
+    assert found["score"] == 0.5 and found["examples"] == record["examples"] and found["reused_from"] == "001-a/eval.json"
+    assert "role" not in found and "model" not in found and "stack" not in found  # the caller says what they are now
+    assert _reusable(records, "other", ["a1"], settings) is None  # another set
+    assert _reusable(records, "s", [], settings) is None  # another model of the chain: the base
+    assert _reusable(records, "s", ["a2"], settings) is None  # an adapter with other weights
+    for key, value in [("max_new_tokens", 32), ("samples", 2), ("base", "another base"), ("template", "u"),
+                       ("quantization", "nf4"), ("device", "cuda"), ("merge", False)]:
+        assert _reusable(records, "s", ["a1"], {**settings, key: value}) is None, key
+    assert _reusable([("001-a", old)], "s", ["a1"], settings) is None  # an older file never matches
+    # a record that was itself read back keeps naming where it was answered
+    again = _reusable([("002-b", {**record, "reused_from": "001-a/eval.json"})], "s", ["a1"], settings)
+    assert again["reused_from"] == "001-a/eval.json"
