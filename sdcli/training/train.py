@@ -214,13 +214,17 @@ def train_step(run: EpisodeState, rollout: Rollout, compute_loss, timer: PhaseTi
     return out, float(norm), shares
 
 
-def _model_key(run: EpisodeState) -> dict | None:
-    """What, besides its adapters, decides the answers of the model the evaluation scores; None
-    (nothing is read back from earlier evaluations) where an episode's hash is not known."""
-    if run.base_hash is None or any(p.meta.get("adapter_sha256") is None for p in run.parents):
-        return None
-    return {"base": run.base_hash, "dtype": str(run.loaded.dtype), "quantization": run.recipe.model.quantization.value,
-            "device": run.device.type}
+def _evaluated_model(run: EpisodeState, meta: dict) -> tuple[list[str], dict | None]:
+    """What decides the answers of the models the evaluation scores: each adapter of the stack, by
+    its weights' and config's hashes (the parents', then this episode's), and the rest (the base's
+    hash, dtype, quantization, device). The key is None, so nothing is read back from earlier
+    evaluations, where a hash is not known."""
+    hashes = [(m.get("adapter_sha256"), m.get("adapter_config_sha256")) for m in (*(p.meta for p in run.parents), meta)]
+    stack = [f"{weights}/{config}" for weights, config in hashes]
+    if run.base_hash is None or not all(weights and config for weights, config in hashes):
+        return stack, None
+    return stack, {"base": run.base_hash, "dtype": str(run.loaded.dtype),
+                   "quantization": run.recipe.model.quantization.value, "device": run.device.type}
 
 
 def save_episode(run: EpisodeState, last: dict, *, started: str, recipe_file, truncated: int, cut: int, log) -> Path:
@@ -234,11 +238,11 @@ def save_episode(run: EpisodeState, last: dict, *, started: str, recipe_file, tr
         extra={"prompts_truncated": truncated, "teacher_prompts_cut": cut, "data_skipped": run.report.skipped,
                "recipe_file": str(recipe_file) if recipe_file else None},
     )
+    stack, model_key = _evaluated_model(run, meta)
     meta.update(episode_eval(
         run.eval_plan, run.model, run.tokenizer, earlier=run.earlier, episode=run.episode, folder=partial,
         max_prompt_tokens=recipe.model.max_prompt_tokens, merge=run.sampling.merge, log=log,
-        parents=[p.path for p in run.parents], stack=[*(p.meta.get("adapter_sha256") for p in run.parents), meta["adapter_sha256"]],
-        model_key=_model_key(run),
+        parents=[p.path for p in run.parents], stack=stack, model_key=model_key,
     ))
     write_atomic(partial / "episode.json", json.dumps(meta, indent=2))
     return publish(partial)

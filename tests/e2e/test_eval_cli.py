@@ -82,8 +82,9 @@ def test_baselines_an_earlier_episode_scored_are_read_back_not_answered_again(ch
         got, source = entry(stored, "task", "vells_eval", model), entry(earlier, "retain", "vells_eval", was)
         assert got["reused_from"] == f"{first.path.name}/eval.json"
         assert got["examples"] == source["examples"] and got["stack"] == source["stack"]
-    assert entry(stored, "task", "vells_eval", "before")["stack"] == [first.meta["adapter_sha256"]]
-    assert entry(stored, "task", "vells_eval", "after")["stack"] == [first.meta["adapter_sha256"], second.meta["adapter_sha256"]]
+    first_adapter, second_adapter = (f"{e.meta['adapter_sha256']}/{e.meta['adapter_config_sha256']}" for e in (first, second))
+    assert entry(stored, "task", "vells_eval", "before")["stack"] == [first_adapter]
+    assert entry(stored, "task", "vells_eval", "after")["stack"] == [first_adapter, second_adapter]
     summary = second.meta["eval"]["sets"][0]
     assert summary["before"]["score"] == entry(earlier, "retain", "vells_eval", "after")["score"]
     assert all("reused_from" not in s for s in earlier) and entry(stored, "task", "vells_eval", "after").get("reused_from") is None
