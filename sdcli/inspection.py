@@ -27,6 +27,7 @@ import torch
 from sdcli.core.data import Messages
 from sdcli.core.errors import UserError
 from sdcli.core.numbers import fmt
+from sdcli.models.model import base_model
 
 FULL_COLOUR_AT = 3.0  # |advantage| at which a token's colour is at full strength
 
@@ -120,10 +121,6 @@ def _read_example(run_dir: Path, data: Path, index: int, upto: int | None):
     return recipe, signal, examples[index]
 
 
-def _base_of(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _draw_responses(recipe, signal, example, model, tokenizer, *, greedy: bool, samples: int | None,
                     max_new_tokens: int | None, log):
     """The responses to the example, drawn as the training loop draws them, each with the teacher's
@@ -133,7 +130,7 @@ def _draw_responses(recipe, signal, example, model, tokenizer, *, greedy: bool, 
     from sdcli.training.batch import rollout_sequences
     from sdcli.training.simulator import attach_user_simulator
 
-    base = _base_of(model)
+    base = base_model(model)
     encoder = PromptEncoder(tokenizer, recipe.model.max_prompt_tokens)
     limit = teacher_prompt_limit(recipe.model.max_teacher_prompt_tokens, base.config, recipe.rollout.max_new_tokens)
     teacher_encoder = TeacherPromptEncoder(tokenizer, limit, warn=log)
@@ -159,7 +156,7 @@ def _score_tokens(recipe, model, tokenizer, teacher_encoder, kept: list, summary
     from sdcli.training.metrics import learning_metrics
     from sdcli.training.teacher import teacher_pass
 
-    base = _base_of(model)
+    base = base_model(model)
     decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
     device = next(model.parameters()).device
     adapters = list(model.base_model.active_adapters) if hasattr(model, "peft_config") else []

@@ -51,9 +51,10 @@ def responses_token_nll(model, pairs: Sequence[tuple[list[int], list[int]]], pad
     Only the positions that predict response tokens go through the LM head, `chunk` at a time: a
     long demonstration on a large vocabulary (2000 tokens x 152k entries) would otherwise need
     gigabytes of logits at once."""
+    from sdcli.models.model import base_model
     from sdcli.models.sequences import response_hidden, score_batch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     device = next(model.parameters()).device
     found: list[torch.Tensor] = []

@@ -63,8 +63,9 @@ def recompute_cheap_activations(model) -> int:
 def decoder_layers(model) -> list[torch.nn.Module]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    from sdcli.models.model import base_model
+
+    return [m for m in base_model(model).modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def _checkpointed(forward):

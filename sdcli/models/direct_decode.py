@@ -32,14 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from sdcli.models.int8_sampling import int8_matmul, int8_matmul_outliers_in_float, packed_copy
+from sdcli.models.model import base_model
 from sdcli.models.sequences import MIN_SHARED_PREFIX, cache_argument, common_prefix_length, pack_rows
 
 # Llama's decoder layer, as Qwen2 and Mistral also have it (Qwen2 adds biases to q, k and v)
 ARCHITECTURES = ("llama", "qwen2", "mistral")
-
-
-def _base_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _plain(linear):
@@ -67,7 +64,7 @@ def _adapters(linear) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
 
 def supports_direct_decoding(model, length: int) -> bool:
     """Whether `direct_decode` computes this model's decoding steps, up to `length` positions."""
-    base = _base_model(model)
+    base = base_model(model)
     config = base.config
     inner = getattr(base, "model", None)
     if config.model_type not in ARCHITECTURES or getattr(config, "hidden_act", None) != "silu":
@@ -137,7 +134,7 @@ class DirectDecoder:
     row and returns the logits for the next. Logits are float32 [rows, vocabulary]."""
 
     def __init__(self, model, int8: bool, max_new_tokens: int):
-        base = _base_model(model)
+        base = base_model(model)
         self.model, self.max_new_tokens = model, max_new_tokens
         config, self.inner = base.config, base.model
         self.heads = config.num_attention_heads
@@ -223,7 +220,7 @@ class DirectDecoder:
                 keys[i, :, width - n:], values[i, :, width - n:] = layer.keys[0, :, at], layer.values[0, :, at]
             layers.append((keys, values))
         last = out.last_hidden_state[0, packed.where[torch.arange(len(own)), shared + own_lengths - 1]]  # each row's last token
-        logits = _base_model(self.model).get_output_embeddings()(last).float()
+        logits = base_model(self.model).get_output_embeddings()(last).float()
         return logits, layers, attention, shared + own_lengths - 1
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

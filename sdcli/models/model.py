@@ -157,6 +157,11 @@ def add_trainable_adapter(model, name: str, settings: LoraSettings):
     return model
 
 
+def base_model(model) -> torch.nn.Module:
+    """The transformers model itself: under peft's wrapper, or the model when there is none."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def check_target_modules(model, settings: LoraSettings) -> None:
     """UserError naming `lora.target_modules` entries that match no module of the loaded model
     (peft raises a ValueError for none matching, and says nothing when only some do)."""
@@ -164,7 +169,7 @@ def check_target_modules(model, settings: LoraSettings) -> None:
         return
     from sdcli.models.model_folder import module_name_problems
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     modules = {name for name, _ in base.named_modules() if name}
     linear = {name for name, m in base.named_modules()
               if isinstance(m, torch.nn.Linear) and ".lora_" not in name and not name.endswith(".base_layer")}

@@ -226,7 +226,9 @@ def cache_argument(model) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from sdcli.models.model import base_model
+
+    base = base_model(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
