@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+SAMPLER_THREAD = "sd-peak-memory"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -26,7 +27,11 @@ def current_rss_bytes() -> int:
 
 
 class PeakMemory:
-    """`with tracker.phase("rollout"): ...` then `tracker.peaks_mb` -> {"rollout": MB, ...}."""
+    """`with PeakMemory(device) as memory:`; PhaseTimer(memory) fills `memory.peaks_mb` -> {"rollout": MB, ...}.
+
+    A context manager so the sampling thread stops however the block ends: a thread left behind
+    by a failed run would open /proc/self/statm every few ms for the rest of the process.
+    """
 
     def __init__(self, device: torch.device, interval_s: float = 0.005):
         self.device = device
@@ -36,7 +41,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = None
         if device.type != "cuda":
-            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread = threading.Thread(target=self._sample, name=SAMPLER_THREAD, daemon=True)
             self._thread.start()
 
     def _sample(self) -> None:
@@ -59,6 +64,14 @@ class PeakMemory:
 
     def close(self) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> PeakMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 _LIBC = None

@@ -31,3 +31,9 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+    def __enter__(self) -> TensorBoardLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,13 +114,17 @@ def _train_episode(
     make_rollout, compute_loss = METHODS[recipe.method]
     counted_in_setup = (0, 0) if dist.is_main else (run.encoder.truncated, run.teacher_encoder.cut)  # anchors: every rank
 
-    memory = PeakMemory(run.device)
-    board = TensorBoardLog(run.partial / "tensorboard") if recipe.logging.tensorboard and dist.is_main else None
     started = now_iso()
     last: dict = {}
     student_train_mode(run.model, run.episode)  # LoRA dropout (if any) in the student only; the base model's own dropout off
     metrics_out = run.partial / "metrics.jsonl" if dist.is_main else os.devnull  # rank 0 writes the metrics
-    with stop_after_step() as stop_requested, open(metrics_out, "a", encoding="utf-8") as metrics_file:
+    tensorboard = recipe.logging.tensorboard and dist.is_main
+    with (
+        stop_after_step() as stop_requested,
+        open(metrics_out, "a", encoding="utf-8") as metrics_file,
+        PeakMemory(run.device) as memory,  # stops its sampling thread however the loop ends
+        TensorBoardLog(run.partial / "tensorboard") if tensorboard else nullcontext() as board,
+    ):
         step = run.start_step
         while step < run.total_steps:
             timer, step_start = PhaseTimer(memory), time.perf_counter()
@@ -170,9 +174,6 @@ def _train_episode(
             if crossed and step < run.total_steps:
                 run.checkpoint(step)
 
-    memory.close()
-    if board:
-        board.close()
     truncated, cut = dist.totals(run.encoder.truncated - counted_in_setup[0], run.teacher_encoder.cut - counted_in_setup[1])
     if not dist.is_main:  # rank 0 saves, evaluates and publishes; the others wait for it
         return EpisodeResult(path=dist.from_main(None), steps=run.total_steps, final=last)
