@@ -26,6 +26,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 GENERAL = HERE / "continual_facts" / "data" / "general_qa.jsonl"
 
+from continual_facts.run import KINDS, kind_scores  # noqa: E402  (the runner's reading of the question kinds)
+from sdcli.models.episodes import list_episodes  # noqa: E402
+
 # name -> overrides on top of the recipe and the product's defaults
 GRID: dict[str, list[str]] = {
     "on-policy": ["rollout.off_policy_fraction=0"],
@@ -112,6 +115,7 @@ def run_setting(task: Path, name: str, overrides: list[str], seed: int, out: Pat
         print(done.stdout[-2000:], done.stderr[-2000:], sep="\n")
         return {"name": name, "seed": seed, "error": done.returncode}
     episode = next((run_dir / "episodes").iterdir())
+    by_kind = dict(kind_scores(list_episodes(run_dir)))
     meta = json.loads((episode / "episode.json").read_text())
     metrics = [json.loads(line) for line in (episode / "metrics.jsonl").read_text().splitlines()]
     train_seconds = sum(m["time/step_s"] for m in metrics)
@@ -123,6 +127,8 @@ def run_setting(task: Path, name: str, overrides: list[str], seed: int, out: Pat
         "name": name, "seed": seed, "overrides": overrides, "steps": len(metrics),
         # the ceiling is the episode's teacher: the model as the episode began, with the fact in context
         "task": task_set["score"], "teacher": task_set["before"]["teacher_score"], "general": general["score"],
+        # world_facts marks its questions -direct / -paraphrase / -situation: where the misses are
+        "task_by_kind": dict(zip(KINDS, by_kind[episode.name])) if episode.name in by_kind else None,
         # the held-out demonstrations' answer tokens, teacher-forced without context: finer than six greedy answers
         "answer_nll": task_set.get("answer_nll"), "answer_nll_before": task_set["before"].get("answer_nll"),
         # with --set eval.samples=N: the share of N answers per question at temperature 1 that are right
@@ -148,7 +154,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown settings {unknown}; known: {', '.join(GRID)}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {platform_line()}; task {args.task.name}", flush=True)
-    header = f"{'setting':<14} {'seed':>4} {'steps':>5} {'task':>5} {'ceiling':>7} {'general':>7} {'(base)':>6} {'ppl':>6} {'base ppl':>8} {'KL':>6} {'ans NLL':>7} {'sampled':>7} {'train s':>7}"
+    header = f"{'setting':<14} {'seed':>4} {'steps':>5} {'task':>5} {'ceiling':>7} {'general':>7} {'(base)':>6} {'ppl':>6} {'base ppl':>8} {'KL':>6} {'ans NLL':>7} {'sampled':>7} {'train s':>7}  by kind (direct/paraphrase/situation)"
     print(header, flush=True)
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +167,7 @@ def main() -> None:
                 continue
             print(
                 f"{name:<14} {seed:>4} {row['steps']:>5} {row['task']:>5.2f} {fmt(row['teacher']):>7} {row['general']:>7.3f} {fmt(row['general_base']):>6} "
-                f"{fmt(row['perplexity']):>6} {fmt(row['base_perplexity']):>8} {fmt(row['kl_from_base'], 3):>6} {fmt(row['answer_nll']):>7} {fmt(row['sampled']):>7} {row['train_seconds']:>7.0f}",
+                f"{fmt(row['perplexity']):>6} {fmt(row['base_perplexity']):>8} {fmt(row['kl_from_base'], 3):>6} {fmt(row['answer_nll']):>7} {fmt(row['sampled']):>7} {row['train_seconds']:>7.0f}  {kinds(row['task_by_kind'])}",
                 flush=True,
             )
             (args.out / "sweep.json").write_text(json.dumps(rows, indent=2))
@@ -169,6 +175,10 @@ def main() -> None:
 
 def fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def kinds(by_kind: dict | None) -> str:
+    return "-" if not by_kind else " / ".join(fmt(by_kind[k]) for k in KINDS)
 
 
 def platform_line() -> str:
