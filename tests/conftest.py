@@ -47,6 +47,20 @@ def build_tiny_model(out: Path, seed: int = 0, arch: str = "qwen2", **config) ->
     return out
 
 
+@pytest.fixture(autouse=True)
+def no_memory_sampler_outlives_its_test():
+    """Training stops its memory-sampling thread however it ends. One left running polls
+    /proc/self/statm every few ms for the rest of the session, and reused a file descriptor
+    number a sandbox test had just closed (CI, stop 25)."""
+    yield
+    import threading
+
+    from sdcli.training.memory import SAMPLER_THREAD
+
+    left = [t for t in threading.enumerate() if t.name == SAMPLER_THREAD]
+    assert not left, f"{len(left)} memory sampler thread(s) still running after the test"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
