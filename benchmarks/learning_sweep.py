@@ -29,6 +29,9 @@ GENERAL = HERE / "continual_facts" / "data" / "general_qa.jsonl"
 from continual_facts.run import KINDS, kind_scores  # noqa: E402  (the runner's reading of the question kinds)
 from sdcli.models.episodes import list_episodes  # noqa: E402
 
+# the MLPs of SmolLM2-135M's layers 4-15, where knowledge editors (ROME, MEMIT) write a fact
+MIDDLE_MLPS = ",".join(f"layers.{i}.mlp.{m}" for i in range(4, 16) for m in ("gate_proj", "up_proj", "down_proj"))
+
 # name -> overrides on top of the recipe and the product's defaults
 GRID: dict[str, list[str]] = {
     "on-policy": ["rollout.off_policy_fraction=0"],
@@ -95,6 +98,8 @@ GRID: dict[str, list[str]] = {
     "r32": ["lora.r=32", "lora.alpha=64"],
     "r64": ["lora.r=64", "lora.alpha=128"],
     "r64-a64": ["lora.r=64", "lora.alpha=64"],
+    "midmlp": [f"lora.target_modules=[{MIDDLE_MLPS}]"],
+    "midmlp-lr1e-3": [f"lora.target_modules=[{MIDDLE_MLPS}]", "train.lr=1e-3"],
 }
 
 
