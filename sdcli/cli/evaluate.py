@@ -163,9 +163,14 @@ def _eval_source(source: Path, sets: list, drift: Path | None, **options) -> dic
 
     payload = evaluate_source(source, sets, **options)
     samples = options.get("samples")
-    rows = [[r["name"], str(r["n"]), fmt(r["score"]), *([fmt(r.get("sampled_score"))] if samples else []),
-             fmt(r["teacher_score"] if r["teacher_n"] else None), str(r["teacher_n"]), fmt(r.get("answer_nll")),
-             fmt(r.get("teacher_answer_nll")), str(r["errors"])] for r in payload["sets"]]
+    rows = []
+    for r in payload["sets"]:
+        rows.append([r["name"], str(r["n"]), fmt(r["score"]), *([fmt(r.get("sampled_score"))] if samples else []),
+                     fmt(r["teacher_score"] if r["teacher_n"] else None), str(r["teacher_n"]), fmt(r.get("answer_nll")),
+                     fmt(r.get("teacher_answer_nll")), str(r["errors"])])
+        for kind, k in r.get("by_kind", {}).items():  # one row per kind of line, under its set
+            rows.append([f"  {kind}", str(k["n"]), fmt(k["score"]), *([""] if samples else []),
+                         fmt(k["teacher_score"] if k["teacher_n"] else None), str(k["teacher_n"]), "", "", ""])
     header = ["set", "n", "score", *([f"sampled ({samples}/line)"] if samples else []), "teacher", "teacher n",
               "answer NLL", "teacher's", "scorer errors"]
     print_table(payload["model"], header, rows)

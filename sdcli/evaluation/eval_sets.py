@@ -2,7 +2,10 @@
 
 Eval set: a JSONL file with one held-out question per line,
 
-    {"id"?: str, "prompt": str | messages, "answer": str | number, "demonstration"?: str, "reward"?: str}
+    {"id"?: str, "prompt": str | messages, "answer": str | number, "demonstration"?: str, "reward"?: str,
+     "kind"?: str}
+
+`kind` groups lines for a score per kind (e.g. direct / paraphrase / situation) beside the set's.
 
 The scorers are the rewards signal's (sdcli.verification.scorers): exact_match, numeric, regex and
 contains, each 0 or 1, so the score is an accuracy; or a user `package.module:function`, called as
@@ -33,6 +36,7 @@ class EvalExample:
     record: dict  # the whole line: what the scorer sees as `example`
     reward: str  # scorer name: the line's own, else the set's default
     demonstration: str | None
+    kind: str | None = None  # the line's group for a score per kind (e.g. "paraphrase")
 
 
 @dataclass
@@ -96,12 +100,16 @@ def load_eval_set(path: Path, default_reward: str = DEFAULT_REWARD, search_dirs:
         if demo is not None and (not isinstance(demo, str) or not demo.strip()):
             problems.append(f"{where}: 'demonstration' must be a non-empty string when present")
             continue
-        examples.append(EvalExample(example_id(path, line, record), prompt, record, reward, demo))
+        kind = record.get("kind")
+        if kind is not None and (not isinstance(kind, str) or not kind.strip()):
+            problems.append(f"{where}: 'kind' must be a non-empty string when present, got {kind!r}")
+            continue
+        examples.append(EvalExample(example_id(path, line, record), prompt, record, reward, demo, kind))
     if problems:
         raise DataError(
             f"{path}: {len(problems)} bad line(s) in the eval set:", problems,
-            hint='Each line needs {"prompt": "...", "answer": "..."}; optional "demonstration" (for the teacher score) '
-            f"and \"reward\" ({', '.join(BUILTIN_REWARDS)} or package.module:function).",
+            hint='Each line needs {"prompt": "...", "answer": "..."}; optional "demonstration" (for the teacher score), '
+            f"\"reward\" ({', '.join(BUILTIN_REWARDS)} or package.module:function) and \"kind\" (a group name).",
         )
     return EvalSet(path, file_sha256(path), examples, scorers)
 

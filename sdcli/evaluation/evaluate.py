@@ -198,6 +198,8 @@ def describe_scores(summary: dict) -> str:
             text += f" (teacher {fmt(summary['teacher_answer_nll'])})"
         if before.get("answer_nll") is not None:
             text += f", before {fmt(before['answer_nll'])}"
+    if summary.get("by_kind"):
+        text += "; by kind: " + ", ".join(f"{kind} {fmt(v['score'])} (n={v['n']})" for kind, v in summary["by_kind"].items())
     if summary.get("errors"):
         text += f", {summary['errors']} scorer error(s)"
     return text

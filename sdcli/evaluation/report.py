@@ -122,7 +122,8 @@ def _matrix_problem(m: Matrix) -> str | None:
 
 def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
     header = ["#", "episode", "method", "signal", "steps", "final loss", "final divergence",
-              "demo NLL student / teacher", "disagreement", "task score", "teacher", "retain (mean)", "KL from base", "perplexity"]
+              "demo NLL student / teacher", "disagreement", "task score", "teacher", "task by kind", "retain (mean)",
+              "KL from base", "perplexity"]
     rows = []
     for e in episodes:
         m, final = e.meta, current_names(e.meta.get("final", {}))
@@ -137,6 +138,7 @@ def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
             f"{fmt(final.get('learn/demo_nll_student'), 3)} / {fmt(final.get('learn/demo_nll_teacher'), 3)}",
             fmt(final.get("learn/disagreement"), 3),
             fmt(task["score"] if task else None), fmt(task.get("teacher_score") if task else None),
+            ", ".join(f"{kind} {fmt(k['score'])}" for kind, k in (task or {}).get("by_kind", {}).items()) or "-",
             fmt(sum(retain) / len(retain) if retain else None),
             fmt(drift.get("kl_from_base"), 4), fmt(drift.get("perplexity"), 2),
         ])

@@ -45,6 +45,21 @@ def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def scores_by_kind(examples: Sequence[EvalExample], scores: Sequence[float], teacher_scores: dict[int, float]) -> dict:
+    """{kind: {"n", "score", "teacher_score", "teacher_n"}} over the lines that name a kind, kinds in
+    the order they first appear; {} when no line does. teacher_scores: line index -> the teacher's."""
+    lines: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        if ex.kind is not None:
+            lines.setdefault(ex.kind, []).append(i)
+    out = {}
+    for kind, rows in lines.items():
+        taught = [teacher_scores[i] for i in rows if i in teacher_scores]
+        out[kind] = {"n": len(rows), "score": mean([scores[i] for i in rows]),
+                     "teacher_score": mean(taught), "teacher_n": len(taught)}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the model
 
@@ -105,8 +120,9 @@ def evaluate_set(
 
     Returns {name, path, sha256, n, score, errors, teacher_score, teacher_n, examples: [...]}, and
     where lines carry a demonstration also answer_nll, demonstration_nll and their
-    teacher_ counterparts (sdcli.evaluation.answer_likelihood), and with `samples` > 0 sampled_score
-    (sampled_answers); the student and teacher prompts go through `generate` together."""
+    teacher_ counterparts (sdcli.evaluation.answer_likelihood), with `samples` > 0 sampled_score
+    (sampled_answers), and where lines name a `kind` by_kind (scores_by_kind); the student and
+    teacher prompts go through `generate` together."""
     views = [teacher_messages(ex, template) if teacher else None for ex in eval_set.examples]
     with_context = [i for i, v in enumerate(views) if v is not None]
     prompts = [ex.prompt for ex in eval_set.examples] + [views[i] for i in with_context]
@@ -134,6 +150,8 @@ def evaluate_set(
     examples = []
     for i, ex in enumerate(eval_set.examples):
         row = {"id": ex.id, "answer": ex.record.get("answer"), "reward": ex.reward, "response": student[i], "score": scores[i]}
+        if ex.kind is not None:
+            row["kind"] = ex.kind
         if i in t_scores:
             row.update(teacher_response=teacher_answers[with_context.index(i)], teacher_score=t_scores[i])
         row.update(per_line[i] or {})
@@ -150,6 +168,7 @@ def evaluate_set(
         "teacher_n": len(t_scores),
         **nll,
         **({"sampled_score": sampled["score"], "samples": samples, "sampled_errors": sampled["errors"]} if sampled else {}),
+        **({"by_kind": by_kind} if (by_kind := scores_by_kind(eval_set.examples, scores, t_scores)) else {}),
         "examples": examples,
     }
 

@@ -33,8 +33,8 @@ def task_files(folder: Path, model_dir: Path, name: str, other: str, steps: int 
     prompt, demo, answer = TASKS[name]
     write_jsonl(folder / f"{name}.jsonl", [{"prompt": prompt, "demonstration": demo}])
     write_jsonl(folder / f"{name}_eval.jsonl", [
-        {"id": name, "prompt": prompt, "answer": answer, "demonstration": demo},
-        {"id": f"{name}-exact", "prompt": prompt, "answer": demo, "reward": "exact_match"},
+        {"id": name, "prompt": prompt, "answer": answer, "demonstration": demo, "kind": "fact"},
+        {"id": f"{name}-exact", "prompt": prompt, "answer": demo, "reward": "exact_match", "kind": "sentence"},
     ])
     recipe = folder / f"{name}.yaml"
     recipe.write_text(
@@ -54,6 +54,7 @@ def chain(tmp_path_factory, tiny_model_dir) -> Path:
     done = sd("train", *map(str, recipes), "--quiet")
     assert done.returncode == 0, done.stderr
     assert "eval: task zorblax_eval: score 1.000" in done.stderr
+    assert "by kind: fact 1.000 (n=1), sentence 1.000 (n=1)" in done.stderr  # the episode's log line
     return folder
 
 
@@ -130,6 +131,13 @@ def test_eval_after_each_episode_is_stored(chain):
     after = next(s for s in details["sets"] if s["model"] == "after" and s["role"] == "task")
     assert after["examples"][0]["response"] == "The capital of Zorblax is Quenta."  # the demonstration, learned
     assert "teacher_response" in after["examples"][0] and "teacher_response" not in after["examples"][1]
+    # a score per kind of line, from the same answers, in episode.json, eval.json and the log
+    for kind, line in (("fact", 0), ("sentence", 1)):
+        assert after["examples"][line]["kind"] == kind
+        assert after["by_kind"][kind] == {"n": 1, "score": after["examples"][line]["score"],
+                                          "teacher_score": after["examples"][line].get("teacher_score"),
+                                          "teacher_n": int("teacher_score" in after["examples"][line])}
+    assert task["by_kind"] == after["by_kind"]
 
     m = matrix_from_episodes([(e.label, e.meta) for e in (first, second)])
     assert m.rows == ["base", "001-zorblax", "002-vells"] and m.taught_by == [1, 2]
@@ -162,6 +170,8 @@ def test_eval_one_model_on_given_sets(chain, tmp_path):
     assert result["sets"][0]["score"] == 1.0 and result["episodes"] == ["001-zorblax"]
     assert result["sets"][0]["examples"][0]["response"] == "The capital of Zorblax is Quenta."
     assert "answer NLL" in done.stdout and result["sets"][0]["examples"][0]["answer_nll"] == result["sets"][0]["answer_nll"]
+    assert "zorblax_eval: score 1.000 (n=2)" in done.stderr and "by kind: fact 1.000 (n=1), sentence 1.000 (n=1)" in done.stderr
+    assert "│   fact " in done.stdout and "│   sentence " in done.stdout  # a row per kind under each set
 
 
 def test_eval_samples_answers_and_refuses_them_for_the_matrix(chain, tmp_path):

@@ -14,7 +14,8 @@ from sdcli.evaluation.continual_matrix import Matrix, gem_metrics, matrix_from_e
 from sdcli.core.divergence import kl as token_kl
 from sdcli.evaluation.drift import measure_drift, perplexity
 from sdcli.evaluation.eval_sets import EvalExample, EvalSet, load_eval_set, load_texts, stored_eval_sets
-from sdcli.evaluation.scoring import greedy_answers, model_answers, score_responses, teacher_messages
+from sdcli.evaluation.evaluate import describe_scores
+from sdcli.evaluation.scoring import greedy_answers, model_answers, score_responses, scores_by_kind, teacher_messages
 from sdcli.recipe.loading import load_recipe
 from sdcli.recipe.sections import EvalConfig
 from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
@@ -61,14 +62,37 @@ def test_every_bad_line_is_reported_at_once(tmp_path):
         {"prompt": "x", "answer": "y", "reward": "exact_mtch"},
         {"prompt": "x", "answer": "not a number", "reward": "numeric"},
         {"prompt": "x", "answer": "y", "demonstration": ""},
+        {"prompt": "x", "answer": "y", "kind": 3},
     ])
     with pytest.raises(DataError) as caught:
         load_eval_set(path)
     text = caught.value.render()
-    for line in (2, 3, 4, 5, 6):
+    for line in (2, 3, 4, 5, 6, 7):
         assert f"bad.jsonl:{line}" in text
     assert "bad.jsonl:1" not in text
     assert "did you mean 'exact_match'" in text.lower()
+
+
+def test_scores_by_kind_against_hand_counts(tmp_path):
+    path = write_jsonl(tmp_path / "kinds.jsonl", [
+        {"prompt": "a", "answer": "x", "kind": "direct", "demonstration": "x"},
+        {"prompt": "b", "answer": "x", "kind": "situation"},
+        {"prompt": "c", "answer": "x", "kind": "direct"},
+        {"prompt": "d", "answer": "x"},  # no kind: in the set's score only
+        {"prompt": "e", "answer": "x", "kind": "situation", "demonstration": "x"},
+    ])
+    eval_set = load_eval_set(path)
+    assert [ex.kind for ex in eval_set.examples] == ["direct", "situation", "direct", None, "situation"]
+    scores = [1.0, 0.0, 0.0, 1.0, 1.0]
+    teacher = {0: 1.0, 4: 0.0}  # the lines with a demonstration
+    assert scores_by_kind(eval_set.examples, scores, teacher) == {
+        "direct": {"n": 2, "score": 0.5, "teacher_score": 1.0, "teacher_n": 1},
+        "situation": {"n": 2, "score": 0.5, "teacher_score": 0.0, "teacher_n": 1},
+    }
+    assert scores_by_kind(load_eval_set(write_jsonl(tmp_path / "none.jsonl", [{"prompt": "a", "answer": "x"}])).examples,
+                          [1.0], {}) == {}
+    text = describe_scores({"score": 0.6, "n": 5, "by_kind": scores_by_kind(eval_set.examples, scores, teacher)})
+    assert text.endswith("; by kind: direct 0.500 (n=2), situation 0.500 (n=2)")
 
 
 def test_user_scorer_and_a_crashing_one(tmp_path, monkeypatch):

@@ -50,7 +50,10 @@ def run_dir(tmp_path) -> Path:
     })
     fake_episode(run, 2, "b", "sft", [3.0, 2.0, 1.2], {
         "sets": [_set("b", "task", 1.0, 1.0, before={"score": 0.0, "teacher_score": 0.5},
-                      base={"score": 0.0, "teacher_score": 0.5}), _set("a", "retain", 0.5, 1.0)],
+                      base={"score": 0.0, "teacher_score": 0.5},
+                      by_kind={"direct": {"n": 2, "score": 1.0, "teacher_score": 1.0, "teacher_n": 2},
+                               "situation": {"n": 2, "score": 0.5, "teacher_score": 1.0, "teacher_n": 2}}),
+                 _set("a", "retain", 0.5, 1.0)],
         "drift": {"kl_from_base": 0.05, "perplexity": 12.5, "base_perplexity": 10.0},
     })
     return run
@@ -129,8 +132,10 @@ def test_episode_table_and_markdown(run_dir):
     from sdcli.models.episodes import list_episodes
 
     header, rows = episode_table(list_episodes(run_dir))
-    assert header[7:12] == ["demo NLL student / teacher", "disagreement", "task score", "teacher", "retain (mean)"]
-    assert rows[0][5:] == ["0.8000", "0.8000", "- / -", "-", "0.750", "1.000", "0.000", "0.0200", "11.00"]
+    assert header[7:13] == ["demo NLL student / teacher", "disagreement", "task score", "teacher", "task by kind",
+                            "retain (mean)"]
+    assert rows[0][5:] == ["0.8000", "0.8000", "- / -", "-", "0.750", "1.000", "-", "0.000", "0.0200", "11.00"]
+    assert rows[1][11] == "direct 1.000, situation 0.500"  # eval lines that name a kind
     assert rows[1][6] == "-"  # sft has no divergence
     assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
 
