@@ -58,7 +58,7 @@ class _Commands(TyperGroup):
             raise typer.Exit(2) from None
         except Interrupted as e:
             console.print(str(e), markup=False, highlight=False)
-            raise typer.Exit(130) from None
+            raise typer.Exit(e.code) from None
         except KeyboardInterrupt:
             console.print("interrupted")
             raise typer.Exit(130) from None

@@ -50,7 +50,13 @@ class DataError(UserError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training, after the state of the last finished step was saved (exit code 130)."""
+    """Ctrl-C or SIGTERM during training, after the state of the last finished step was saved.
+    `code` is the exit code: 128 + the signal's number, as a shell reports a process that signal
+    stopped (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
 
 
 class JobStopped(Exception):

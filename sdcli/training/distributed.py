@@ -347,7 +347,7 @@ def _summary(error: Exception) -> dict:
     if isinstance(error, UserError):
         return {"code": 2, "label": "error", "text": error.render(), "hint": None, "host": host}
     if isinstance(error, Interrupted):
-        return {"code": 130, "label": None, "text": str(error), "hint": None, "host": host}
+        return {"code": error.code, "label": None, "text": str(error), "hint": None, "host": host}
     if is_disk_full(error):
         problem = DiskFullError(None, f" ({type(error).__name__}: {error})")
         return {"code": 2, "label": "error", "text": problem.render(), "hint": None, "host": host}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -61,28 +62,31 @@ class EpisodeResult:
 
 @contextmanager
 def stop_after_step():
-    """The first Ctrl-C asks the loop to stop after the current step (so the checkpoint is exactly
-    the state between two steps, and a resumed run matches an uninterrupted one); a second one
-    stops at once."""
-    import signal
+    """The first Ctrl-C or SIGTERM asks the loop to stop after the current step (so the checkpoint
+    is exactly the state between two steps, and a resumed run matches an uninterrupted one); a
+    second one stops at once. SIGTERM is what a cluster scheduler, `docker stop` or torchrun sends
+    before it kills: a preempted run keeps its last step. Yields a function that returns the
+    signal asked for (0: none)."""
     import threading
 
-    requested = {"stop": False}
+    requested = {"signal": 0}
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
 
     def handler(signum, frame):
-        if requested["stop"]:
+        if requested["signal"]:
             raise KeyboardInterrupt
-        requested["stop"] = True
-        print("\nStopping after this step (Ctrl-C again to stop at once, losing it)...", flush=True)
+        requested["signal"] = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\nStopping after this step ({name}; Ctrl-C again to stop at once, losing it)...", flush=True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: requested["stop"]
+        yield lambda: requested["signal"]
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def train_episode(
@@ -164,11 +168,12 @@ def _train_episode(
 
             del rollout
             # checkpoints and Ctrl-C only between rollouts: a checkpoint holds no half-used rollout
-            if dist.any_rank(stop_requested()) and step < run.total_steps:
+            if dist.any_rank(bool(stop_requested())) and step < run.total_steps:
                 run.checkpoint(step)
                 raise Interrupted(
                     f"Interrupted after step {step} of {run.total_steps}; the state is saved in {run.partial}.\n"
-                    "Continue with the same command plus --resume."
+                    "Continue with the same command plus --resume.",
+                    code=128 + (stop_requested() or signal.SIGINT),
                 )
             crossed = cfg.checkpoint_every and step // cfg.checkpoint_every > (step - update - 1) // cfg.checkpoint_every
             if crossed and step < run.total_steps:

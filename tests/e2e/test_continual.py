@@ -207,6 +207,31 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path, tiny
     assert [e.label for e in list_episodes(tmp_path / "run")] == ["001-zorblax"]
 
 
+def test_sigterm_stops_after_the_step_saves_and_exits_143_then_resume_finishes(tmp_path, tiny_model_dir):
+    """What a cluster scheduler, `docker stop` or torchrun sends before it kills: handled as Ctrl-C."""
+    recipe = recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=400)
+    proc = subprocess.Popen([sys.executable, "-m", "sdcli.cli", "train", str(recipe), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "run" / "episodes" / ".partial-001-zorblax"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (partial / "metrics.jsonl").is_file():
+        time.sleep(0.1)
+    while time.time() < deadline and not (partial / "metrics.jsonl").read_text():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Stopping after this step (SIGTERM" in out + err
+    steps = len((partial / "metrics.jsonl").read_text().splitlines())
+    assert f"Interrupted after step {steps} of 400" in out + err and steps < 400
+    assert torch.load(partial / "checkpoint" / "state.pt", weights_only=False)["step"] == steps
+    done = sd("train", str(recipe), "--resume", "--quiet", f"train.max_steps={steps + 2}")
+    assert done.returncode == 0, done.stderr
+    (episode,) = list_episodes(tmp_path / "run")
+    assert [json.loads(line)["step"] for line in (episode.path / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, steps + 3))
+
+
 def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model_dir):
     recipe = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, extra=", checkpoint_every: 1"))
     with pytest.raises(RuntimeError):
