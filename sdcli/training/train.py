@@ -49,6 +49,7 @@ from sdcli.training.memory import PeakMemory, heap_trimmed_between_layers, retur
 from sdcli.training.metrics import PhaseTimer, global_step_metrics, grad_norm, step_figures, step_metrics
 from sdcli.training.setup import EpisodeState, setup_episode
 from sdcli.training.step import METHODS, Rollout, StepLoss
+from sdcli.training.stop_signals import AfterTraining, EvaluationStopped, signal_name, stop_after_step, stop_evaluation
 from sdcli.training.teacher import update_ema
 from sdcli.training.tensorboard import TensorBoardLog
 
@@ -58,35 +59,6 @@ class EpisodeResult:
     path: Path
     steps: int
     final: dict
-
-
-@contextmanager
-def stop_after_step():
-    """The first Ctrl-C or SIGTERM asks the loop to stop after the current step (so the checkpoint
-    is exactly the state between two steps, and a resumed run matches an uninterrupted one); a
-    second one stops at once. SIGTERM is what a cluster scheduler, `docker stop` or torchrun sends
-    before it kills: a preempted run keeps its last step. Yields a function that returns the
-    signal asked for (0: none)."""
-    import threading
-
-    requested = {"signal": 0}
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: 0
-        return
-
-    def handler(signum, frame):
-        if requested["signal"]:
-            raise KeyboardInterrupt
-        requested["signal"] = signum
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\nStopping after this step ({name}; Ctrl-C again to stop at once, losing it)...", flush=True)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: requested["signal"]
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def train_episode(
@@ -178,20 +150,31 @@ def _train_episode(
             crossed = cfg.checkpoint_every and step // cfg.checkpoint_every > (step - update - 1) // cfg.checkpoint_every
             if crossed and step < run.total_steps:
                 run.checkpoint(step)
+        asked = stop_requested()  # during the last step: nothing is left to train, so the evaluation is skipped
 
-    truncated, cut = dist.totals(run.encoder.truncated - counted_in_setup[0], run.teacher_encoder.cut - counted_in_setup[1])
-    if not dist.is_main:  # rank 0 saves, evaluates and publishes; the others wait for it
-        return EpisodeResult(path=dist.from_main(None), steps=run.total_steps, final=last)
-    if truncated:
-        log(f"warning: {truncated} prompt(s) were longer than model.max_prompt_tokens and were cut from the left")
-    if cut:
-        log(f"warning: {cut} teacher prompt(s) were longer than {run.teacher_encoder.max_tokens} tokens "
-            "and had their context cut")
-    if run.teacher_answers.dropped:
-        log(f"teacher answers: {run.teacher_answers.dropped} of {run.teacher_answers.sampled} dropped for not stating "
-            "their demonstration's facts (rollout.teacher_answer_filter)")
-    path = save_episode(run, last, started=started, recipe_file=recipe_file, truncated=truncated, cut=cut, log=log)
-    return EpisodeResult(path=dist.from_main(path), steps=run.total_steps, final=last)
+    with stop_evaluation(asked) as after:  # a signal from here on: publish what was trained, then stop
+        truncated, cut = dist.totals(run.encoder.truncated - counted_in_setup[0], run.teacher_encoder.cut - counted_in_setup[1])
+        if not dist.is_main:  # rank 0 saves, evaluates and publishes; the others wait for it, and stop as it does
+            path, stopped, cut_evaluation = dist.from_main(None)
+        else:
+            if truncated:
+                log(f"warning: {truncated} prompt(s) were longer than model.max_prompt_tokens and were cut from the left")
+            if cut:
+                log(f"warning: {cut} teacher prompt(s) were longer than {run.teacher_encoder.max_tokens} tokens "
+                    "and had their context cut")
+            if run.teacher_answers.dropped:
+                log(f"teacher answers: {run.teacher_answers.dropped} of {run.teacher_answers.sampled} dropped for not "
+                    "stating their demonstration's facts (rollout.teacher_answer_filter)")
+            path = save_episode(run, last, started=started, recipe_file=recipe_file, truncated=truncated, cut=cut,
+                                log=log, after=after)
+            path, stopped, cut_evaluation = dist.from_main((path, after.signal, after.cut_evaluation))
+    if stopped:
+        raise Interrupted(
+            f"Stopped by {signal_name(stopped)} after training: the episode is saved in {path}"
+            + (", without its evaluation (`sd eval` scores it)." if cut_evaluation else "."),
+            code=128 + stopped,
+        )
+    return EpisodeResult(path=path, steps=run.total_steps, final=last)
 
 
 def train_step(run: EpisodeState, rollout: Rollout, compute_loss, timer: PhaseTimer) -> tuple[StepLoss, float, list | None]:
@@ -233,8 +216,10 @@ def _evaluated_model(run: EpisodeState, meta: dict) -> tuple[list[str], dict | N
                    "quantization": run.recipe.model.quantization.value, "device": run.device.type}
 
 
-def save_episode(run: EpisodeState, last: dict, *, started: str, recipe_file, truncated: int, cut: int, log) -> Path:
-    """Save the adapter, then the metadata and evaluation; one rename makes the episode visible."""
+def save_episode(run: EpisodeState, last: dict, *, started: str, recipe_file, truncated: int, cut: int, log,
+                 after: AfterTraining | None = None) -> Path:
+    """Save the adapter, then the metadata and evaluation; one rename makes the episode visible.
+    after: a signal during the evaluation (stop_evaluation) ends it; the episode is kept without it."""
     recipe, partial = run.recipe, run.partial
     save_adapter(run.model, run.episode, partial)
     meta = episode_meta(
@@ -245,10 +230,22 @@ def save_episode(run: EpisodeState, last: dict, *, started: str, recipe_file, tr
                "recipe_file": str(recipe_file) if recipe_file else None},
     )
     stack, model_key = _evaluated_model(run, meta)
-    meta.update(episode_eval(
-        run.eval_plan, run.model, run.tokenizer, earlier=run.earlier, episode=run.episode, folder=partial,
-        max_prompt_tokens=recipe.model.max_prompt_tokens, merge=run.sampling.merge, log=log,
-        parents=[p.path for p in run.parents], stack=stack, model_key=model_key,
-    ))
+    after = after or AfterTraining()
+    if run.eval_plan is not None and after.signal:  # asked to stop before the evaluation began
+        after.cut_evaluation = True
+        evaluation = {"eval": {"error": f"{EvaluationStopped.__name__}: stopped by {signal_name(after.signal)}"}}
+    else:
+        try:
+            after.evaluating = True
+            evaluation = episode_eval(
+                run.eval_plan, run.model, run.tokenizer, earlier=run.earlier, episode=run.episode, folder=partial,
+                max_prompt_tokens=recipe.model.max_prompt_tokens, merge=run.sampling.merge, log=log,
+                parents=[p.path for p in run.parents], stack=stack, model_key=model_key,
+            )
+            after.evaluating = False
+        except EvaluationStopped as e:  # the signal came just as the evaluation returned
+            after.evaluating = False
+            evaluation = {"eval": {"error": f"{type(e).__name__}: {e}"}}
+    meta.update(evaluation)
     write_atomic(partial / "episode.json", json.dumps(meta, indent=2))
     return publish(partial)

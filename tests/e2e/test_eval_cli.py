@@ -101,6 +101,71 @@ def test_baselines_an_earlier_episode_scored_are_read_back_not_answered_again(ch
     assert [e.get("teacher_response") for e in fresh] == [e.get("teacher_response") for e in reused]
 
 
+def test_sigterm_during_the_evaluation_publishes_the_episode_without_it(tmp_path, tiny_model_dir, monkeypatch):
+    """A scheduler's SIGTERM while the episode is evaluated: the trained adapter is kept, not lost."""
+    import os
+    import signal
+
+    import sdcli.evaluation.evaluate as evaluate
+    from sdcli.core.errors import Interrupted
+    from sdcli.recipe.loading import load_recipe
+    from sdcli.training.train import train_episode
+
+    write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in TEXTS])
+    recipe = task_files(tmp_path, tiny_model_dir, "zorblax", "vells", steps=2, samples=0)
+    task_files(tmp_path, tiny_model_dir, "vells", "zorblax")
+    real, calls = evaluate.evaluate_set, []
+
+    def evaluate_set(*args, **kwargs):  # the first set: SIGTERM arrives mid-evaluation
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    def unhandled(signum, frame):  # where sd does not handle it, fail the test, not the whole test run
+        raise RuntimeError("the SIGTERM reached the test's own handler")
+
+    monkeypatch.setattr(evaluate, "evaluate_set", evaluate_set)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            train_episode(load_recipe(recipe))
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # sd's handler is gone again
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 143 and "without its evaluation" in str(stopped.value)
+    assert len(calls) == 1
+    (episode,) = list_episodes(tmp_path / "run")
+    assert episode.meta["eval"] == {"error": "EvaluationStopped: stopped by SIGTERM"}
+    assert not (episode.path / "eval.json").exists() and (episode.path / "adapter_model.safetensors").is_file()
+
+
+def test_sigterm_in_the_last_step_publishes_the_episode_without_evaluating(tmp_path, tiny_model_dir):
+    import os
+    import signal
+
+    from sdcli.core.errors import Interrupted
+    from sdcli.recipe.loading import load_recipe
+    from sdcli.training.train import train_episode
+
+    write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in TEXTS])
+    recipe = task_files(tmp_path, tiny_model_dir, "zorblax", "vells", steps=2, samples=0)
+    task_files(tmp_path, tiny_model_dir, "vells", "zorblax")
+
+    def unhandled(signum, frame):
+        raise RuntimeError("the SIGTERM reached the test's own handler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            train_episode(load_recipe(recipe), progress=lambda step, m: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 143 and "without its evaluation" in str(stopped.value)
+    (episode,) = list_episodes(tmp_path / "run")  # all of its steps were trained: nothing to resume
+    assert episode.meta["steps"] == 2 and episode.meta["eval"] == {"error": "EvaluationStopped: stopped by SIGTERM"}
+
+
 def test_sft_reduces_its_own_loss(chain):
     for episode in list_episodes(chain / "run"):
         assert episode.meta["method"] == "sft"
