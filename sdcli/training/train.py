@@ -17,7 +17,8 @@ the supervised baseline on the same data, LoRA and optimiser.
 
 Where the parts live: the setup (model, data, optimizer, schedule, resume) in
 sdcli.training.setup; 1-6 for each method in sdcli.training.step (rollout and loss, one function
-each); the log line in sdcli.training.metrics. The loop and the optimizer step are here.
+each); the log line in sdcli.training.metrics; Ctrl-C and SIGTERM in sdcli.training.stop_signals. The loop
+and the optimizer step are here.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
