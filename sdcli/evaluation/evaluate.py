@@ -33,7 +33,7 @@ from pathlib import Path
 from sdcli.core.numbers import fmt
 from sdcli.evaluation.drift import measure_drift
 from sdcli.evaluation.eval_sets import EvalSet, load_eval_set, load_texts
-from sdcli.evaluation.scoring import can_fold, evaluate_set
+from sdcli.evaluation.scoring import can_fold, describe_kinds, evaluate_set
 
 DETAILS_FILE = "eval.json"
 
@@ -98,7 +98,12 @@ def episode_eval(
                              list(parents), list(stack), model_key)
     except Exception as e:  # noqa: BLE001 - the adapter is saved; keep the episode, say what failed
         log(f"warning: the evaluation after the episode failed ({type(e).__name__}: {e}); the episode is kept without it")
-        return {"eval": {"error": f"{type(e).__name__}: {e}"}}
+        return evaluation_failed(e)
+
+
+def evaluation_failed(error: Exception) -> dict:
+    """What episode.json records of an evaluation that did not finish."""
+    return {"eval": {"error": f"{type(error).__name__}: {error}"}}
 
 
 def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_tokens, merge, log, parents,
@@ -199,7 +204,7 @@ def describe_scores(summary: dict) -> str:
         if before.get("answer_nll") is not None:
             text += f", before {fmt(before['answer_nll'])}"
     if summary.get("by_kind"):
-        text += "; by kind: " + ", ".join(f"{kind} {fmt(v['score'])} (n={v['n']})" for kind, v in summary["by_kind"].items())
+        text += "; by kind: " + describe_kinds(summary["by_kind"], counts=True)
     if summary.get("errors"):
         text += f", {summary['errors']} scorer error(s)"
     return text

@@ -29,6 +29,7 @@ from sdcli.core.atomic import write_atomic
 from sdcli.core.errors import UserError, write_error
 from sdcli.core.metric_names import DIVERGENCE, LOSS, current_names
 from sdcli.core.numbers import fmt
+from sdcli.evaluation.scoring import describe_kinds
 from sdcli.core.outputs import check_output_folder
 from sdcli.evaluation.continual_matrix import Matrix, matrix_from_episodes, matrix_table, metrics_lines
 from sdcli.models.episodes import Episode, list_episodes
@@ -138,7 +139,7 @@ def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
             f"{fmt(final.get('learn/demo_nll_student'), 3)} / {fmt(final.get('learn/demo_nll_teacher'), 3)}",
             fmt(final.get("learn/disagreement"), 3),
             fmt(task["score"] if task else None), fmt(task.get("teacher_score") if task else None),
-            ", ".join(f"{kind} {fmt(k['score'])}" for kind, k in (task or {}).get("by_kind", {}).items()) or "-",
+            describe_kinds((task or {}).get("by_kind", {})) or "-",
             fmt(sum(retain) / len(retain) if retain else None),
             fmt(drift.get("kl_from_base"), 4), fmt(drift.get("perplexity"), 2),
         ])

@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import Sequence
 
 from sdcli.core.data import Messages, with_last_user_text
+from sdcli.core.numbers import fmt
 from sdcli.core.prompts import demonstration_turn, joined
 from sdcli.evaluation.eval_sets import EvalExample, EvalSet
 from sdcli.verification.scorers import call_reward
@@ -58,6 +59,11 @@ def scores_by_kind(examples: Sequence[EvalExample], scores: Sequence[float], tea
         out[kind] = {"n": len(rows), "score": mean([scores[i] for i in rows]),
                      "teacher_score": mean(taught), "teacher_n": len(taught)}
     return out
+
+
+def describe_kinds(by_kind: dict, counts: bool = False) -> str:
+    """"direct 0.833, situation 0.167" (with counts: "direct 0.833 (n=6), ..."), from scores_by_kind."""
+    return ", ".join(f"{kind} {fmt(k['score'])}" + (f" (n={k['n']})" if counts else "") for kind, k in by_kind.items())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,11 +42,11 @@ class AfterTraining:
 @contextmanager
 def _handling(handler):
     if threading.current_thread() is not threading.main_thread():
-        yield False
+        yield
         return
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield True
+        yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -36,7 +36,7 @@ import torch
 
 from sdcli.core.data import file_sha256
 from sdcli.core.errors import Interrupted
-from sdcli.evaluation.evaluate import episode_eval
+from sdcli.evaluation.evaluate import episode_eval, evaluation_failed
 from sdcli.core.atomic import write_atomic
 from sdcli.models.episodes import adapter_hashes, episode_meta, now_iso, publish
 from sdcli.models.model import student_train_mode
@@ -232,21 +232,19 @@ def save_episode(run: EpisodeState, last: dict, *, started: str, recipe_file, tr
     )
     stack, model_key = _evaluated_model(run, meta)
     after = after or AfterTraining()
-    if run.eval_plan is not None and after.signal:  # asked to stop before the evaluation began
-        after.cut_evaluation = True
-        evaluation = {"eval": {"error": f"{EvaluationStopped.__name__}: stopped by {signal_name(after.signal)}"}}
-    else:
-        try:
-            after.evaluating = True
-            evaluation = episode_eval(
-                run.eval_plan, run.model, run.tokenizer, earlier=run.earlier, episode=run.episode, folder=partial,
-                max_prompt_tokens=recipe.model.max_prompt_tokens, merge=run.sampling.merge, log=log,
-                parents=[p.path for p in run.parents], stack=stack, model_key=model_key,
-            )
-            after.evaluating = False
-        except EvaluationStopped as e:  # the signal came just as the evaluation returned
-            after.evaluating = False
-            evaluation = {"eval": {"error": f"{type(e).__name__}: {e}"}}
+    try:
+        after.evaluating = True
+        if after.signal and run.eval_plan is not None:  # asked to stop before the evaluation began
+            raise EvaluationStopped(f"stopped by {signal_name(after.signal)}")
+        evaluation = episode_eval(
+            run.eval_plan, run.model, run.tokenizer, earlier=run.earlier, episode=run.episode, folder=partial,
+            max_prompt_tokens=recipe.model.max_prompt_tokens, merge=run.sampling.merge, log=log,
+            parents=[p.path for p in run.parents], stack=stack, model_key=model_key,
+        )
+        after.evaluating = False
+    except EvaluationStopped as e:  # before it began, or just as it returned (inside it, episode_eval records it)
+        after.evaluating, after.cut_evaluation = False, True
+        evaluation = evaluation_failed(e)
     meta.update(evaluation)
     write_atomic(partial / "episode.json", json.dumps(meta, indent=2))
     return publish(partial)
