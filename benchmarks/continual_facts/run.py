@@ -85,7 +85,7 @@ def summarise(method: str, run_dir: Path, seconds: float) -> dict:
         print(f"[{method}] {line}")
     by_kind = kind_scores(episodes)
     if by_kind:
-        print_table(f"[{method}] each episode's own task, by kind of held-out question (id suffix)",
+        print_table(f"[{method}] each episode's own task, by kind of held-out question",
                     ["episode", *KINDS], [[label, *(fmt(v) for v in row)] for label, row in by_kind])
     last_drift = (matrix.drift or [None])[-1] or {}
     general = matrix.columns.index("general_qa") if "general_qa" in matrix.columns else None
@@ -104,8 +104,8 @@ def summarise(method: str, run_dir: Path, seconds: float) -> dict:
 
 
 def kind_scores(episodes) -> list[tuple[str, list[float | None]]]:
-    """Right after each episode, its own task's score per kind of question, read from the ids'
-    suffix (-direct, -paraphrase, -situation); empty when the eval sets do not mark kinds."""
+    """Right after each episode, its own task's score per kind of question (the eval lines' `kind`,
+    as eval.json's `by_kind` holds it); empty when the eval sets do not name kinds."""
     out = []
     for e in episodes:
         path = e.path / "eval.json"
@@ -113,12 +113,8 @@ def kind_scores(episodes) -> list[tuple[str, list[float | None]]]:
             continue
         sets = json.loads(path.read_text())["sets"]
         task = next((s for s in sets if s.get("role") == "task" and s.get("model") == "after"), None)
-        if task is None:
-            continue
-        row = []
-        for kind in KINDS:
-            scores = [x["score"] for x in task["examples"] if str(x.get("id", "")).endswith(f"-{kind}")]
-            row.append(sum(scores) / len(scores) if scores else None)
+        by_kind = (task or {}).get("by_kind") or {}
+        row = [by_kind[kind]["score"] if kind in by_kind else None for kind in KINDS]
         if any(v is not None for v in row):
             out.append((e.label, row))
     return out
