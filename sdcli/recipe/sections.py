@@ -92,6 +92,12 @@ class DataConfig(StrictSection):
     path: Path = Field(..., description="JSONL file, one example per line")
     shuffle: bool = Field(True, description="A fresh order every pass over the data")
     max_examples: int | None = Field(None, ge=1, description="Use only the first N examples")
+    prompt_word_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="When the student learns on an example's demonstration (off-policy, or sft), each word of the "
+        "prompt's last user turn is left out with this probability, drawn anew on every visit (at least one word "
+        "stays); the teacher sees the whole prompt. The answer is tied to the question's key words, not its wording",
+    )
 
 
 class RolloutConfig(StrictSection):

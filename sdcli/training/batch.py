@@ -10,10 +10,12 @@ A sequence is one of three kinds:
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
 
+from sdcli.core.data import Messages, last_user_text, with_last_user_text
 from sdcli.signals.base import Example, TeacherView
 
 ON_POLICY, OFF_POLICY, ANCHOR = "on", "off", "anchor"
@@ -84,16 +86,40 @@ def demonstration_text(ex: Example) -> str:
     return ex.fields.get("demonstration") or ex.response
 
 
-def demonstration_sequences(batch: list[Example], encoder, tokenizer, stop) -> list[Sequence]:
+def without_some_words(prompt: Messages, share: float, key: str) -> Messages:
+    """The prompt with each word of its last user turn left out with probability `share` (at least
+    one word stays). The draw is a function of `key` alone, so a resumed run, or another rank,
+    leaves out the same words. Words are split on whitespace and rejoined with single spaces."""
+    if share == 0.0:
+        return prompt
+    words = last_user_text(prompt).split()
+    draw = random.Random(key)
+    kept = [w for w in words if draw.random() >= share]
+    if not kept and words:
+        kept = [words[draw.randrange(len(words))]]
+    return with_last_user_text(prompt, " ".join(kept))
+
+
+def student_prompt(ex: Example, word_dropout: float, seed: int) -> Messages:
+    """What the student sees when it learns on the example's demonstration: the prompt, some of
+    its words left out on this visit (`data.prompt_word_dropout`), so that the answer is learned
+    from the question's key words and not from one wording of it."""
+    return without_some_words(ex.prompt, word_dropout, f"{seed}:{ex.id}:{ex.visit}")
+
+
+def demonstration_sequences(batch: list[Example], encoder, tokenizer, stop, word_dropout: float = 0.0,
+                            seed: int = 0) -> list[Sequence]:
     """method: sft: every example's demonstration (or logged response) as the response to learn."""
-    return [Sequence(encoder.encode(ex.prompt), response_tokens(tokenizer, demonstration_text(ex), stop)) for ex in batch]
+    return [Sequence(encoder.encode(student_prompt(ex, word_dropout, seed)),
+                     response_tokens(tokenizer, demonstration_text(ex), stop)) for ex in batch]
 
 
 def off_policy_sequences(batch: list[Example], n_off: int, signal, encoder, tokenizer, stop,
-                         answers=None) -> tuple[list[Sequence], list[Example]]:
+                         answers=None, word_dropout: float = 0.0, seed: int = 0) -> tuple[list[Sequence], list[Example]]:
     """The first `n_off` examples of the batch that carry a demonstration, as off-policy sequences
     (the signal says what the teacher sees); and the rest, to sample. The response is the
-    demonstration, or with `answers` (sdcli.training.teacher_answers) the one its visit takes in turn."""
+    demonstration, or with `answers` (sdcli.training.teacher_answers) the one its visit takes in turn.
+    The student's prompt leaves out words with probability `word_dropout`; the teacher's does not."""
     off, rest = [], []
     for ex in batch:
         found = signal.demonstration_view(ex) if len(off) < n_off else None
@@ -104,7 +130,7 @@ def off_policy_sequences(batch: list[Example], n_off: int, signal, encoder, toke
         response = response_tokens(tokenizer, text, stop)
         if answers is not None:
             response = answers.response_for(ex, text, response)
-        off.append(Sequence(encoder.encode(ex.prompt), response, view, OFF_POLICY))
+        off.append(Sequence(encoder.encode(student_prompt(ex, word_dropout, seed)), response, view, OFF_POLICY))
     return off, rest
 
 

@@ -1,0 +1,167 @@
+"""data.prompt_word_dropout: when the student learns on a demonstration it sees the question with
+some words left out, drawn anew on every visit; the teacher sees the whole question."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from helpers import FACTS, chat_ids
+from sdcli.core.errors import RecipeError
+from sdcli.recipe.loading import load_recipe
+from sdcli.signals.base import Example, TeacherView
+from sdcli.training.batch import demonstration_sequences, off_policy_sequences, student_prompt, without_some_words
+
+QUESTION = [{"role": "system", "content": "Be brief and kind."}, {"role": "user", "content": "What colour are the wings of a vorpal moth?"}]
+
+
+def kept_words(prompt) -> list[str]:
+    return prompt[-1]["content"].split()
+
+
+def is_subsequence(short: list[str], long: list[str]) -> bool:
+    it = iter(long)
+    return all(w in it for w in short)
+
+
+def test_no_dropout_is_the_prompt_itself():
+    assert without_some_words(QUESTION, 0.0, "k") is QUESTION
+
+
+def test_words_are_left_out_in_order_and_only_from_the_last_user_turn():
+    words = kept_words(QUESTION)
+    draws = [without_some_words(QUESTION, 0.5, f"key{i}") for i in range(50)]
+    for d in draws:
+        assert d[0] == QUESTION[0] and d[-1]["role"] == "user"
+        assert 1 <= len(kept_words(d)) <= len(words) and is_subsequence(kept_words(d), words)
+    assert len({d[-1]["content"] for d in draws}) > 10  # the keys draw different words
+    assert any(len(kept_words(d)) < len(words) for d in draws)
+
+
+def test_the_draw_is_a_function_of_the_key_alone():
+    assert without_some_words(QUESTION, 0.5, "7:a:3") == without_some_words(QUESTION, 0.5, "7:a:3")
+    ex = Example("facts.jsonl:1", QUESTION, {"demonstration": "d"}, visit=2)
+    assert student_prompt(ex, 0.5, seed=7) == without_some_words(QUESTION, 0.5, "7:facts.jsonl:1:2")
+    visits = {student_prompt(Example("facts.jsonl:1", QUESTION, visit=v), 0.5, seed=7)[-1]["content"] for v in range(20)}
+    assert len(visits) > 5  # every visit draws anew
+
+
+def test_the_share_left_out_is_the_probability():
+    long = [{"role": "user", "content": " ".join(f"w{i}" for i in range(4000))}]
+    for share in (0.1, 0.25, 0.6):
+        left_out = 1 - len(kept_words(without_some_words(long, share, "k"))) / 4000
+        assert abs(left_out - share) < 0.03  # binomial sd at 4000 words is <= 0.008
+
+
+def test_at_least_one_word_stays():
+    for i in range(30):
+        assert len(kept_words(without_some_words(QUESTION, 0.999, f"k{i}"))) == 1
+    assert without_some_words([{"role": "user", "content": ""}], 0.5, "k")[-1]["content"] == ""
+
+
+class _Signal:
+    def demonstration_view(self, ex):
+        return ex.fields["demonstration"], TeacherView(messages=ex.prompt + [{"role": "user", "content": "context"}])
+
+
+class _Tokenizer:
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+_encoder = type("Encoder", (), {"encode": staticmethod(lambda messages: [ord(c) for c in messages[-1]["content"]])})
+
+
+def test_the_student_sees_fewer_words_and_the_teacher_the_whole_question():
+    batch = [Example(f"f:{i}", QUESTION, {"demonstration": "The vorpal moth has copper wings."}, visit=i) for i in range(8)]
+    off, rest = off_policy_sequences(batch, 8, _Signal(), _encoder, _Tokenizer(), {0}, word_dropout=0.4, seed=3)
+    assert not rest
+    for q, ex in zip(off, batch):
+        assert q.prompt == _encoder.encode(student_prompt(ex, 0.4, 3))
+        assert q.view.messages[:2] == QUESTION  # the teacher's view is built from the whole prompt
+    assert any(len(q.prompt) < len(QUESTION[-1]["content"]) for q in off)
+    same, _ = off_policy_sequences(batch, 8, _Signal(), _encoder, _Tokenizer(), {0})
+    assert all(q.prompt == _encoder.encode(QUESTION) for q in same)  # the default leaves the prompt whole
+
+
+def test_sft_sees_the_same_words_as_self_distillation_on_the_same_visit():
+    batch = [Example(f"f:{i}", QUESTION, {"demonstration": "d"}, visit=i) for i in range(8)]
+    sft = demonstration_sequences(batch, _encoder, _Tokenizer(), {0}, word_dropout=0.4, seed=3)
+    off, _ = off_policy_sequences(batch, 8, _Signal(), _encoder, _Tokenizer(), {0}, word_dropout=0.4, seed=3)
+    assert [q.prompt for q in sft] == [q.prompt for q in off]
+    assert any(q.prompt != _encoder.encode(QUESTION) for q in sft)
+
+
+def _recipe(tmp_path: Path, model_dir: Path, method: str, dropout: str) -> Path:
+    lines = [{"id": f"fact{i}", **fact} for i, fact in enumerate(FACTS)]
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"""name: facts
+run_dir: {tmp_path / 'run'}
+method: {method}
+model:
+  name_or_path: {model_dir}
+lora:
+  r: 4
+  alpha: 8
+data:
+  path: facts.jsonl
+  shuffle: false
+  prompt_word_dropout: {dropout}
+rollout:
+  max_new_tokens: 4
+  sample_precision: float
+train:
+  prompts_per_step: 4
+  max_steps: 3
+  seed: 5
+anchor:
+  prompts_per_step: 1
+  max_new_tokens: 4
+""")
+    return path
+
+
+@pytest.mark.parametrize("method", ["self_distillation", "sft"])
+def test_the_loop_learns_on_questions_with_words_left_out(tmp_path, tiny_model_dir, monkeypatch, method):
+    """In the real loop the student's prompt on visit v of fact i is the question with the words
+    that key "5:fact<i>:<v>" leaves out; in self-distillation the teacher sees the whole question,
+    and the anchors keep their prompts."""
+    import sdcli.training.step as step_module
+    from sdcli.training.train import train_episode
+
+    seen = []
+    real = step_module._rollout
+
+    def record(run, seqs, kept, views, generated, teacher_cut, hidden=None):
+        seen.append([(q.kind, list(q.prompt), q.view) for q in kept])
+        return real(run, seqs, kept, views, generated, teacher_cut, hidden)
+
+    monkeypatch.setattr(step_module, "_rollout", record)
+    train_episode(load_recipe(_recipe(tmp_path, tiny_model_dir, method, "0.5")))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(seen) == 3
+    shortened = 0
+    for visit, step in enumerate(seen):  # 4 facts, 4 prompts a step, no shuffle: step v is visit v of each
+        task = [(prompt, view) for kind, prompt, view in step if kind != "anchor"]
+        assert len(task) == len(FACTS)
+        for i, (prompt, view) in enumerate(task):
+            question = [{"role": "user", "content": FACTS[i]["prompt"]}]
+            student = without_some_words(question, 0.5, f"5:fact{i}:{visit}")[-1]["content"]
+            assert prompt == chat_ids(tokenizer, student)
+            shortened += student != FACTS[i]["prompt"]
+            if method == "self_distillation":
+                assert FACTS[i]["prompt"] in view.messages[-1]["content"]  # the teacher reads the whole question
+        anchors = [prompt for kind, prompt, _ in step if kind == "anchor"]
+        assert len(anchors) == (1 if method == "self_distillation" else 0)
+    assert shortened >= 4  # so the check above can tell a shortened prompt from a whole one
+
+
+def test_a_share_of_one_or_more_is_refused(tmp_path, tiny_model_dir):
+    with pytest.raises(RecipeError, match="prompt_word_dropout"):
+        load_recipe(_recipe(tmp_path, tiny_model_dir, "self_distillation", "1.0"))
