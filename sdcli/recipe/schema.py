@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from sdcli.recipe.sections import (
+    AUTO_PROMPT_WORD_DROPOUT,
     AnchorConfig,
     DataConfig,
     EvalConfig,
@@ -46,6 +47,14 @@ class Recipe(StrictSection):
     anchor: AnchorConfig = AnchorConfig()
     eval: EvalConfig | None = None
     logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def word_dropout(self) -> float:
+        """data.prompt_word_dropout, auto resolved by the signal's kind."""
+        share = self.data.prompt_word_dropout
+        if share == "auto":
+            return AUTO_PROMPT_WORD_DROPOUT if self.signal.kind == "demonstrations" else 0.0
+        return share
 
     @model_validator(mode="before")
     @classmethod

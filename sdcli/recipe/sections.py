@@ -18,6 +18,8 @@ BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 
 # loss.teacher_temperature: auto sharpens the teacher on demonstrations (measured in README, "Learning new knowledge")
 AUTO_DEMONSTRATION_TEMPERATURE = 0.5
+# data.prompt_word_dropout: auto leaves out words of demonstrated questions (measured in README, "Learning new knowledge")
+AUTO_PROMPT_WORD_DROPOUT = 0.25
 
 
 class StrictSection(BaseModel):
@@ -92,12 +94,21 @@ class DataConfig(StrictSection):
     path: Path = Field(..., description="JSONL file, one example per line")
     shuffle: bool = Field(True, description="A fresh order every pass over the data")
     max_examples: int | None = Field(None, ge=1, description="Use only the first N examples")
-    prompt_word_dropout: float = Field(
-        0.0, ge=0.0, lt=1.0,
+    prompt_word_dropout: float | Literal["auto"] = Field(
+        "auto",
         description="When the student learns on an example's demonstration (off-policy, or sft), each word of the "
-        "prompt's last user turn is left out with this probability, drawn anew on every visit (at least one word "
-        "stays); the teacher sees the whole prompt. The answer is tied to the question's key words, not its wording",
+        "prompt's last user turn is left out with this probability, drawn anew on every visit, except the words "
+        "the demonstration also uses (at least one word stays); the teacher sees the whole prompt. The answer is "
+        f"tied to the question's key words, not one wording of it. auto: {AUTO_PROMPT_WORD_DROPOUT} with signal.kind "
+        "demonstrations, 0 with the other signals (their prompts are task statements, where every word may count)",
     )
+
+    @field_validator("prompt_word_dropout")
+    @classmethod
+    def _dropout_range(cls, value):
+        if value != "auto" and not 0.0 <= value < 1.0:
+            raise ValueError("must be auto or a number in [0, 1)")
+        return value
 
 
 class RolloutConfig(StrictSection):

@@ -13,7 +13,13 @@ from helpers import FACTS, chat_ids
 from sdcli.core.errors import RecipeError
 from sdcli.recipe.loading import load_recipe
 from sdcli.signals.base import Example, TeacherView
-from sdcli.training.batch import demonstration_sequences, off_policy_sequences, student_prompt, without_some_words
+from sdcli.training.batch import (
+    answer_words,
+    demonstration_sequences,
+    off_policy_sequences,
+    student_prompt,
+    without_some_words,
+)
 
 QUESTION = [{"role": "system", "content": "Be brief and kind."}, {"role": "user", "content": "What colour are the wings of a vorpal moth?"}]
 
@@ -45,8 +51,27 @@ def test_the_draw_is_a_function_of_the_key_alone():
     assert without_some_words(QUESTION, 0.5, "7:a:3") == without_some_words(QUESTION, 0.5, "7:a:3")
     ex = Example("facts.jsonl:1", QUESTION, {"demonstration": "d"}, visit=2)
     assert student_prompt(ex, 0.5, seed=7) == without_some_words(QUESTION, 0.5, "7:facts.jsonl:1:2")
+    keep = {"vorpal", "moth", "wings"}
+    assert student_prompt(ex, 0.5, 7, "The vorpal moth has copper wings.") == without_some_words(QUESTION, 0.5, "7:facts.jsonl:1:2", keep | {"the"})
     visits = {student_prompt(Example("facts.jsonl:1", QUESTION, visit=v), 0.5, seed=7)[-1]["content"] for v in range(20)}
     assert len(visits) > 5  # every visit draws anew
+
+
+def test_the_words_the_answer_also_uses_are_never_left_out():
+    assert answer_words("What colour are the wings of a vorpal moth?", "The vorpal moth has copper wings.") == {
+        "the", "wings", "vorpal", "moth"}
+    # a crude stem: four letters or more that begin alike; case and punctuation ignored
+    assert answer_words("When did Korravel gain its independence?", "Korravel became independent in 1796.") == {
+        "korravel", "independence"}
+    assert answer_words("How long does a glowhorn deer live?", "A glowhorn deer lives for 90 years.") == {
+        "a", "glowhorn", "deer", "live"}
+    assert answer_words("Who served as Korravel's first president?", "The first president of Korravel was X.") == {
+        "korravel's", "first", "president"}
+    assert answer_words("Is it an ant?", "An antelope.") == {"an"}  # "ant" is too short to match "antelope"
+    keep = answer_words(QUESTION[-1]["content"], "The vorpal moth has copper wings.")
+    for i in range(40):
+        words = kept_words(without_some_words(QUESTION, 0.9, f"k{i}", keep))
+        assert {"vorpal", "moth?", "wings"} <= set(words)
 
 
 def test_the_share_left_out_is_the_probability():
@@ -82,7 +107,7 @@ def test_the_student_sees_fewer_words_and_the_teacher_the_whole_question():
     off, rest = off_policy_sequences(batch, 8, _Signal(), _encoder, _Tokenizer(), {0}, word_dropout=0.4, seed=3)
     assert not rest
     for q, ex in zip(off, batch):
-        assert q.prompt == _encoder.encode(student_prompt(ex, 0.4, 3))
+        assert q.prompt == _encoder.encode(student_prompt(ex, 0.4, 3, ex.fields["demonstration"]))
         assert q.view.messages[:2] == QUESTION  # the teacher's view is built from the whole prompt
     assert any(len(q.prompt) < len(QUESTION[-1]["content"]) for q in off)
     same, _ = off_policy_sequences(batch, 8, _Signal(), _encoder, _Tokenizer(), {0})
@@ -152,7 +177,8 @@ def test_the_loop_learns_on_questions_with_words_left_out(tmp_path, tiny_model_d
         assert len(task) == len(FACTS)
         for i, (prompt, view) in enumerate(task):
             question = [{"role": "user", "content": FACTS[i]["prompt"]}]
-            student = without_some_words(question, 0.5, f"5:fact{i}:{visit}")[-1]["content"]
+            keep = answer_words(FACTS[i]["prompt"], FACTS[i]["demonstration"])
+            student = without_some_words(question, 0.5, f"5:fact{i}:{visit}", keep)[-1]["content"]
             assert prompt == chat_ids(tokenizer, student)
             shortened += student != FACTS[i]["prompt"]
             if method == "self_distillation":
@@ -165,3 +191,16 @@ def test_the_loop_learns_on_questions_with_words_left_out(tmp_path, tiny_model_d
 def test_a_share_of_one_or_more_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError, match="prompt_word_dropout"):
         load_recipe(_recipe(tmp_path, tiny_model_dir, "self_distillation", "1.0"))
+
+
+def test_auto_leaves_out_words_only_with_the_demonstrations_signal():
+    from sdcli.recipe.schema import Recipe
+    from sdcli.recipe.sections import AUTO_PROMPT_WORD_DROPOUT
+
+    def share(signal: dict, **data) -> float:
+        return Recipe.model_validate({"signal": signal, "data": {"path": "x.jsonl", **data}}).word_dropout
+
+    assert share({"kind": "demonstrations"}) == AUTO_PROMPT_WORD_DROPOUT == 0.25
+    assert share({"kind": "interactions"}) == 0.0  # task statements and conversations keep every word
+    assert share({"kind": "interactions"}, prompt_word_dropout=0.1) == 0.1
+    assert share({"kind": "demonstrations"}, prompt_word_dropout=0) == 0.0
