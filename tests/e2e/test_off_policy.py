@@ -36,6 +36,7 @@ lora:
 data:
   path: facts.jsonl
   shuffle: false
+  prompt_word_dropout: 0  # the hand computations below see each whole question
 rollout:
   max_new_tokens: 10
 {rollout}
