@@ -56,6 +56,8 @@ GRID: dict[str, list[str]] = {
     "off1-anchor4-lr1e-3": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4", "train.lr=1e-3"],
     "off1-anchor4-60steps": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4", "train.max_steps=60"],
     "defaults": [],
+    "no-word-dropout": ["data.prompt_word_dropout=0"],  # the defaults before 2026-11-30 15:00
+    "word-dropout-0.4": ["data.prompt_word_dropout=0.4"],
     "tt0.5": ["loss.teacher_temperature=0.5"],
     "tt0.25": ["loss.teacher_temperature=0.25"],
     "tt0.5-anchor8": ["loss.teacher_temperature=0.5", "anchor.prompts_per_step=8"],
