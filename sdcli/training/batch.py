@@ -10,13 +10,12 @@ A sequence is one of three kinds:
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
 import torch
 
-from sdcli.core.data import Messages, last_user_text, with_last_user_text
 from sdcli.signals.base import Example, TeacherView
+from sdcli.training.word_dropout import student_prompt
 
 ON_POLICY, OFF_POLICY, ANCHOR = "on", "off", "anchor"
 KIND_INDEX = {ON_POLICY: 0, OFF_POLICY: 1, ANCHOR: 2}
@@ -86,55 +85,12 @@ def demonstration_text(ex: Example) -> str:
     return ex.fields.get("demonstration") or ex.response
 
 
-def _plain(word: str) -> str:
-    return word.strip(".,;:!?\"'()[]{}").lower()
-
-
-def _related(a: str, b: str) -> bool:
-    """The same word, or two words of four letters or more that begin alike ("wing" / "wings",
-    "independence" / "independent"): a crude stem, good enough to find the words two sentences share."""
-    n = min(len(a), len(b), 5)
-    return a == b or (n >= 4 and a[:n] == b[:n])
-
-
-def answer_words(question: str, answer: str) -> set[str]:
-    """The question's words (lowercased, punctuation stripped) that the answer also uses: what ties
-    the question to its answer, such as the entity and the attribute asked about."""
-    said = [_plain(w) for w in answer.split()]
-    return {p for p in map(_plain, question.split()) if p and any(_related(p, w) for w in said)}
-
-
-def without_some_words(prompt: Messages, share: float, key: str, keep: set[str] = frozenset()) -> Messages:
-    """The prompt with each word of its last user turn left out with probability `share`, except
-    the words in `keep` (lowercased, punctuation stripped); at least one word stays. The draw is a
-    function of `key` alone, so a resumed run, or another rank, leaves out the same words. Words
-    are split on whitespace and rejoined with single spaces."""
-    if share == 0.0:
-        return prompt
-    words = last_user_text(prompt).split()
-    draw = random.Random(key)
-    kept = [w for w in words if draw.random() >= share or _plain(w) in keep]
-    if not kept and words:
-        kept = [words[draw.randrange(len(words))]]
-    return with_last_user_text(prompt, " ".join(kept))
-
-
-def student_prompt(ex: Example, word_dropout: float, seed: int, answer: str = "") -> Messages:
-    """What the student sees when it learns on the example's demonstration `answer`: the prompt,
-    some of its words left out on this visit (`data.prompt_word_dropout`), never one the answer
-    also uses, so that the answer is learned from the question's key words and not from one
-    wording of it."""
-    if word_dropout == 0.0:
-        return ex.prompt
-    keep = answer_words(last_user_text(ex.prompt), answer)
-    return without_some_words(ex.prompt, word_dropout, f"{seed}:{ex.id}:{ex.visit}", keep)
-
-
 def demonstration_sequences(batch: list[Example], encoder, tokenizer, stop, word_dropout: float = 0.0,
                             seed: int = 0) -> list[Sequence]:
     """method: sft: every example's demonstration (or logged response) as the response to learn."""
-    return [Sequence(encoder.encode(student_prompt(ex, word_dropout, seed, demonstration_text(ex))),
-                     response_tokens(tokenizer, demonstration_text(ex), stop)) for ex in batch]
+    texts = [demonstration_text(ex) for ex in batch]
+    return [Sequence(encoder.encode(student_prompt(ex, word_dropout, seed, text)), response_tokens(tokenizer, text, stop))
+            for ex, text in zip(batch, texts)]
 
 
 def off_policy_sequences(batch: list[Example], n_off: int, signal, encoder, tokenizer, stop,

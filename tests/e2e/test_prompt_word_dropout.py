@@ -13,13 +13,8 @@ from helpers import FACTS, chat_ids
 from sdcli.core.errors import RecipeError
 from sdcli.recipe.loading import load_recipe
 from sdcli.signals.base import Example, TeacherView
-from sdcli.training.batch import (
-    answer_words,
-    demonstration_sequences,
-    off_policy_sequences,
-    student_prompt,
-    without_some_words,
-)
+from sdcli.training.batch import demonstration_sequences, off_policy_sequences
+from sdcli.training.word_dropout import answer_words, student_prompt, without_some_words
 
 QUESTION = [{"role": "system", "content": "Be brief and kind."}, {"role": "user", "content": "What colour are the wings of a vorpal moth?"}]
 

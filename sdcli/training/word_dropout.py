@@ -1,0 +1,54 @@
+"""data.prompt_word_dropout: the question the student sees when it learns on a demonstration,
+with some of its words left out (drawn anew on every visit), never the words the demonstration
+also uses. The teacher always sees the whole question (README, "Leaving out question words")."""
+
+from __future__ import annotations
+
+import random
+
+from sdcli.core.data import Messages, last_user_text, with_last_user_text
+from sdcli.signals.base import Example
+
+
+def _plain(word: str) -> str:
+    return word.strip(".,;:!?\"'()[]{}").lower()
+
+
+def _related(a: str, b: str) -> bool:
+    """The same word, or two words of four letters or more that begin alike ("wing" / "wings",
+    "independence" / "independent"): a crude stem, good enough to find the words two sentences share."""
+    n = min(len(a), len(b), 5)
+    return a == b or (n >= 4 and a[:n] == b[:n])
+
+
+def answer_words(question: str, answer: str) -> set[str]:
+    """The question's words (lowercased, punctuation stripped) that the answer also uses: what ties
+    the question to its answer, such as the entity and the attribute asked about."""
+    said = [_plain(w) for w in answer.split()]
+    return {p for p in map(_plain, question.split()) if p and any(_related(p, w) for w in said)}
+
+
+def without_some_words(prompt: Messages, share: float, key: str, keep: set[str] = frozenset()) -> Messages:
+    """The prompt with each word of its last user turn left out with probability `share`, except
+    the words in `keep` (lowercased, punctuation stripped); at least one word stays. The draw is a
+    function of `key` alone, so a resumed run, or another rank, leaves out the same words. Words
+    are split on whitespace and rejoined with single spaces."""
+    if share == 0.0:
+        return prompt
+    words = last_user_text(prompt).split()
+    draw = random.Random(key)
+    kept = [w for w in words if draw.random() >= share or _plain(w) in keep]
+    if not kept and words:
+        kept = [words[draw.randrange(len(words))]]
+    return with_last_user_text(prompt, " ".join(kept))
+
+
+def student_prompt(ex: Example, word_dropout: float, seed: int, answer: str = "") -> Messages:
+    """What the student sees when it learns on the example's demonstration `answer`: the prompt,
+    some of its words left out on this visit (`data.prompt_word_dropout`), never one the answer
+    also uses, so that the answer is learned from the question's key words and not from one
+    wording of it."""
+    if word_dropout == 0.0:
+        return ex.prompt
+    keep = answer_words(last_user_text(ex.prompt), answer)
+    return without_some_words(ex.prompt, word_dropout, f"{seed}:{ex.id}:{ex.visit}", keep)
