@@ -388,30 +388,35 @@ def launch_local(nproc: int, args: list[str]) -> int:
     """`sd train --nproc N`: start N ranks of `python -m sdcli ARGS` on this machine as
     `torchrun --standalone --nproc_per_node=N` does; returns the exit code of the first rank that
     failed (0 when all succeeded), without torchrun's traceback (the ranks have said what failed)."""
+    import tempfile
     import uuid
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun: N processes of all cores each would crowd the CPU
         os.environ["OMP_NUM_THREADS"] = "1"
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
-    )
     for name in list(logging.root.manager.loggerDict):  # the ranks say what failed; torchrun's agent need not
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        elastic_launch(config, sys.executable)("-m", "sdcli", *args)
-    except SignalException as e:  # Ctrl-C: passed on to every rank, which stop after their step (and say so)
-        return 130 if e.sigval == signal.SIGINT else 128 + int(e.sigval)
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode > 0:
-            return failure.exitcode
-        name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else -failure.exitcode
-        print(f"error: rank {rank} of {nproc} was killed ({name}), so the job stopped.", file=sys.stderr, flush=True)
-        return 128 - failure.exitcode
+    # The agent keeps each rank's error file in a folder of its own; left to itself it makes one
+    # in the temporary folder on every launch and never removes it.
+    with tempfile.TemporaryDirectory(prefix="sd-ranks-") as agent_files:
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=agent_files),
+        )
+        try:
+            elastic_launch(config, sys.executable)("-m", "sdcli", *args)
+        except SignalException as e:  # Ctrl-C: passed on to every rank, which stop after their step (and say so)
+            return 130 if e.sigval == signal.SIGINT else 128 + int(e.sigval)
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            if failure.exitcode > 0:
+                return failure.exitcode
+            name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else -failure.exitcode
+            print(f"error: rank {rank} of {nproc} was killed ({name}), so the job stopped.", file=sys.stderr, flush=True)
+            return 128 - failure.exitcode
     return 0

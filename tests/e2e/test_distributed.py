@@ -207,9 +207,13 @@ def test_sd_train_nproc_refused_run_says_so_once(tmp_path, tiny_model_dir):
     from sdcli.models.runlock import run_lock
 
     recipe = write_recipe(tmp_path, tiny_model_dir, "off_policy_fraction: 1", "max_steps: 2", anchors=0)
+    temp = tmp_path / "temp"
+    temp.mkdir()
     with run_lock(tmp_path / "run", "a test holding the run"):
-        done = run([sys.executable, "-m", "sdcli", "train", str(recipe), "--quiet", "--nproc", "2"])
+        done = subprocess.run([sys.executable, "-m", "sdcli", "train", str(recipe), "--quiet", "--nproc", "2"],
+                              capture_output=True, text=True, timeout=120, env={**env(), "TMPDIR": str(temp)}, cwd=REPO)
     assert done.returncode == 2, done.stderr[-3000:]
+    assert list(temp.iterdir()) == []  # the launcher's agent leaves no folder behind
     assert done.stderr.count("is in use by") == 1
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "episodes").exists()
