@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 
@@ -20,6 +20,21 @@ BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 AUTO_DEMONSTRATION_TEMPERATURE = 0.5
 # data.prompt_word_dropout: auto leaves out words of demonstrated questions (measured in README, "Learning new knowledge")
 AUTO_PROMPT_WORD_DROPOUT = 0.25
+
+
+def _auto_or_number(value):
+    """One error for a value that is neither, where the plain union reports one per member."""
+    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError("must be auto or a number")
+
+
+AutoOrNumber = Annotated[Union[float, Literal["auto"]], BeforeValidator(_auto_or_number)]
 
 
 class StrictSection(BaseModel):
@@ -94,7 +109,7 @@ class DataConfig(StrictSection):
     path: Path = Field(..., description="JSONL file, one example per line")
     shuffle: bool = Field(True, description="A fresh order every pass over the data")
     max_examples: int | None = Field(None, ge=1, description="Use only the first N examples")
-    prompt_word_dropout: float | Literal["auto"] = Field(
+    prompt_word_dropout: AutoOrNumber = Field(
         "auto",
         description="When the student learns on an example's demonstration (off-policy, or sft), each word of the "
         "prompt's last user turn is left out with this probability, drawn anew on every visit, except the words "
@@ -165,7 +180,7 @@ class LossConfig(StrictSection):
         0.2, gt=0.0, lt=1.0, description="sampled, with train.updates_per_rollout > 1: PPO clip of the importance ratio"
     )
     skip_first_tokens: int = Field(0, ge=0, description="Response tokens at the start that carry no loss")
-    teacher_temperature: float | Literal["auto"] = Field(
+    teacher_temperature: AutoOrNumber = Field(
         "auto",
         description="The target is softmax(teacher logits / this) on task responses (anchors keep 1); below 1 sharpens it. "
         f"auto: {AUTO_DEMONSTRATION_TEMPERATURE} on demonstrations learned off-policy, 1 on samples",

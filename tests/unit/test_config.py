@@ -61,6 +61,21 @@ def test_override_errors_say_command_line(tmp_path):
     assert "unknown key 'trian'" in text
 
 
+def test_auto_or_number_keys_report_one_line_each(tmp_path):
+    """A value that is neither auto nor a number is one problem, not one per member of the union."""
+    path = write(tmp_path, "data:\n  path: d.jsonl\n  prompt_word_dropout: lots\nloss:\n  teacher_temperature: hot\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    text = e.value.render()
+    assert "2 problem(s)" in text
+    assert f"{path}:3: 'data.prompt_word_dropout': must be auto or a number" in text
+    assert f"{path}:5: 'loss.teacher_temperature': must be auto or a number" in text
+    r = load_recipe(path, ["data.prompt_word_dropout=0.3", "loss.teacher_temperature=auto"])
+    assert (r.data.prompt_word_dropout, r.loss.teacher_temperature) == (0.3, "auto")
+    with pytest.raises(RecipeError, match="must be auto or a number"):
+        load_recipe(path, ["data.prompt_word_dropout=true", "loss.teacher_temperature=2"])
+
+
 def test_signal_fields_are_checked_per_kind(tmp_path):
     path = write(tmp_path, "data:\n  path: d.jsonl\nsignal:\n  kind: demonstrations\n  reward: exact_match\n")
     with pytest.raises(RecipeError, match="unknown key 'signal.reward'"):
