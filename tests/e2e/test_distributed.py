@@ -170,8 +170,11 @@ def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_adapter(tmp_path
 def test_sigterm_to_sd_train_nproc_stops_every_rank_after_its_step_and_saves(tmp_path, tiny_model_dir):
     """A scheduler stopping the job sends SIGTERM to the launcher, which passes it to every rank."""
     recipe = write_recipe(tmp_path, tiny_model_dir, "off_policy_fraction: 1", "max_steps: 400", anchors=0)
+    temp = tmp_path / "temp"
+    temp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "sdcli", "train", str(recipe), "--quiet", "--nproc", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env(), "TMPDIR": str(temp)},
+                            cwd=REPO)
     metrics = tmp_path / "run" / "episodes" / ".partial-001-facts" / "metrics.jsonl"
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
@@ -183,6 +186,7 @@ def test_sigterm_to_sd_train_nproc_stops_every_rank_after_its_step_and_saves(tmp
     assert err.count(f"Interrupted after step {steps} of 400") == 1, err[-3000:]  # rank 0 speaks for the job
     state = torch.load(metrics.parent / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == steps < 400
+    assert list(temp.iterdir()) == []  # the launcher's agent leaves no folder behind, stopped or not
 
 
 def test_a_failure_on_one_rank_stops_every_rank_with_one_message(tmp_path, tiny_model_dir):
