@@ -79,6 +79,8 @@ GRID: dict[str, list[str]] = {
     "ep6-a2-aw1": ["train.epochs=6", "anchor.prompts_per_step=2", "anchor.weight=1"],
     "lr1e-3": ["train.lr=1e-3"],
     "ep20": ["train.epochs=20"],
+    "ep16": ["train.epochs=16"],
+    "lora-dropout-0.1": ["lora.dropout=0.1"],
     "tt0.25-ep20": ["loss.teacher_temperature=0.25", "train.epochs=20"],
     "aw1": ["anchor.weight=1"],
     "aw2": ["anchor.weight=2"],
