@@ -75,8 +75,8 @@ def torchrun(*args: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
-def run(cmd: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
+def run(cmd: list[str], timeout: int = 120, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env(), **extra_env}, cwd=REPO)
 
 
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -214,8 +214,7 @@ def test_sd_train_nproc_refused_run_says_so_once(tmp_path, tiny_model_dir):
     temp = tmp_path / "temp"
     temp.mkdir()
     with run_lock(tmp_path / "run", "a test holding the run"):
-        done = subprocess.run([sys.executable, "-m", "sdcli", "train", str(recipe), "--quiet", "--nproc", "2"],
-                              capture_output=True, text=True, timeout=120, env={**env(), "TMPDIR": str(temp)}, cwd=REPO)
+        done = run([sys.executable, "-m", "sdcli", "train", str(recipe), "--quiet", "--nproc", "2"], TMPDIR=str(temp))
     assert done.returncode == 2, done.stderr[-3000:]
     assert list(temp.iterdir()) == []  # the launcher's agent leaves no folder behind
     assert done.stderr.count("is in use by") == 1
