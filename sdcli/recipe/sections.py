@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 
 # loss.teacher_temperature: auto sharpens the teacher on demonstrations (measured in README, "Learning new knowledge")
-AUTO_DEMONSTRATION_TEMPERATURE = 0.5
+AUTO_DEMONSTRATION_TEMPERATURE = 0.25
 # data.prompt_word_dropout: auto leaves out words of demonstrated questions (measured in README, "Learning new knowledge")
 AUTO_PROMPT_WORD_DROPOUT = 0.25
 
