@@ -2,6 +2,9 @@
 
 For one prompt of a data file, the responses are drawn as the training loop draws them (sampled
 from the student with the recipe's settings, or greedily; logged ones for offline interactions),
+or, with `--demonstration`, the response is the example's own demonstration, as the off-policy
+half of the loop learns it (on a held-out line that the student answers wrongly, the token the
+teacher wants far more of is where the student leaves the demonstration's sentence),
 the run's recipe signal builds the teacher's context for each exactly as in training (siblings,
 verifiers and environments included), and both roles score every response token with the loop's
 own functions (`teacher_pass`, `response_hidden`, `packed_divergence_and_stats`). Per token:
@@ -55,6 +58,7 @@ class SampleView:
     feedback: str | None = None
     tokens: list[TokenRow] = field(default_factory=list)
     simulated_followup: str | None = None  # interactions, online: the user simulator's follow-up to this response
+    demonstration: bool = False  # the example's own demonstration, not a response drawn from the student
 
 
 @dataclass
@@ -70,29 +74,42 @@ class Inspection:
 
 def inspect_example(
     run_dir: Path, data: Path, index: int, *, upto: int | None = None, greedy: bool = False,
-    samples: int | None = None, max_new_tokens: int | None = None, seed: int = 0, log=lambda message: None,
+    samples: int | None = None, max_new_tokens: int | None = None, seed: int = 0, demonstration: bool = False,
+    log=lambda message: None,
 ) -> Inspection:
-    """Sample, build the teacher's context and score one example of `data` (0-based `index`)."""
+    """Sample (or, with `demonstration`, take the example's demonstration), build the teacher's
+    context and score one example of `data` (0-based `index`)."""
     from sdcli.models.source import load_source
     from sdcli.training.metrics import signal_metrics
 
     run_dir, data = Path(run_dir), Path(data)
+    if demonstration and (greedy or samples is not None or max_new_tokens is not None):
+        raise UserError("--demonstration scores the example's own demonstration; --greedy, --samples and "
+                        "--max-new-tokens draw responses from the student.", hint="Use one or the other.")
     recipe, signal, example = _read_example(run_dir, data, index, upto)
+    if demonstration and signal.demonstration_view(example) is None:
+        raise UserError(f"--demonstration: example {index} of {data} carries no demonstration (or reference "
+                        f"solution) for signal '{recipe.signal.kind}'.",
+                        hint="Drop --demonstration to score responses drawn from the student.")
     torch.manual_seed(seed)
     loaded = load_source(run_dir, upto=upto)
-    seqs, texts, teacher_encoder = _draw_responses(
-        recipe, signal, example, loaded.model, loaded.tokenizer, greedy=greedy, samples=samples,
-        max_new_tokens=max_new_tokens, log=log,
-    )
+    if demonstration:
+        seqs, texts, teacher_encoder = _demonstration_response(recipe, signal, example, loaded.model, loaded.tokenizer,
+                                                               log=log)
+    else:
+        seqs, texts, teacher_encoder = _draw_responses(
+            recipe, signal, example, loaded.model, loaded.tokenizer, greedy=greedy, samples=samples,
+            max_new_tokens=max_new_tokens, log=log,
+        )
     kept = [q for q in seqs if q.view.messages is not None and q.response]
     summary = signal_metrics([q.view for q in seqs])
     rows = _score_tokens(recipe, loaded.model, loaded.tokenizer, teacher_encoder, kept, summary) if kept else {}
     views = [
         SampleView(text, q.view.messages, q.view.masked_reason, q.view.reward, q.view.success, q.view.feedback,
-                   rows.get(id(q), []), q.view.simulated_followup)
+                   rows.get(id(q), []), q.view.simulated_followup, demonstration)
         for q, text in zip(seqs, texts)
     ]
-    what = loaded.description + (" (greedy)" if greedy else "")
+    what = loaded.description + (" (greedy)" if greedy else "") + (" (the example's demonstration)" if demonstration else "")
     return Inspection(str(run_dir), what, example.id, recipe.signal.kind, example.prompt, views, summary)
 
 
@@ -121,20 +138,36 @@ def _read_example(run_dir: Path, data: Path, index: int, upto: int | None):
     return recipe, signal, examples[index]
 
 
+def _encoders(recipe, model, tokenizer, log):
+    """The student's and the teacher's prompt encoders and the stop tokens, as the loop makes them."""
+    from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, teacher_prompt_limit
+
+    limit = teacher_prompt_limit(recipe.model.max_teacher_prompt_tokens, base_model(model).config,
+                                 recipe.rollout.max_new_tokens)
+    return (PromptEncoder(tokenizer, recipe.model.max_prompt_tokens), TeacherPromptEncoder(tokenizer, limit, warn=log),
+            eos_ids(tokenizer, model))
+
+
+def _demonstration_response(recipe, signal, example, model, tokenizer, *, log):
+    """The example's demonstration as the one response, with the teacher's view of it, as the
+    loop's off-policy half learns it (the whole question: no words left out)."""
+    from sdcli.training.batch import off_policy_sequences
+
+    encoder, teacher_encoder, stop = _encoders(recipe, model, tokenizer, log)
+    seqs, _ = off_policy_sequences([example], 1, signal, encoder, tokenizer, stop)
+    return seqs, [signal.demonstration_view(example)[0]], teacher_encoder
+
+
 def _draw_responses(recipe, signal, example, model, tokenizer, *, greedy: bool, samples: int | None,
                     max_new_tokens: int | None, log):
     """The responses to the example, drawn as the training loop draws them, each with the teacher's
     view the signal builds for it: (sequences, response texts, the teacher's prompt encoder)."""
     from sdcli.models.rollout import SamplingSettings, sample_responses
-    from sdcli.models.sequences import PromptEncoder, TeacherPromptEncoder, eos_ids, teacher_prompt_limit
     from sdcli.training.batch import rollout_sequences
     from sdcli.training.simulator import attach_user_simulator
 
     base = base_model(model)
-    encoder = PromptEncoder(tokenizer, recipe.model.max_prompt_tokens)
-    limit = teacher_prompt_limit(recipe.model.max_teacher_prompt_tokens, base.config, recipe.rollout.max_new_tokens)
-    teacher_encoder = TeacherPromptEncoder(tokenizer, limit, warn=log)
-    stop = eos_ids(tokenizer, model)
+    encoder, teacher_encoder, stop = _encoders(recipe, model, tokenizer, log)
     rollout = recipe.rollout
     settings = SamplingSettings(max_new_tokens or rollout.max_new_tokens, 0.0 if greedy else rollout.temperature,
                                 rollout.top_p, rollout.top_k, merge=False)
@@ -152,13 +185,15 @@ def _score_tokens(recipe, model, tokenizer, teacher_encoder, kept: list, summary
     """Both roles score every token of the `kept` responses with the loop's own functions; adds the
     loop's learning metrics to `summary` and returns the token rows of each response, by id()."""
     from sdcli.models.sequences import response_hidden, score_batch
+    from sdcli.training.batch import KIND_INDEX
     from sdcli.training.losses import DivergenceSpec, packed_divergence_and_stats
     from sdcli.training.metrics import learning_metrics
-    from sdcli.training.teacher import teacher_pass
+    from sdcli.training.teacher import teacher_pass, teacher_temperatures
 
     base = base_model(model)
     decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
     device = next(model.parameters()).device
+    kinds = torch.tensor([KIND_INDEX[q.kind] for q in kept], dtype=torch.long, device=device)  # as the loop counts them
     adapters = list(model.base_model.active_adapters) if hasattr(model, "peft_config") else []
     with torch.no_grad():
         t_hidden = teacher_pass(model, decoder, teacher_encoder, kept, tokenizer.pad_token_id, device, adapters, adapters)
@@ -168,13 +203,12 @@ def _score_tokens(recipe, model, tokenizer, teacher_encoder, kept: list, summary
         every = s_batch.response_mask  # every token is shown; the loss skips the first ones, as in training
         per_token, stats = packed_divergence_and_stats(
             s_hidden, t_hidden, every, lm_head, DivergenceSpec.from_config(recipe.loss), s_batch.response_ids,
-            recipe.loss.chunk_tokens,
+            recipe.loss.chunk_tokens, None, teacher_temperatures(kinds, recipe.loss.teacher_temperature, every),
         )
         chunk = recipe.loss.chunk_tokens
         top = torch.cat([lm_head(t_hidden[:, s : s + chunk]).argmax(-1) for s in range(0, t_hidden.shape[1], chunk)], 1)
     mask = every.clone()
     mask[:, : recipe.loss.skip_first_tokens] = False
-    kinds = torch.zeros(len(kept), dtype=torch.long, device=device)  # all on-policy, as the loop counts them
     summary.update(learning_metrics(per_token, stats, mask, kinds))
     summary["kl"] = float((per_token * mask).sum() / mask.sum()) if bool(mask.any()) else float("nan")
     summary["signal/teacher_prompts_cut"] = teacher_encoder.cut
@@ -198,6 +232,9 @@ SUMMARY_LABELS = {
     "advantage/positive_fraction": "share of tokens the teacher wants more of",
     "learn/disagreement": "share of positions where the roles' top tokens differ",
     "loss/on_policy": "loss (per-sequence mean of the recipe's divergence)",
+    "loss/off_policy": "loss on the demonstration (per-sequence mean of the recipe's divergence)",
+    "learn/demo_nll_student": "the demonstration's NLL per token under the student",
+    "learn/demo_nll_teacher": "the demonstration's NLL per token under the teacher",
     "kl": "divergence per token",
     "signal/context_fraction": "share of samples with a context",
     "signal/reward_mean": "mean reward",
@@ -219,7 +256,7 @@ def summary_rows(result: Inspection) -> list[tuple[str, str, str]]:
 
 
 def sample_caption(i: int, sample: SampleView, n: int) -> str:
-    parts = [f"sample {i + 1} of {n}"]
+    parts = ["the example's demonstration" if sample.demonstration else f"sample {i + 1} of {n}"]
     if sample.reward is not None:
         parts.append(f"reward {sample.reward:g}")
     if sample.success is not None:

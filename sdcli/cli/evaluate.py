@@ -18,6 +18,8 @@ from sdcli.core.errors import UserError
     "  sd inspect runs/quickstart --data recipes/data/facts.jsonl --index 0\n\n"
     "  sd inspect runs/quickstart --data recipes/data/facts.jsonl --index 2 --greedy --html teacher.html\n\n"
     "  sd inspect runs/arithmetic --upto 0 --data recipes/data/arithmetic.jsonl --index 3 --samples 8\n\n"
+    "  sd inspect runs/quickstart --data recipes/data/facts_eval.jsonl --index 1 --demonstration   "
+    "(where the student leaves a held-out line's demonstration)\n\n"
     "Green tokens are those the teacher wants more of, red those it wants less of "
     "(advantage = log p_teacher - log p_student); the summaries are those the training loop logs.",
 )
@@ -32,6 +34,11 @@ def inspect_command(
     ),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Default: the recipe's"),
     seed: int = typer.Option(0, "--seed"),
+    demonstration: bool = typer.Option(
+        False, "--demonstration",
+        help="Score the example's own demonstration, as off-policy training learns it, instead of responses "
+        "drawn from the student (on a held-out line: where the student leaves it)",
+    ),
     html_file: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page"),
 ):
     """Show what the teacher wants: every token of a response coloured by the teacher's advantage."""
@@ -44,7 +51,7 @@ def inspect_command(
     if html_file is not None:
         check_output_file(html_file, "--html")
     result = inspect_example(run_dir, data, index, upto=upto, greedy=greedy, samples=samples,
-                             max_new_tokens=max_new_tokens, seed=seed, log=log)
+                             max_new_tokens=max_new_tokens, seed=seed, demonstration=demonstration, log=log)
     print_inspection(result, out)
     if html_file is not None:
         write_atomic(html_file, render_html(result))

@@ -139,3 +139,40 @@ def test_inspect_a_missing_run_exits_2(tmp_path, demonstrations_run):
     assert done.returncode == 2 and "is not a run folder" in done.stderr
     done = sd("inspect", str(demonstrations_run[0]), "--data", str(tmp_path / "none.jsonl"), "--index", "0")
     assert done.returncode == 2 and "file not found" in done.stderr
+
+
+def test_inspect_demonstration_scores_the_examples_own_demonstration_like_a_plain_reference(demonstrations_run,
+                                                                                          tiny_model_dir):
+    run, data = demonstrations_run
+    result = inspect_example(run, data, 0, demonstration=True)
+    (sample,) = result.samples
+    assert sample.demonstration and sample.response == FACTS[0]["demonstration"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    response = [row.token_id for row in sample.tokens]
+    assert response[:-1] == tokenizer(FACTS[0]["demonstration"], add_special_tokens=False)["input_ids"]
+    # the student reads the whole question (no words left out), the teacher the question and the demonstration
+    teacher_text = DEFAULT_DEMONSTRATION_TEMPLATE.format(**FACTS[0])
+    assert sample.teacher_messages == [{"role": "user", "content": teacher_text}]
+    (episode,) = (run / "episodes").iterdir()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), episode).eval()
+    student = response_logprobs(model, chat_ids(tokenizer, FACTS[0]["prompt"]), response)
+    teacher = response_logprobs(model, chat_ids(tokenizer, teacher_text), response)
+    for t, (row, y) in enumerate(zip(sample.tokens, response)):
+        assert row.student_logp == pytest.approx(float(student[t, y]), abs=1e-4)
+        assert row.teacher_logp == pytest.approx(float(teacher[t, y]), abs=1e-4)
+    # summed as the loop logs its off-policy half; nothing was sampled
+    want = -sum(float(student[t, y]) for t, y in enumerate(response)) / len(response)
+    assert result.summary["learn/demo_nll_student"] == pytest.approx(want, abs=1e-4)
+    assert "loss/off_policy" in result.summary and "advantage/mean" not in result.summary
+
+
+def test_inspect_demonstration_cli_and_its_bad_input(demonstrations_run, rewards_run):
+    run, data = demonstrations_run
+    done = sd("inspect", str(run), "--data", str(data), "--index", "1", "--demonstration")
+    assert done.returncode == 0, done.stderr
+    assert "the example's demonstration" in done.stdout and "learn/demo_nll_student" in done.stdout
+    done = sd("inspect", str(run), "--data", str(data), "--index", "1", "--demonstration", "--greedy")
+    assert done.returncode == 2 and "--demonstration" in done.stderr and "Traceback" not in done.stderr
+    run, data = rewards_run  # its lines carry no reference solution
+    done = sd("inspect", str(run), "--data", str(data), "--index", "0", "--demonstration", cwd=run.parent)
+    assert done.returncode == 2 and "carries no demonstration" in done.stderr and "Traceback" not in done.stderr
