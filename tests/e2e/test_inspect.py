@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -14,6 +15,7 @@ from helpers import chat_ids, response_logprobs
 from sd_runner import sd
 from sdcli.inspection import inspect_example, render_html
 from sdcli.recipe.loading import load_recipe
+from sdcli.recipe.sections import AUTO_DEMONSTRATION_TEMPERATURE
 from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
 from sdcli.training.train import train_episode
 
@@ -160,10 +162,14 @@ def test_inspect_demonstration_scores_the_examples_own_demonstration_like_a_plai
     for t, (row, y) in enumerate(zip(sample.tokens, response)):
         assert row.student_logp == pytest.approx(float(student[t, y]), abs=1e-4)
         assert row.teacher_logp == pytest.approx(float(teacher[t, y]), abs=1e-4)
-    # summed as the loop logs its off-policy half; nothing was sampled
+    # averaged as the loop logs its off-policy half; nothing was sampled
     want = -sum(float(student[t, y]) for t, y in enumerate(response)) / len(response)
     assert result.summary["learn/demo_nll_student"] == pytest.approx(want, abs=1e-4)
-    assert "loss/off_policy" in result.summary and "advantage/mean" not in result.summary
+    assert "advantage/mean" not in result.summary
+    # the loss is forward KL to the teacher sharpened as training sharpens demonstrations (auto)
+    sharpened = torch.log_softmax(teacher / AUTO_DEMONSTRATION_TEMPERATURE, dim=-1)
+    kl = (sharpened.exp() * (sharpened - student)).sum(-1).mean()
+    assert result.summary["loss/off_policy"] == pytest.approx(float(kl), rel=1e-3, abs=1e-5)
 
 
 def test_inspect_demonstration_cli_and_its_bad_input(demonstrations_run, rewards_run):

@@ -252,7 +252,8 @@ def test_teacher_temperature_applies_to_task_sequences_and_never_to_anchors():
     assert teacher_temperatures(kinds, 1.0, mask) is None  # the default path is untouched
     assert teacher_temperatures(kinds, 0.5, mask).tolist() == [[0.5] * 4, [0.5] * 4, [1.0] * 4]
     # auto (the default): demonstrations learned off-policy are sharpened, samples and anchors are not
-    assert teacher_temperatures(kinds, "auto", mask).tolist() == [[1.0] * 4, [AUTO_DEMONSTRATION_TEMPERATURE] * 4, [1.0] * 4]
+    sharpened = [[1.0] * 4, [AUTO_DEMONSTRATION_TEMPERATURE] * 4, [1.0] * 4]
+    assert teacher_temperatures(kinds, "auto", mask).tolist() == sharpened
     on_policy_only = torch.tensor([KIND_INDEX[ON_POLICY], KIND_INDEX[ANCHOR]])
     assert teacher_temperatures(on_policy_only, "auto", mask[:2]) is None  # the on-policy loop is unchanged
 
