@@ -87,15 +87,16 @@ def inspect_example(
         raise UserError("--demonstration scores the example's own demonstration; --greedy, --samples and "
                         "--max-new-tokens draw responses from the student.", hint="Use one or the other.")
     recipe, signal, example = _read_example(run_dir, data, index, upto)
-    if demonstration and signal.demonstration_view(example) is None:
+    found = signal.demonstration_view(example) if demonstration else None
+    if demonstration and found is None:
         raise UserError(f"--demonstration: example {index} of {data} carries no demonstration (or reference "
                         f"solution) for signal '{recipe.signal.kind}'.",
                         hint="Drop --demonstration to score responses drawn from the student.")
     torch.manual_seed(seed)
     loaded = load_source(run_dir, upto=upto)
-    if demonstration:
-        seqs, texts, teacher_encoder = _demonstration_response(recipe, signal, example, loaded.model, loaded.tokenizer,
-                                                               log=log)
+    if found is not None:
+        seqs, teacher_encoder = _demonstration_response(recipe, signal, example, loaded.model, loaded.tokenizer, log=log)
+        texts = [found[0]]
     else:
         seqs, texts, teacher_encoder = _draw_responses(
             recipe, signal, example, loaded.model, loaded.tokenizer, greedy=greedy, samples=samples,
@@ -109,7 +110,8 @@ def inspect_example(
                    rows.get(id(q), []), q.view.simulated_followup, demonstration)
         for q, text in zip(seqs, texts)
     ]
-    what = loaded.description + (" (greedy)" if greedy else "") + (" (the example's demonstration)" if demonstration else "")
+    what = loaded.description + (" (greedy)" if greedy else "")
+    what += " (the example's demonstration)" if demonstration else ""
     return Inspection(str(run_dir), what, example.id, recipe.signal.kind, example.prompt, views, summary)
 
 
@@ -150,12 +152,13 @@ def _encoders(recipe, model, tokenizer, log):
 
 def _demonstration_response(recipe, signal, example, model, tokenizer, *, log):
     """The example's demonstration as the one response, with the teacher's view of it, as the
-    loop's off-policy half learns it (the whole question: no words left out)."""
+    loop's off-policy half learns it (the whole question: no words left out): (sequences, the
+    teacher's prompt encoder)."""
     from sdcli.training.batch import off_policy_sequences
 
     encoder, teacher_encoder, stop = _encoders(recipe, model, tokenizer, log)
     seqs, _ = off_policy_sequences([example], 1, signal, encoder, tokenizer, stop)
-    return seqs, [signal.demonstration_view(example)[0]], teacher_encoder
+    return seqs, teacher_encoder
 
 
 def _draw_responses(recipe, signal, example, model, tokenizer, *, greedy: bool, samples: int | None,
