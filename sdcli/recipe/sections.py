@@ -185,6 +185,12 @@ class LossConfig(StrictSection):
         description="The target is softmax(teacher logits / this) on task responses (anchors keep 1); below 1 sharpens it. "
         f"auto: {AUTO_DEMONSTRATION_TEMPERATURE} on demonstrations learned off-policy, 1 on samples",
     )
+    lead_with_demonstration: bool = Field(
+        True,
+        description="On a demonstration learned off-policy, where the teacher's most likely next token is not the "
+        "demonstration's, the two trade probabilities: the target leads with the demonstration's token and is the "
+        "teacher's otherwise (samples and anchors keep the teacher's order). false: the teacher's order everywhere",
+    )
     chunk_tokens: int = Field(
         32, ge=1, description="Response positions per chunk of [batch, chunk, vocab] logits; smaller uses less memory"
     )

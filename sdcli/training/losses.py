@@ -216,6 +216,7 @@ def chunked_divergence_and_stats(
     chunk: int = 128,
     old_logp: torch.Tensor | None = None,
     teacher_temperature: torch.Tensor | None = None,
+    lead: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`chunked_token_divergence`, plus `token_stats` of the same logits when `tokens` is given
     (computed in the same pass over the LM head, so watching the learning costs nothing).
@@ -223,20 +224,36 @@ def chunked_divergence_and_stats(
     teacher_temperature: [B, T] or None. The target is softmax(teacher_logits / temperature) at
         each position: below 1 it sharpens the teacher toward its own first choice. The stats
         always describe the teacher as it is (temperature 1).
+    lead: [B, T] bool or None. Where True, the target leads with `tokens` (`lead_with`).
     Returns ([B, T] divergence, [B, T, 3] stats or None).
     """
+    if lead is not None and tokens is None:
+        raise ValueError("lead needs the response tokens")
 
     def piece(s_h: torch.Tensor, t_h: torch.Tensor, y: torch.Tensor | None, old: torch.Tensor | None,
-              temp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              temp: torch.Tensor | None, first: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad():
             t_logits = lm_head(t_h)
             target = t_logits if temp is None else t_logits.float() / temp.unsqueeze(-1)
+            if first is not None:
+                target = lead_with(target, y, first)
         s_logits = lm_head(s_h)
         divergence = token_divergence(s_logits, target, spec, y, old)
         return divergence, (token_stats(s_logits, t_logits, y) if y is not None else None)
 
-    return _over_chunks(piece, student_hidden, teacher_hidden, tokens, old_logp, teacher_temperature, chunk=chunk,
-                        positionwise=not _trained(lm_head))
+    return _over_chunks(piece, student_hidden, teacher_hidden, tokens, old_logp, teacher_temperature, lead,
+                        chunk=chunk, positionwise=not _trained(lm_head))
+
+
+def lead_with(logits: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] logits in which, at the positions `where` ([B, T] bool), the logit of `tokens`
+    ([B, T]) and the largest logit trade places: the token comes first, and every probability of
+    the distribution is still one the teacher gave (only which token holds it changes). Elsewhere,
+    and where the token already leads, the logits are unchanged."""
+    top = logits.argmax(-1, keepdim=True)
+    y = tokens.unsqueeze(-1)
+    swapped = logits.scatter(-1, top, logits.gather(-1, y)).scatter(-1, y, logits.gather(-1, top))
+    return torch.where(where.unsqueeze(-1), swapped, logits)
 
 
 STAT_STUDENT_LOGP, STAT_TEACHER_LOGP, STAT_DISAGREE = 0, 1, 2
@@ -366,16 +383,17 @@ def packed_divergence_and_stats(
     chunk: int = 128,
     old_logp: torch.Tensor | None = None,
     teacher_temperature: torch.Tensor | None = None,
+    lead: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`packed_token_divergence` and, with `tokens`, its [B, T, 3] `token_stats` (zero where masked).
-    teacher_temperature: [B, T] or None, as in `chunked_divergence_and_stats`."""
+    teacher_temperature: [B, T] or None, lead: [B, T] bool or None, as in `chunked_divergence_and_stats`."""
 
     def packed(x: torch.Tensor | None) -> torch.Tensor | None:
         return x[mask].unsqueeze(0) if x is not None else None
 
     divergence, stats = chunked_divergence_and_stats(
         packed(student_hidden), packed(teacher_hidden), lm_head, spec, packed(tokens), chunk, packed(old_logp),
-        packed(teacher_temperature),
+        packed(teacher_temperature), packed(lead),
     )
     per_token = student_hidden.new_zeros(mask.shape, dtype=divergence.dtype).index_put((mask,), divergence[0])
     if stats is None:

@@ -135,6 +135,16 @@ def teacher_temperatures(kinds: torch.Tensor, temperature: float | str, mask: to
     return rows.to(torch.float32).unsqueeze(1).expand(mask.shape)
 
 
+def demonstration_lead(kinds: torch.Tensor, enabled: bool, mask: torch.Tensor) -> torch.Tensor | None:
+    """[N, T] bool: the positions where the target leads with the response's own token
+    (loss.lead_with_demonstration): every position of the off-policy sequences. None when off, or
+    when no sequence is off-policy."""
+    rows = kinds == KIND_INDEX[OFF_POLICY]
+    if not enabled or not bool(rows.any()):
+        return None
+    return rows.unsqueeze(1).expand(mask.shape)
+
+
 def add_ema_adapter(model, episode: str, lora_settings) -> None:
     """Add the frozen EMA adapter, equal to the episode's; the active set stays as it was."""
     from sdcli.models.model import lora_config

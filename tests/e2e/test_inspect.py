@@ -166,8 +166,13 @@ def test_inspect_demonstration_scores_the_examples_own_demonstration_like_a_plai
     want = -sum(float(student[t, y]) for t, y in enumerate(response)) / len(response)
     assert result.summary["learn/demo_nll_student"] == pytest.approx(want, abs=1e-4)
     assert "advantage/mean" not in result.summary
-    # the loss is forward KL to the teacher sharpened as training sharpens demonstrations (auto)
-    sharpened = torch.log_softmax(teacher / AUTO_DEMONSTRATION_TEMPERATURE, dim=-1)
+    # the loss is forward KL to the teacher as training makes it for demonstrations: sharpened (auto),
+    # and led by the demonstration's token (its logit and the largest trade places)
+    led = teacher.clone()
+    for t, y in enumerate(response):
+        top = int(led[t].argmax())
+        led[t, top], led[t, y] = teacher[t, y], teacher[t, top]
+    sharpened = torch.log_softmax(led / AUTO_DEMONSTRATION_TEMPERATURE, dim=-1)
     kl = (sharpened.exp() * (sharpened - student)).sum(-1).mean()
     assert result.summary["loss/off_policy"] == pytest.approx(float(kl), rel=1e-3, abs=1e-5)
 

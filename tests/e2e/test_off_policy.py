@@ -75,16 +75,24 @@ def metrics_of(result) -> list[dict]:
     return [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
 
 
-def hand_forward_kl(model_dir: Path, pairs: list[tuple[str, list[int], str]], temperature: float = 1.0) -> float:
+def hand_forward_kl(model_dir: Path, pairs: list[tuple[str, list[int], str]], temperature: float = 1.0,
+                    lead: bool = False) -> float:
     """Mean over sequences of the mean per-token KL(teacher || student), from plain transformers.
 
-    pairs: (question, response token ids, teacher's user text); the target is the teacher at `temperature`."""
+    pairs: (question, response token ids, teacher's user text); the target is the teacher at
+    `temperature`, and with `lead` the response's token and the teacher's first choice trade
+    probabilities at every position."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     per_sequence = []
     for question, response, teacher_text in pairs:
         s = response_logprobs(base, chat_ids(tokenizer, question), response)
-        t = (response_logprobs(base, chat_ids(tokenizer, teacher_text), response) / temperature).log_softmax(-1)
+        t = response_logprobs(base, chat_ids(tokenizer, teacher_text), response) / temperature
+        if lead:
+            for i, y in enumerate(response):
+                top = int(t[i].argmax())
+                t[i, top], t[i, y] = t[i, y].item(), t[i, top].item()
+        t = t.log_softmax(-1)
         per_sequence.append(float((t.exp() * (t - s)).sum(-1).mean()))
     return sum(per_sequence) / len(per_sequence)
 
@@ -104,9 +112,9 @@ def test_off_policy_loss_is_the_teacher_scored_demonstration_and_samples_nothing
     recipe = recipe_for(tmp_path, tiny_model_dir, "  max_steps: 2", "  off_policy_fraction: 1.0")
     metrics = metrics_of(train_episode(recipe))
     assert sampled == []  # no sampling at all
-    want = hand_forward_kl(  # the default loss.teacher_temperature (auto) sharpens demonstrations
+    want = hand_forward_kl(  # by default the teacher is sharpened (auto) and led by the demonstration
         tiny_model_dir, [(r["prompt"], demonstration_ids(tiny_model_dir, r["demonstration"]), teacher_text(r)) for r in FACTS[:2]],
-        AUTO_DEMONSTRATION_TEMPERATURE,
+        AUTO_DEMONSTRATION_TEMPERATURE, lead=True,
     )
     assert metrics[0]["loss/total"] == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert metrics[0]["loss/off_policy"] == pytest.approx(want, rel=1e-4, abs=1e-5)
@@ -115,6 +123,19 @@ def test_off_policy_loss_is_the_teacher_scored_demonstration_and_samples_nothing
     assert metrics[0]["learn/demo_nll_student"] > metrics[0]["learn/demo_nll_teacher"] > 0
     assert 0.0 <= metrics[0]["learn/disagreement"] <= 1.0
     assert metrics[1]["learn/demo_nll_student"] < metrics[0]["learn/demo_nll_student"]  # it learns
+
+
+def test_without_lead_the_target_keeps_the_teachers_order(tmp_path, tiny_model_dir):
+    from sdcli.training.train import train_episode
+
+    recipe = recipe_for(tmp_path, tiny_model_dir, "  max_steps: 1", "  off_policy_fraction: 1.0",
+                        "  lead_with_demonstration: false")
+    metrics = metrics_of(train_episode(recipe))
+    pairs = [(r["prompt"], demonstration_ids(tiny_model_dir, r["demonstration"]), teacher_text(r)) for r in FACTS[:2]]
+    want = hand_forward_kl(tiny_model_dir, pairs, AUTO_DEMONSTRATION_TEMPERATURE)
+    assert metrics[0]["loss/off_policy"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # the tiny teacher's first choice is rarely the demonstration's token, so leading (the default) moves the target
+    assert want != pytest.approx(hand_forward_kl(tiny_model_dir, pairs, AUTO_DEMONSTRATION_TEMPERATURE, lead=True), rel=1e-2)
 
 
 def test_on_policy_only_samples_every_prompt_and_distils_the_sample(tmp_path, tiny_model_dir, sampled):
@@ -140,10 +161,11 @@ def test_a_mixed_step_splits_the_prompts_and_reports_both_parts(tmp_path, tiny_m
     assert [n for n, _ in sampled] == [1, 1]  # one prompt of two sampled per step
     assert all("loss/on_policy" in m and "loss/off_policy" in m for m in metrics)
     # the first prompt of the batch (shuffle off: fact 0) went off-policy, the second was sampled
+    # the sample keeps the teacher as it is; the demonstration's target is sharpened and led by it
     on = hand_forward_kl(tiny_model_dir, [(FACTS[1]["prompt"], sampled[0][1][0], teacher_text(FACTS[1]))])
     off = hand_forward_kl(
         tiny_model_dir, [(FACTS[0]["prompt"], demonstration_ids(tiny_model_dir, FACTS[0]["demonstration"]), teacher_text(FACTS[0]))],
-        AUTO_DEMONSTRATION_TEMPERATURE,
+        AUTO_DEMONSTRATION_TEMPERATURE, lead=True,
     )
     assert metrics[0]["loss/total"] == pytest.approx((on + off) / 2, rel=1e-4, abs=1e-5)
 
@@ -256,6 +278,20 @@ def test_teacher_temperature_applies_to_task_sequences_and_never_to_anchors():
     assert teacher_temperatures(kinds, "auto", mask).tolist() == sharpened
     on_policy_only = torch.tensor([KIND_INDEX[ON_POLICY], KIND_INDEX[ANCHOR]])
     assert teacher_temperatures(on_policy_only, "auto", mask[:2]) is None  # the on-policy loop is unchanged
+
+
+def test_lead_with_demonstration_touches_demonstrations_only():
+    import torch
+
+    from sdcli.training.batch import ANCHOR, KIND_INDEX, OFF_POLICY, ON_POLICY
+    from sdcli.training.teacher import demonstration_lead
+
+    kinds = torch.tensor([KIND_INDEX[ON_POLICY], KIND_INDEX[OFF_POLICY], KIND_INDEX[ANCHOR]])
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    assert demonstration_lead(kinds, True, mask).tolist() == [[False] * 4, [True] * 4, [False] * 4]
+    assert demonstration_lead(kinds, False, mask) is None
+    on_policy_only = torch.tensor([KIND_INDEX[ON_POLICY], KIND_INDEX[ANCHOR]])
+    assert demonstration_lead(on_policy_only, True, mask[:2]) is None  # samples keep the teacher's own order
 
 
 def test_teacher_temperature_accepts_auto_or_a_positive_number(tmp_path):

@@ -316,6 +316,64 @@ def test_teacher_temperature_is_kl_to_the_tempered_teacher_per_row_and_leaves_th
     assert (per_token[0] - plain).abs().max() > 1e-2
 
 
+def test_lead_with_trades_the_tokens_logit_with_the_largest_only_where_asked():
+    """A plain loop over positions: where asked and the token is not first, its logit and the
+    largest trade places; every other logit, and every position not asked, stays."""
+    from sdcli.training.losses import lead_with
+
+    torch.manual_seed(6)
+    logits = torch.randn(2, T, V)
+    tokens = torch.randint(0, V, (2, T))
+    tokens[0, 0] = logits[0, 0].argmax()  # already first: nothing to trade
+    tokens[0, 1] = logits[0, 1].argmin()  # last: trades with the first
+    where = torch.rand(2, T) < 0.7
+    where[0, 0] = where[0, 1] = True
+    got = lead_with(logits, tokens, where)
+    want = logits.clone()
+    for b in range(2):
+        for t in range(T):
+            if where[b, t]:
+                top, y = int(logits[b, t].argmax()), int(tokens[b, t])
+                want[b, t, top], want[b, t, y] = logits[b, t, y], logits[b, t, top]
+    assert torch.equal(got, want)
+    assert torch.equal(got[0, 0], logits[0, 0])
+    assert not torch.equal(got[0, 1], logits[0, 1])
+    assert (got.argmax(-1)[where] == tokens[where]).all()  # the token leads wherever asked
+    # the same probabilities, held by other tokens
+    torch.testing.assert_close(got.softmax(-1).sort(-1).values, logits.softmax(-1).sort(-1).values)
+
+
+def test_lead_is_kl_to_the_tempered_teacher_with_the_response_token_first():
+    """Row 0 leads (at temperature 0.5), row 1 does not: KL(softmax(lead_with(t / 0.5)) || s) and
+    the plain KL, by torch.distributions; the stats still describe the teacher as it is."""
+    from sdcli.training.losses import STAT_TEACHER_LOGP, lead_with, packed_divergence_and_stats
+
+    torch.manual_seed(7)
+    head = torch.nn.Linear(H, V, bias=False)
+    hs, ht = torch.randn(2, T, H), torch.randn(2, T, H)
+    tokens = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T, dtype=torch.bool)
+    temperature = torch.tensor([[0.5] * T, [1.0] * T])
+    lead = torch.tensor([[True] * T, [False] * T])
+    per_token, stats = packed_divergence_and_stats(
+        hs, ht, mask, head, DivergenceSpec("forward_kl"), tokens, 3, None, temperature, lead
+    )
+    with torch.no_grad():
+        s_logits, t_logits = head(hs), head(ht)
+    led = lead_with(t_logits[:1] / 0.5, tokens[:1], lead[:1])[0]
+    want = torch.stack([
+        kl_divergence(Categorical(logits=led), Categorical(logits=s_logits[0])),
+        kl_divergence(Categorical(logits=t_logits[1]), Categorical(logits=s_logits[1])),
+    ])
+    torch.testing.assert_close(per_token, want, rtol=1e-5, atol=1e-6)
+    untempered = torch.log_softmax(t_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(stats[..., STAT_TEACHER_LOGP], untempered, rtol=1e-5, atol=1e-6)
+    plain = kl_divergence(Categorical(logits=t_logits[0] / 0.5), Categorical(logits=s_logits[0]))
+    assert (per_token[0] - plain).abs().max() > 1e-2  # leading moves the target
+    with pytest.raises(ValueError, match="tokens"):
+        packed_divergence_and_stats(hs, ht, mask, head, DivergenceSpec("forward_kl"), None, 3, None, None, lead)
+
+
 def test_masked_sequence_mean_weights_scale_one_sequence_only():
     per_token = torch.tensor([[1.0, 3.0, 100.0], [2.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
