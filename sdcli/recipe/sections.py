@@ -187,9 +187,10 @@ class LossConfig(StrictSection):
     )
     lead_with_demonstration: bool = Field(
         True,
-        description="On a demonstration learned off-policy, where the teacher's most likely next token is not the "
-        "demonstration's, the two trade probabilities: the target leads with the demonstration's token and is the "
-        "teacher's otherwise (samples and anchors keep the teacher's order). false: the teacher's order everywhere",
+        description="On a response learned off-policy (a demonstration, a reference solution, a teacher answer), where "
+        "the teacher's most likely next token is not the response's, the two trade probabilities: the target leads with "
+        "the response's token and is the teacher's otherwise (samples and anchors keep the teacher's order). "
+        "false: the teacher's order everywhere",
     )
     chunk_tokens: int = Field(
         32, ge=1, description="Response positions per chunk of [batch, chunk, vocab] logits; smaller uses less memory"

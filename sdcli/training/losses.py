@@ -231,12 +231,12 @@ def chunked_divergence_and_stats(
         raise ValueError("lead needs the response tokens")
 
     def piece(s_h: torch.Tensor, t_h: torch.Tensor, y: torch.Tensor | None, old: torch.Tensor | None,
-              temp: torch.Tensor | None, first: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              temp: torch.Tensor | None, led: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad():
             t_logits = lm_head(t_h)
             target = t_logits if temp is None else t_logits.float() / temp.unsqueeze(-1)
-            if first is not None:
-                target = lead_with(target, y, first)
+            if led is not None:
+                target = lead_with(target, y, led)
         s_logits = lm_head(s_h)
         divergence = token_divergence(s_logits, target, spec, y, old)
         return divergence, (token_stats(s_logits, t_logits, y) if y is not None else None)
