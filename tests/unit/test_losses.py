@@ -288,17 +288,23 @@ def test_packed_equals_masked_chunked_in_value_and_gradient():
     torch.testing.assert_close(g_packed, g_ref, rtol=1e-5, atol=1e-6)
 
 
+def two_rows_at_half_and_one(seed: int):
+    """An LM head, two rows of student and teacher hidden states, tokens, a full mask and the
+    teacher's temperature per position: 0.5 on row 0, 1 on row 1."""
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(H, V, bias=False)
+    hs, ht = torch.randn(2, T, H), torch.randn(2, T, H)
+    tokens = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T, dtype=torch.bool)
+    return head, hs, ht, tokens, mask, torch.tensor([[0.5] * T, [1.0] * T])
+
+
 def test_teacher_temperature_is_kl_to_the_tempered_teacher_per_row_and_leaves_the_stats_alone():
     """Row 0 at temperature 0.5 is KL(softmax(t / 0.5) || s) by torch.distributions; row 1 at 1 is
     the plain KL; the stats (teacher log-prob of the token) describe the untempered teacher."""
     from sdcli.training.losses import STAT_TEACHER_LOGP, packed_divergence_and_stats
 
-    torch.manual_seed(5)
-    head = torch.nn.Linear(H, V, bias=False)
-    hs, ht = torch.randn(2, T, H), torch.randn(2, T, H)
-    tokens = torch.randint(0, V, (2, T))
-    mask = torch.ones(2, T, dtype=torch.bool)
-    temperature = torch.tensor([[0.5] * T, [1.0] * T])
+    head, hs, ht, tokens, mask, temperature = two_rows_at_half_and_one(seed=5)
     per_token, stats = packed_divergence_and_stats(
         hs, ht, mask, head, DivergenceSpec("forward_kl"), tokens, 3, None, temperature
     )
@@ -348,12 +354,7 @@ def test_lead_is_kl_to_the_tempered_teacher_with_the_response_token_first():
     the plain KL, by torch.distributions; the stats still describe the teacher as it is."""
     from sdcli.training.losses import STAT_TEACHER_LOGP, lead_with, packed_divergence_and_stats
 
-    torch.manual_seed(7)
-    head = torch.nn.Linear(H, V, bias=False)
-    hs, ht = torch.randn(2, T, H), torch.randn(2, T, H)
-    tokens = torch.randint(0, V, (2, T))
-    mask = torch.ones(2, T, dtype=torch.bool)
-    temperature = torch.tensor([[0.5] * T, [1.0] * T])
+    head, hs, ht, tokens, mask, temperature = two_rows_at_half_and_one(seed=7)
     lead = torch.tensor([[True] * T, [False] * T])
     per_token, stats = packed_divergence_and_stats(
         hs, ht, mask, head, DivergenceSpec("forward_kl"), tokens, 3, None, temperature, lead
