@@ -28,6 +28,16 @@ def response_logprobs(model, prompt_ids: list[int], response_ids: list[int]) -> 
     return logits[start : start + len(response_ids)].log_softmax(-1)
 
 
+def led_by_response(logits: torch.Tensor, response_ids: list[int]) -> torch.Tensor:
+    """[T, V] logits as loss.lead_with_demonstration makes the target, position by position: the
+    response token's logit and the largest trade places."""
+    led = logits.clone()
+    for t, y in enumerate(response_ids):
+        top = int(logits[t].argmax())
+        led[t, top], led[t, y] = logits[t, y], logits[t, top]
+    return led
+
+
 def mean_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> float:
     """Mean over positions of KL(student || teacher)."""
     return float((student_logp.exp() * (student_logp - teacher_logp)).sum(-1).mean())

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import chat_ids, response_logprobs
+from helpers import chat_ids, led_by_response, response_logprobs
 from sd_runner import sd
 from sdcli.inspection import inspect_example, render_html
 from sdcli.recipe.loading import load_recipe
@@ -168,11 +168,7 @@ def test_inspect_demonstration_scores_the_examples_own_demonstration_like_a_plai
     assert "advantage/mean" not in result.summary
     # the loss is forward KL to the teacher as training makes it for demonstrations: sharpened (auto),
     # and led by the demonstration's token (its logit and the largest trade places)
-    led = teacher.clone()
-    for t, y in enumerate(response):
-        top = int(led[t].argmax())
-        led[t, top], led[t, y] = teacher[t, y], teacher[t, top]
-    sharpened = torch.log_softmax(led / AUTO_DEMONSTRATION_TEMPERATURE, dim=-1)
+    sharpened = torch.log_softmax(led_by_response(teacher, response) / AUTO_DEMONSTRATION_TEMPERATURE, dim=-1)
     kl = (sharpened.exp() * (sharpened - student)).sum(-1).mean()
     assert result.summary["loss/off_policy"] == pytest.approx(float(kl), rel=1e-3, abs=1e-5)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import FACTS, chat_ids, response_logprobs
+from helpers import FACTS, chat_ids, led_by_response, response_logprobs
 from sdcli.recipe.loading import load_recipe
 from sdcli.recipe.sections import AUTO_DEMONSTRATION_TEMPERATURE
 from sdcli.recipe.signal_sections import DEFAULT_DEMONSTRATION_TEMPLATE
@@ -87,12 +87,8 @@ def hand_forward_kl(model_dir: Path, pairs: list[tuple[str, list[int], str]], te
     per_sequence = []
     for question, response, teacher_text in pairs:
         s = response_logprobs(base, chat_ids(tokenizer, question), response)
-        t = response_logprobs(base, chat_ids(tokenizer, teacher_text), response) / temperature
-        if lead:
-            for i, y in enumerate(response):
-                top = int(t[i].argmax())
-                t[i, top], t[i, y] = t[i, y].item(), t[i, top].item()
-        t = t.log_softmax(-1)
+        t = response_logprobs(base, chat_ids(tokenizer, teacher_text), response)
+        t = ((led_by_response(t, response) if lead else t) / temperature).log_softmax(-1)
         per_sequence.append(float((t.exp() * (t - s)).sum(-1).mean()))
     return sum(per_sequence) / len(per_sequence)
 

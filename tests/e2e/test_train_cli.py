@@ -14,7 +14,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import chat_ids, mean_kl, response_logprobs
+from helpers import chat_ids, led_by_response, mean_kl, response_logprobs
 from sd_runner import sd
 from sdcli.recipe.loading import load_recipe
 from sdcli.recipe.sections import AUTO_DEMONSTRATION_TEMPERATURE
@@ -61,11 +61,7 @@ def context_kl(student, base, tokenizer) -> float:
         s = response_logprobs(student, chat_ids(tokenizer, row["prompt"]), response)
         teacher_prompt = DEFAULT_DEMONSTRATION_TEMPLATE.format(prompt=row["prompt"], demonstration=row["demonstration"])
         t = response_logprobs(base, chat_ids(tokenizer, teacher_prompt), response)
-        led = t.clone()
-        for i, y in enumerate(response):
-            top = int(t[i].argmax())
-            led[i, top], led[i, y] = t[i, y], t[i, top]
-        kls.append(mean_kl(s, (led / AUTO_DEMONSTRATION_TEMPERATURE).log_softmax(-1)))
+        kls.append(mean_kl(s, (led_by_response(t, response) / AUTO_DEMONSTRATION_TEMPERATURE).log_softmax(-1)))
     return sum(kls) / len(kls)
 
 
