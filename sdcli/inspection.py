@@ -191,7 +191,7 @@ def _score_tokens(recipe, model, tokenizer, teacher_encoder, kept: list, summary
     from sdcli.training.batch import KIND_INDEX
     from sdcli.training.losses import DivergenceSpec, packed_divergence_and_stats
     from sdcli.training.metrics import learning_metrics
-    from sdcli.training.teacher import demonstration_lead, teacher_pass, teacher_temperatures
+    from sdcli.training.teacher import target_settings, teacher_pass
 
     base = base_model(model)
     decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
@@ -206,8 +206,7 @@ def _score_tokens(recipe, model, tokenizer, teacher_encoder, kept: list, summary
         every = s_batch.response_mask  # every token is shown; the loss skips the first ones, as in training
         per_token, stats = packed_divergence_and_stats(
             s_hidden, t_hidden, every, lm_head, DivergenceSpec.from_config(recipe.loss), s_batch.response_ids,
-            recipe.loss.chunk_tokens, None, teacher_temperatures(kinds, recipe.loss.teacher_temperature, every),
-            demonstration_lead(kinds, recipe.loss.lead_with_demonstration, every),
+            recipe.loss.chunk_tokens, None, *target_settings(kinds, recipe.loss, every),
         )
         chunk = recipe.loss.chunk_tokens
         top = torch.cat([lm_head(t_hidden[:, s : s + chunk]).argmax(-1) for s in range(0, t_hidden.shape[1], chunk)], 1)

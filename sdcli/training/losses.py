@@ -250,6 +250,8 @@ def lead_with(logits: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -
     ([B, T]) and the largest logit trade places: the token comes first, and every probability of
     the distribution is still one the teacher gave (only which token holds it changes). Elsewhere,
     and where the token already leads, the logits are unchanged."""
+    if not bool(where.any()):  # a chunk of anchors or samples only: no [B, T, V] copies
+        return logits
     top = logits.argmax(-1, keepdim=True)
     y = tokens.unsqueeze(-1)
     swapped = logits.scatter(-1, top, logits.gather(-1, y)).scatter(-1, y, logits.gather(-1, top))

@@ -30,7 +30,7 @@ from sdcli.training.batch import (
     take_anchors,
 )
 from sdcli.training.losses import STAT_STUDENT_LOGP, chunked_token_nll, masked_sequence_mean, packed_divergence_and_stats
-from sdcli.training.teacher import demonstration_lead, teacher_pass, teacher_temperatures
+from sdcli.training.teacher import target_settings, teacher_pass
 
 
 @dataclass
@@ -99,9 +99,7 @@ def distillation_loss(run, rollout: Rollout) -> StepLoss:
     s_hidden = response_hidden(run.decoder, batch)
     per_token, stats = packed_divergence_and_stats(
         s_hidden, rollout.teacher_hidden.to(s_hidden.dtype), mask, run.lm_head, run.spec,
-        batch.response_ids, cfg.chunk_tokens, rollout.old_logp,
-        teacher_temperatures(rollout.kinds, cfg.teacher_temperature, mask),
-        demonstration_lead(rollout.kinds, cfg.lead_with_demonstration, mask),
+        batch.response_ids, cfg.chunk_tokens, rollout.old_logp, *target_settings(rollout.kinds, cfg, mask),
     )
     if rollout.old_logp is None and run.spec.support == "sampled":
         rollout.old_logp = stats[..., STAT_STUDENT_LOGP].detach()  # the sampler, for the rollout's later updates

@@ -145,6 +145,14 @@ def demonstration_lead(kinds: torch.Tensor, enabled: bool, mask: torch.Tensor) -
     return rows.unsqueeze(1).expand(mask.shape)
 
 
+def target_settings(kinds: torch.Tensor, loss_cfg, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """How the target is made from the teacher at each position of these sequences, for
+    `packed_divergence_and_stats`: (teacher_temperature, lead) from loss.teacher_temperature and
+    loss.lead_with_demonstration. One definition for the loop and `sd inspect`."""
+    return (teacher_temperatures(kinds, loss_cfg.teacher_temperature, mask),
+            demonstration_lead(kinds, loss_cfg.lead_with_demonstration, mask))
+
+
 def add_ema_adapter(model, episode: str, lora_settings) -> None:
     """Add the frozen EMA adapter, equal to the episode's; the active set stays as it was."""
     from sdcli.models.model import lora_config
