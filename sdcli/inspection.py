@@ -189,7 +189,9 @@ def _score_tokens(recipe, model, tokenizer, teacher_encoder, kept: list, summary
     loop's learning metrics to `summary` and returns the token rows of each response, by id()."""
     from sdcli.models.sequences import response_hidden, score_batch
     from sdcli.training.batch import KIND_INDEX
-    from sdcli.training.losses import DivergenceSpec, packed_divergence_and_stats
+    from sdcli.training.losses import (
+        STAT_STUDENT_LOGP, STAT_TEACHER_LOGP, STAT_TEACHER_TOP, DivergenceSpec, packed_divergence_and_stats,
+    )
     from sdcli.training.metrics import learning_metrics
     from sdcli.training.teacher import target_settings, teacher_pass
 
@@ -208,8 +210,6 @@ def _score_tokens(recipe, model, tokenizer, teacher_encoder, kept: list, summary
             s_hidden, t_hidden, every, lm_head, DivergenceSpec.from_config(recipe.loss), s_batch.response_ids,
             recipe.loss.chunk_tokens, None, *target_settings(kinds, recipe.loss, every),
         )
-        chunk = recipe.loss.chunk_tokens
-        top = torch.cat([lm_head(t_hidden[:, s : s + chunk]).argmax(-1) for s in range(0, t_hidden.shape[1], chunk)], 1)
     mask = every.clone()
     mask[:, : recipe.loss.skip_first_tokens] = False
     summary.update(learning_metrics(per_token, stats, mask, kinds))
@@ -218,8 +218,8 @@ def _score_tokens(recipe, model, tokenizer, teacher_encoder, kept: list, summary
     return {
         id(q): [
             TokenRow(
-                y, tokenizer.decode([y]), float(stats[i, t, 0]), float(stats[i, t, 1]),
-                tokenizer.decode([int(top[i, t])]) if int(top[i, t]) != y else None,
+                y, tokenizer.decode([y]), float(stats[i, t, STAT_STUDENT_LOGP]), float(stats[i, t, STAT_TEACHER_LOGP]),
+                tokenizer.decode([int(stats[i, t, STAT_TEACHER_TOP])]) if int(stats[i, t, STAT_TEACHER_TOP]) != y else None,
             )
             for t, y in enumerate(q.response)
         ]

@@ -225,7 +225,7 @@ def chunked_divergence_and_stats(
         each position: below 1 it sharpens the teacher toward its own first choice. The stats
         always describe the teacher as it is (temperature 1).
     lead: [B, T] bool or None. Where True, the target leads with `tokens` (`lead_with`).
-    Returns ([B, T] divergence, [B, T, 3] stats or None).
+    Returns ([B, T] divergence, [B, T, 4] stats or None).
     """
     if lead is not None and tokens is None:
         raise ValueError("lead needs the response tokens")
@@ -258,22 +258,26 @@ def lead_with(logits: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -
     return torch.where(where.unsqueeze(-1), swapped, logits)
 
 
-STAT_STUDENT_LOGP, STAT_TEACHER_LOGP, STAT_DISAGREE = 0, 1, 2
+STAT_STUDENT_LOGP, STAT_TEACHER_LOGP, STAT_DISAGREE, STAT_TEACHER_TOP = 0, 1, 2, 3
 
 
 @torch.no_grad()
 def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """What the learning looks like per position, without gradients.
 
-    [B, T, V] x2, [B, T] -> [B, T, 3]: log p_s(y_t), log p_t(y_t), and 1.0 where the two roles'
-    most likely next tokens differ. log p_t(y_t) - log p_s(y_t) is the per-token advantage (the
+    [B, T, V] x2, [B, T] -> [B, T, 4]: log p_s(y_t), log p_t(y_t), 1.0 where the two roles' most
+    likely next tokens differ, and the teacher's most likely token (its id, exact in float32 for
+    any vocabulary under 2^24). log p_t(y_t) - log p_s(y_t) is the per-token advantage (the
     teacher wants more of y_t where it is positive).
     """
     s = F.log_softmax(student_logits.float(), dim=-1)
     t = F.log_softmax(teacher_logits.float(), dim=-1)
     index = tokens.unsqueeze(-1)
-    disagree = (s.argmax(-1) != t.argmax(-1)).float()
-    return torch.stack([s.gather(-1, index).squeeze(-1), t.gather(-1, index).squeeze(-1), disagree], dim=-1)
+    teacher_top = t.argmax(-1)
+    disagree = (s.argmax(-1) != teacher_top).float()
+    return torch.stack(
+        [s.gather(-1, index).squeeze(-1), t.gather(-1, index).squeeze(-1), disagree, teacher_top.float()], dim=-1
+    )
 
 
 def _trained(module: torch.nn.Module) -> bool:
@@ -387,7 +391,7 @@ def packed_divergence_and_stats(
     teacher_temperature: torch.Tensor | None = None,
     lead: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`packed_token_divergence` and, with `tokens`, its [B, T, 3] `token_stats` (zero where masked).
+    """`packed_token_divergence` and, with `tokens`, its [B, T, 4] `token_stats` (zero where masked).
     teacher_temperature: [B, T] or None, lead: [B, T] bool or None, as in `chunked_divergence_and_stats`."""
 
     def packed(x: torch.Tensor | None) -> torch.Tensor | None:

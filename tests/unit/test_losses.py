@@ -351,8 +351,9 @@ def test_lead_with_trades_the_tokens_logit_with_the_largest_only_where_asked():
 
 def test_lead_is_kl_to_the_tempered_teacher_with_the_response_token_first():
     """Row 0 leads (at temperature 0.5), row 1 does not: KL(softmax(lead_with(t / 0.5)) || s) and
-    the plain KL, by torch.distributions; the stats still describe the teacher as it is."""
-    from sdcli.training.losses import STAT_TEACHER_LOGP, lead_with, packed_divergence_and_stats
+    the plain KL, by torch.distributions; the stats still describe the teacher as it is (its
+    log-prob of the token and its own first choice, neither tempered nor led)."""
+    from sdcli.training.losses import STAT_TEACHER_LOGP, STAT_TEACHER_TOP, lead_with, packed_divergence_and_stats
 
     head, hs, ht, tokens, mask, temperature = two_rows_at_half_and_one(seed=7)
     lead = torch.tensor([[True] * T, [False] * T])
@@ -369,6 +370,7 @@ def test_lead_is_kl_to_the_tempered_teacher_with_the_response_token_first():
     torch.testing.assert_close(per_token, want, rtol=1e-5, atol=1e-6)
     untempered = torch.log_softmax(t_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(stats[..., STAT_TEACHER_LOGP], untempered, rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats[..., STAT_TEACHER_TOP].long(), t_logits.argmax(-1))
     plain = kl_divergence(Categorical(logits=t_logits[0] / 0.5), Categorical(logits=s_logits[0]))
     assert (per_token[0] - plain).abs().max() > 1e-2  # leading moves the target
     with pytest.raises(ValueError, match="tokens"):
