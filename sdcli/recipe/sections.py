@@ -113,7 +113,8 @@ class DataConfig(StrictSection):
         "auto",
         description="When the student learns on an example's demonstration (off-policy, or sft), each word of the "
         "prompt's last user turn is left out with this probability, drawn anew on every visit, except the words "
-        "the demonstration also uses (at least one word stays); the teacher sees the whole prompt. The answer is "
+        "the demonstration also uses (at least one word stays; line breaks and indentation stay; text written "
+        "without spaces is left whole); the teacher sees the whole prompt. The answer is "
         f"tied to the question's key words, not one wording of it. auto: {AUTO_PROMPT_WORD_DROPOUT} with signal.kind "
         "demonstrations, 0 with the other signals (their prompts are task statements, where every word may count)",
     )

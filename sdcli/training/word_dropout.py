@@ -5,6 +5,7 @@ also uses. The teacher always sees the whole question (README, "Leaving out ques
 from __future__ import annotations
 
 import random
+import re
 
 from sdcli.core.data import Messages, last_user_text, with_last_user_text
 from sdcli.signals.base import Example
@@ -31,16 +32,34 @@ def answer_words(question: str, answer: str) -> set[str]:
 def without_some_words(prompt: Messages, share: float, key: str, keep: set[str] = frozenset()) -> Messages:
     """The prompt with each word of its last user turn left out with probability `share`, except
     the words in `keep` (lowercased, punctuation stripped); at least one word stays. The draw is a
-    function of `key` alone, so a resumed run, or another rank, leaves out the same words. Words
-    are split on whitespace and rejoined with single spaces."""
+    function of `key` alone, so a resumed run, or another rank, leaves out the same words. A word
+    is a run of non-space characters; the layout stays (`_rejoined`). Text written without spaces
+    (Chinese, Japanese, Thai) is one word, and nothing is left out of it."""
     if share == 0.0:
         return prompt
-    words = last_user_text(prompt).split()
+    text = last_user_text(prompt)
+    words = list(re.finditer(r"\S+", text))
     draw = random.Random(key)
-    kept = [w for w in words if draw.random() >= share or _plain(w) in keep]
+    kept = [w for w in words if draw.random() >= share or _plain(w.group()) in keep]
     if not kept and words:
         kept = [words[draw.randrange(len(words))]]
-    return with_last_user_text(prompt, " ".join(kept))
+    return with_last_user_text(prompt, _rejoined(text, kept))
+
+
+def _rejoined(text: str, kept: list[re.Match]) -> str:
+    """The kept words of `text`, each after the space that stood before it. Where words between two
+    kept ones were left out, the longest line break among the spaces they leave is the one that
+    stays, so that lines, paragraphs and a code block's indentation never run together."""
+    if not kept:
+        return text
+    out = [text[: len(text) - len(text.lstrip())]]
+    for before, word in zip([None, *kept], kept):
+        if before is not None:
+            gaps = re.findall(r"\s+", text[before.end() : word.start()])
+            out.append(max(gaps, key=lambda gap: (gap.count("\n"), gap == gaps[-1])))
+        out.append(word.group())
+    out.append(text[len(text.rstrip()) :])
+    return "".join(out)
 
 
 def student_prompt(ex: Example, word_dropout: float, seed: int, answer: str = "") -> Messages:

@@ -69,6 +69,30 @@ def test_the_words_the_answer_also_uses_are_never_left_out():
         assert {"vorpal", "moth?", "wings"} <= set(words)
 
 
+CODE = " Fix this function:\n```python\ndef area(r):\n    return  3.14 * r\n```\n\nWhy is it wrong? \n"
+
+
+def test_the_layout_stays_lines_and_indentation_never_run_together():
+    import re
+
+    prompt = [{"role": "user", "content": CODE}]
+    assert without_some_words(prompt, 1e-9, "k")[-1]["content"] == CODE  # nothing left out: the text itself
+    words = [(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", CODE)]
+    for i in range(60):
+        out = without_some_words(prompt, 0.4, f"k{i}")[-1]["content"]
+        assert out.startswith(" ") and out.endswith(" \n")  # the text's own leading and trailing space
+        kept = [m.group() for m in re.finditer(r"\S+", out)]
+        # the kept words are the text's in order; find where each stood (every word of CODE is distinct)
+        where = [next(w for w in words if w[0] == k) for k in kept]
+        assert [w[1] for w in where] == sorted(w[1] for w in where)
+        gaps_out = re.findall(r"\s+", out.strip())
+        for (a, b, gap) in zip(where, where[1:], gaps_out):
+            between = CODE[a[2] : b[1]]
+            assert ("\n" in gap) == ("\n" in between)  # a line break stays a line break, a space a space
+            assert gap in between  # and is one of the spaces that stood there: "    " keeps the indentation
+    assert without_some_words([{"role": "user", "content": "你好世界"}], 0.9, "k")[-1]["content"] == "你好世界"
+
+
 def test_the_share_left_out_is_the_probability():
     long = [{"role": "user", "content": " ".join(f"w{i}" for i in range(4000))}]
     for share in (0.1, 0.25, 0.6):
