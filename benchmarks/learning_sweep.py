@@ -46,6 +46,7 @@ GRID: dict[str, list[str]] = {
     "mix50-g2": ["rollout.off_policy_fraction=0.5", "rollout.num_samples=2"],
     "mix75": ["rollout.off_policy_fraction=0.75"],
     "sft": ["method=sft"],
+    "sft-ep24": ["method=sft", "train.epochs=24"],  # memorised for certain: what a fine-tune on the lines can reach
     "off1-anchor2": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=2"],
     "off1-anchor4": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4"],
     "off1-anchor4-lr2e-4": ["rollout.off_policy_fraction=1", "anchor.prompts_per_step=4", "train.lr=2e-4"],
@@ -99,6 +100,11 @@ GRID: dict[str, list[str]] = {
     "ta4-no-anchor": ["rollout.teacher_answers=4", "anchor.prompts_per_step=0"],
     "ta4-a2": ["rollout.teacher_answers=4", "anchor.prompts_per_step=2"],
     "mix50-greedy-tt0.5": ["rollout.off_policy_fraction=0.5", "rollout.temperature=0", "loss.teacher_temperature=0.5"],
+    # every visit both ways: twice the prompts a step, half of them sampled (the student's own frame), same steps
+    "both-greedy": ["train.prompts_per_step=8", "rollout.off_policy_fraction=0.5", "train.epochs=24",
+                    "rollout.temperature=0", "loss.teacher_temperature=0.25"],
+    "both-sampled": ["train.prompts_per_step=8", "rollout.off_policy_fraction=0.5", "train.epochs=24",
+                     "loss.teacher_temperature=0.25"],
     "r32": ["lora.r=32", "lora.alpha=64"],
     "r64": ["lora.r=64", "lora.alpha=128"],
     "r64-a64": ["lora.r=64", "lora.alpha=64"],
