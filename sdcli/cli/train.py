@@ -11,7 +11,7 @@ from rich.table import Table
 from sdcli.cli import app
 from sdcli.cli.output import console, log, out
 from sdcli.core.errors import UserError
-from sdcli.core.metric_names import DIVERGENCE, LOSS, TOKENS_PER_S
+from sdcli.core.metric_names import DEMO_NLL_STUDENT, DEMO_NLL_TEACHER, DIVERGENCE, LOSS, TOKENS_PER_S
 
 
 def split_recipes_and_overrides(args: list[str]) -> tuple[list[Path], list[str]]:
@@ -93,16 +93,26 @@ def _train(args: list[str], quiet: bool, resume: bool, allow_mixed_base: bool) -
         )
 
 
+def step_line(m: dict, is_: str, sep: str) -> str:
+    """One step's metrics for the console: the loss, how far the student is from the demonstrations
+    on a step that learns them (their NLL per token under the student; the teacher's is its floor),
+    and the speed; sampling speed only on a step that sampled."""
+    parts = [f"loss{is_}{m[LOSS]:.4f}", f"divergence{is_}{m[DIVERGENCE]:.4f}"]
+    if m.get(DEMO_NLL_STUDENT) is not None:
+        parts.append(f"demo_nll{is_}{m[DEMO_NLL_STUDENT]:.3f}/{m[DEMO_NLL_TEACHER]:.3f}")
+    parts.append(f"len{is_}{m['response/mean_tokens']:.1f}")
+    if m[TOKENS_PER_S] > 0:
+        parts.append(f"tok/s{is_}{m[TOKENS_PER_S]:.1f}")
+    parts.append(f"step_s{is_}{m['time/step_s']:.2f}")
+    return sep.join(parts)
+
+
 def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | None = None, allow_mixed_base: bool = False):
     from sdcli.training.train import train_episode
 
     if quiet or not console.is_terminal:
         def progress(step, m):
-            console.print(
-                f"step {step}/{m['steps_total']} loss={m[LOSS]:.4f} divergence={m[DIVERGENCE]:.4f} "
-                f"len={m['response/mean_tokens']:.1f} tok/s={m[TOKENS_PER_S]:.1f} step_s={m['time/step_s']:.2f}",
-                markup=False, highlight=False,
-            )
+            console.print(f"step {step}/{m['steps_total']} {step_line(m, '=', ' ')}", markup=False, highlight=False)
         return train_episode(recipe, resume=resume, log=log, progress=progress, recipe_file=recipe_file,
                              allow_mixed_base=allow_mixed_base)
 
@@ -117,8 +127,7 @@ def _run_with_progress(recipe, quiet: bool, resume: bool, recipe_file: Path | No
         def progress(step, m):
             bar.update(
                 task, completed=step, total=m["steps_total"],
-                stats=f"loss {m[LOSS]:.4f}  divergence {m[DIVERGENCE]:.4f}  {m[TOKENS_PER_S]:.0f} tok/s  "
-                      f"{m['time/step_s']:.1f} s/step",
+                stats=step_line(m, " ", "  "),
             )
 
         return train_episode(

@@ -15,6 +15,9 @@ DIVERGENCE = "loss/divergence"  # token mean of the per-token divergence; NaN fo
 LR = "optim/lr"
 GRAD_NORM = "optim/grad_norm"  # before clipping
 TOKENS_PER_S = "speed/tokens_per_s"  # sampled tokens per second of the whole step
+# the demonstrations' NLL per token under the student and the teacher, on steps that learn one off-policy
+DEMO_NLL_STUDENT = "learn/demo_nll_student"
+DEMO_NLL_TEACHER = "learn/demo_nll_teacher"
 
 # old name -> today's. `kl` was the divergence whichever it was (forward KL, reverse KL or JSD).
 RENAMED = {"loss": LOSS, "kl": DIVERGENCE, "lr": LR, "grad_norm": GRAD_NORM, "tokens_per_s": TOKENS_PER_S}

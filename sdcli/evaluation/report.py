@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sdcli.core.atomic import write_atomic
 from sdcli.core.errors import UserError, write_error
-from sdcli.core.metric_names import DIVERGENCE, LOSS, current_names
+from sdcli.core.metric_names import DEMO_NLL_STUDENT, DEMO_NLL_TEACHER, DIVERGENCE, LOSS, current_names
 from sdcli.core.numbers import fmt
 from sdcli.evaluation.scoring import describe_kinds
 from sdcli.core.outputs import check_output_folder
@@ -136,7 +136,7 @@ def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
         rows.append([
             f"{e.number:03d}", e.name, m.get("method", "?"), m.get("signal", "?"), str(m.get("steps", "?")),
             fmt(final.get(LOSS), 4), fmt(final.get(DIVERGENCE), 4),
-            f"{fmt(final.get('learn/demo_nll_student'), 3)} / {fmt(final.get('learn/demo_nll_teacher'), 3)}",
+            f"{fmt(final.get(DEMO_NLL_STUDENT), 3)} / {fmt(final.get(DEMO_NLL_TEACHER), 3)}",
             fmt(final.get("learn/disagreement"), 3),
             fmt(task["score"] if task else None), fmt(task.get("teacher_score") if task else None),
             describe_kinds((task or {}).get("by_kind", {})) or "-",
@@ -173,7 +173,7 @@ TRAINING_PANELS = [
     # the knowledge moving in: the demonstrations' NLL under the student (solid) falls toward the
     # teacher's (dashed), which sees the demonstration in its context
     ("demonstration NLL per token: student (solid), teacher (dashed)",
-     [("learn/demo_nll_student", "-"), ("learn/demo_nll_teacher", "--")]),
+     [(DEMO_NLL_STUDENT, "-"), (DEMO_NLL_TEACHER, "--")]),
     ("share of positions where the roles' top tokens differ", [("learn/disagreement", "-")]),
     ("sampled tokens with |log p_teacher - log p_student| > 1", [("advantage/large_fraction", "-")]),
     ("anchor loss (drift from the starting model on everyday prompts)", [("loss/anchor", "-")]),

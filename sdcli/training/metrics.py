@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdcli.core.metric_names import DIVERGENCE, GRAD_NORM, LOSS, LR, TOKENS_PER_S, divergence_name
+from sdcli.core.metric_names import (
+    DEMO_NLL_STUDENT, DEMO_NLL_TEACHER, DIVERGENCE, GRAD_NORM, LOSS, LR, TOKENS_PER_S, divergence_name,
+)
 from sdcli.signals.base import TeacherView
 from sdcli.training.distributed import stack_padded
 from sdcli.training.batch import anchor_weights
@@ -113,8 +115,8 @@ def learning_metrics(per_token, stats, mask, kinds) -> dict[str, float]:
     if bool(off_mask.any()):
         out.update({
             "loss/off_policy": float(masked_sequence_mean(per_token.detach(), off_mask)),
-            "learn/demo_nll_student": -masked_mean(stats[..., STAT_STUDENT_LOGP], off_mask),
-            "learn/demo_nll_teacher": -masked_mean(stats[..., STAT_TEACHER_LOGP], off_mask),
+            DEMO_NLL_STUDENT: -masked_mean(stats[..., STAT_STUDENT_LOGP], off_mask),
+            DEMO_NLL_TEACHER: -masked_mean(stats[..., STAT_TEACHER_LOGP], off_mask),
         })
     if bool(anchor_mask.any()):
         out["loss/anchor"] = float(masked_sequence_mean(per_token.detach(), anchor_mask))
