@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,8 +149,9 @@ def load_examples(recipe: Recipe, log) -> tuple:
     return signal, report, examples
 
 
-def open_episode_folder(run_dir: Path, name: str, resume: bool) -> tuple[Path, int]:
-    """The `.partial-NNN-name` folder this episode writes into: a new one, or the interrupted one."""
+def open_episode_folder(run_dir: Path, name: str, resume: bool, log) -> tuple[Path, int]:
+    """The `.partial-NNN-name` folder this episode writes into: a new one, or the interrupted one
+    (with --resume, or when its run stopped before it trained anything)."""
     partial = find_partial(run_dir, name) if resume else None
     if resume and partial is None:
         raise UserError(f"--resume: no interrupted episode named '{name}' in {run_dir}/episodes.")
@@ -157,10 +159,19 @@ def open_episode_folder(run_dir: Path, name: str, resume: bool) -> tuple[Path, i
         return partial, int(partial.name.split("-")[1])
     number = next_number(run_dir)
     partial = partial_dir(run_dir, number, name)
+    if partial.exists() and not trained_anything(partial):
+        log(f"note: {partial.name} is from a run that stopped before its first step; starting it afresh")
+        shutil.rmtree(partial)
     if partial.exists():
         raise UserError(f"{partial} exists from an interrupted run.", hint="Add --resume to continue it, or delete it.")
     partial.mkdir(parents=True)
     return partial, number
+
+
+def trained_anything(partial: Path) -> bool:
+    """Whether an interrupted episode's folder holds a step: a checkpoint, or a line of metrics."""
+    metrics = partial / "metrics.jsonl"
+    return (partial / "checkpoint").exists() or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 def sampling_settings(recipe: Recipe, device: torch.device, quantized: bool) -> SamplingSettings:
@@ -234,7 +245,7 @@ def setup_episode(recipe: Recipe, *, resume: bool, log, dist: Ranks, allow_mixed
     base_hash = model_content_hash(base_path, run_dir) if dist.is_main else None  # rank 0 checks, writes the cache
     if dist.is_main:
         check_same_base(parents, base_path, base_hash, allow=allow_mixed_base, log=log)  # before any folder is made
-    partial, number = dist.from_main(open_episode_folder(run_dir, recipe.name, resume) if dist.is_main else None)
+    partial, number = dist.from_main(open_episode_folder(run_dir, recipe.name, resume, log) if dist.is_main else None)
 
     m = load_model(recipe, number, parents, dist, log)
     optimizer = torch.optim.AdamW(m["params"], lr=cfg.lr, weight_decay=cfg.weight_decay)

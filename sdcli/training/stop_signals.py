@@ -1,7 +1,8 @@
 """Ctrl-C and SIGTERM during `sd train`: stop where nothing is lost.
 
 SIGTERM is what a cluster scheduler, `docker stop` or torchrun sends before it kills a job, so it
-is handled as Ctrl-C. During the training loop the first signal asks the loop to stop after the
+is handled as Ctrl-C. While the episode is set up, nothing is trained yet and a signal stops at
+once. During the training loop the first signal asks the loop to stop after the
 current step (the checkpoint is then exactly the state between two steps, and a resumed run
 matches an uninterrupted one); a second one stops at once. After the loop the adapter is saved
 before the evaluation, which can take minutes where a scheduler's grace period is often 30 s: a
@@ -17,6 +18,8 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from sdcli.core.errors import Interrupted
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -50,6 +53,23 @@ def _handling(handler):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def stop_at_once():
+    """For the episode's setup (the model loading, the anchors' answers, the teacher's answers):
+    nothing is trained yet, so a signal stops at once with a message and 128 + its number, through
+    every `with` on the way out (the run's lock is released, not left for the next run to take over)."""
+
+    def handler(signum, frame):
+        raise Interrupted(
+            f"Stopped by {signal_name(signum)} while the episode was being set up, before its first step: nothing "
+            "was trained. The same command starts it again.",
+            code=128 + signum,
+        )
+
+    with _handling(handler):
+        yield
 
 
 @contextmanager

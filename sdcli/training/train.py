@@ -50,7 +50,9 @@ from sdcli.training.memory import PeakMemory, heap_trimmed_between_layers, retur
 from sdcli.training.metrics import PhaseTimer, global_step_metrics, grad_norm, step_figures, step_metrics
 from sdcli.training.setup import EpisodeState, setup_episode
 from sdcli.training.step import METHODS, Rollout, StepLoss
-from sdcli.training.stop_signals import AfterTraining, EvaluationStopped, signal_name, stop_after_step, stop_evaluation
+from sdcli.training.stop_signals import (
+    AfterTraining, EvaluationStopped, signal_name, stop_after_step, stop_at_once, stop_evaluation,
+)
 from sdcli.training.teacher import update_ema
 from sdcli.training.tensorboard import TensorBoardLog
 
@@ -87,7 +89,8 @@ def _train_episode(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return_freed_memory_to_os()
-    run = setup_episode(recipe, resume=resume, log=log, dist=dist, allow_mixed_base=allow_mixed_base)
+    with stop_at_once():
+        run = setup_episode(recipe, resume=resume, log=log, dist=dist, allow_mixed_base=allow_mixed_base)
     make_rollout, compute_loss = METHODS[recipe.method]
     counted_in_setup = (0, 0) if dist.is_main else (run.encoder.truncated, run.teacher_encoder.cut)  # anchors: every rank
 

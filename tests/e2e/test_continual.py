@@ -186,6 +186,43 @@ def test_resume_after_ctrl_c_and_after_a_crash_matches_uninterrupted(tmp_path, t
         assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_setup_stops_at_once_and_the_next_run_starts_afresh(tmp_path, tiny_model_dir, monkeypatch, signum):
+    """Ctrl-C or SIGTERM while the model loads: a message and 128 + the signal, the run's lock
+    released; the next run without --resume reuses the empty folder. A folder that holds a step
+    is still refused without --resume."""
+    import sdcli.training.setup as setup_module
+
+    real = setup_module.open_episode_folder
+
+    def signal_after_the_folder_is_made(*args):
+        opened = real(*args)
+        os.kill(os.getpid(), signum)
+        return opened
+
+    monkeypatch.setattr(setup_module, "open_episode_folder", signal_after_the_folder_is_made)
+    recipe = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=2))
+    with pytest.raises(Interrupted, match="before its first step: nothing was trained") as stopped:
+        train_episode(recipe)
+    assert stopped.value.code == 128 + signum
+    partial = tmp_path / "run" / "episodes" / ".partial-001-zorblax"
+    assert partial.is_dir() and not any(partial.iterdir())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+    monkeypatch.setattr(setup_module, "open_episode_folder", real)
+    lines = []
+    train_episode(recipe, log=lines.append)  # the lock was released: no "taken over" note either
+    assert any("stopped before its first step; starting it afresh" in line for line in lines), lines
+    assert not any("taking the run over" in line for line in lines)
+    assert [e.label for e in list_episodes(tmp_path / "run")] == ["001-zorblax"]
+
+    trained = tmp_path / "run" / "episodes" / ".partial-002-zorblax"
+    trained.mkdir()
+    (trained / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match="exists from an interrupted run"):
+        train_episode(recipe)
+
+
 def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path, tiny_model_dir):
     recipe = recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=40, extra=", checkpoint_every: 1")
     proc = subprocess.Popen([sys.executable, "-m", "sdcli.cli", "train", str(recipe), "--quiet"],
