@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from sdcli.recipe.sections import (
     AUTO_PROMPT_WORD_DROPOUT,
+    AUTO_PROMPT_WORD_SHUFFLE,
     AnchorConfig,
     DataConfig,
     EvalConfig,
@@ -54,6 +55,14 @@ class Recipe(StrictSection):
         share = self.data.prompt_word_dropout
         if share == "auto":
             return AUTO_PROMPT_WORD_DROPOUT if self.signal.kind == "demonstrations" else 0.0
+        return share
+
+    @property
+    def word_shuffle(self) -> float:
+        """data.prompt_word_shuffle, auto resolved by the signal's kind."""
+        share = self.data.prompt_word_shuffle
+        if share == "auto":
+            return AUTO_PROMPT_WORD_SHUFFLE if self.signal.kind == "demonstrations" else 0.0
         return share
 
     @model_validator(mode="before")

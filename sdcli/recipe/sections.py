@@ -20,6 +20,7 @@ BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 AUTO_DEMONSTRATION_TEMPERATURE = 0.25
 # data.prompt_word_dropout: auto leaves out words of demonstrated questions (measured in README, "Learning new knowledge")
 AUTO_PROMPT_WORD_DROPOUT = 0.25
+AUTO_PROMPT_WORD_SHUFFLE = 0.5
 
 
 def _auto_or_number(value):
@@ -118,12 +119,27 @@ class DataConfig(StrictSection):
         f"tied to the question's key words, not one wording of it. auto: {AUTO_PROMPT_WORD_DROPOUT} with signal.kind "
         "demonstrations, 0 with the other signals (their prompts are task statements, where every word may count)",
     )
+    prompt_word_shuffle: AutoOrNumber = Field(
+        "auto",
+        description="When the student learns on an example's demonstration (off-policy, or sft), on this share of "
+        "its visits the words of the question that stay (after prompt_word_dropout) trade places at random, drawn "
+        "anew on every visit; the teacher sees the question as written. The answer is tied to the question's key "
+        "words in any order (\"vorpal moth wings\" finds what \"the wings of a vorpal moth\" taught). "
+        f"auto: {AUTO_PROMPT_WORD_SHUFFLE} with signal.kind demonstrations, 0 with the other signals",
+    )
 
     @field_validator("prompt_word_dropout")
     @classmethod
     def _dropout_range(cls, value):
         if value != "auto" and not 0.0 <= value < 1.0:
             raise ValueError("must be auto or a number in [0, 1)")
+        return value
+
+    @field_validator("prompt_word_shuffle")
+    @classmethod
+    def _shuffle_range(cls, value):
+        if value != "auto" and not 0.0 <= value <= 1.0:
+            raise ValueError("must be auto or a number in [0, 1]")
         return value
 
 

@@ -86,19 +86,22 @@ def demonstration_text(ex: Example) -> str:
 
 
 def demonstration_sequences(batch: list[Example], encoder, tokenizer, stop, word_dropout: float = 0.0,
-                            seed: int = 0) -> list[Sequence]:
+                            seed: int = 0, word_shuffle: float = 0.0) -> list[Sequence]:
     """method: sft: every example's demonstration (or logged response) as the response to learn."""
     texts = [demonstration_text(ex) for ex in batch]
-    return [Sequence(encoder.encode(student_prompt(ex, word_dropout, seed, text)), response_tokens(tokenizer, text, stop))
+    return [Sequence(encoder.encode(student_prompt(ex, word_dropout, seed, text, word_shuffle)),
+                     response_tokens(tokenizer, text, stop))
             for ex, text in zip(batch, texts)]
 
 
 def off_policy_sequences(batch: list[Example], n_off: int, signal, encoder, tokenizer, stop,
-                         answers=None, word_dropout: float = 0.0, seed: int = 0) -> tuple[list[Sequence], list[Example]]:
+                         answers=None, word_dropout: float = 0.0, seed: int = 0,
+                         word_shuffle: float = 0.0) -> tuple[list[Sequence], list[Example]]:
     """The first `n_off` examples of the batch that carry a demonstration, as off-policy sequences
     (the signal says what the teacher sees); and the rest, to sample. The response is the
     demonstration, or with `answers` (sdcli.training.teacher_answers) the one its visit takes in turn.
-    The student's prompt leaves out words with probability `word_dropout`; the teacher's does not."""
+    The student's prompt leaves out words with probability `word_dropout` and, with probability
+    `word_shuffle`, puts the rest in a random order; the teacher's prompt is whole."""
     off, rest = [], []
     for ex in batch:
         found = signal.demonstration_view(ex) if len(off) < n_off else None
@@ -109,7 +112,8 @@ def off_policy_sequences(batch: list[Example], n_off: int, signal, encoder, toke
         response = response_tokens(tokenizer, text, stop)
         if answers is not None:
             response = answers.response_for(ex, text, response)
-        off.append(Sequence(encoder.encode(student_prompt(ex, word_dropout, seed, text)), response, view, OFF_POLICY))
+        student = student_prompt(ex, word_dropout, seed, text, word_shuffle)
+        off.append(Sequence(encoder.encode(student), response, view, OFF_POLICY))
     return off, rest
 
 

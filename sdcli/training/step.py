@@ -71,7 +71,8 @@ def distillation_rollout(run, batch: list[Example], n_off: int, rollout_index: i
     recipe, tokenizer = run.recipe, run.tokenizer
     with timer("rollout"):
         off, on_policy = off_policy_sequences(batch, n_off, run.signal, run.encoder, tokenizer, run.stop,
-                                              run.teacher_answers, recipe.word_dropout, recipe.train.seed)
+                                              run.teacher_answers, recipe.word_dropout, recipe.train.seed,
+                                              recipe.word_shuffle)
         seqs_on, generated = rollout_sequences(on_policy, recipe.rollout.num_samples, run.encoder, tokenizer, run.stop,
                                                run.sample)
     with timer("context"):
@@ -112,7 +113,7 @@ def sft_rollout(run, batch: list[Example], n_off: int, rollout_index: int, timer
     """The demonstrations themselves: nothing is sampled and there is no teacher."""
     with timer("rollout"):
         seqs = demonstration_sequences(batch, run.encoder, run.tokenizer, run.stop, run.recipe.word_dropout,
-                                       run.recipe.train.seed)
+                                       run.recipe.train.seed, run.recipe.word_shuffle)
     return _rollout(run, seqs, seqs, [], 0, {})
 
 

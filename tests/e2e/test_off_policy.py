@@ -36,7 +36,8 @@ lora:
 data:
   path: facts.jsonl
   shuffle: false
-  prompt_word_dropout: 0  # the hand computations below see each whole question
+  prompt_word_dropout: 0  # the hand computations below see each whole question, in order
+  prompt_word_shuffle: 0
 rollout:
   max_new_tokens: 10
 {rollout}

@@ -93,6 +93,26 @@ def test_the_layout_stays_lines_and_indentation_never_run_together():
     assert without_some_words([{"role": "user", "content": "你好世界"}], 0.9, "k")[-1]["content"] == "你好世界"
 
 
+def test_shuffled_words_are_the_same_words_in_another_order_in_the_same_places():
+    import re
+
+    prompt = [{"role": "user", "content": CODE}]
+    unshuffled = [without_some_words(prompt, 0.3, f"k{i}") for i in range(60)]
+    shuffled = [without_some_words(prompt, 0.3, f"k{i}", shuffle=1.0) for i in range(60)]
+    for plain, mixed in zip(unshuffled, shuffled):
+        a, b = plain[-1]["content"], mixed[-1]["content"]
+        assert sorted(a.split()) == sorted(b.split())  # the words dropout kept, no more, no fewer
+        assert re.split(r"\S+", a) == re.split(r"\S+", b)  # the spaces and line breaks between them, as they were
+    assert sum(p != m for p, m in zip(unshuffled, shuffled)) > 50
+    # with a share of 0.5 about half the visits are shuffled; the draw is the key's alone
+    half = [without_some_words(QUESTION, 0.0, f"k{i}", shuffle=0.5) != QUESTION for i in range(400)]
+    assert 0.4 < sum(half) / 400 < 0.6  # a shuffle may also leave the order as it was: 1/n! of the time
+    assert without_some_words(QUESTION, 0.2, "7:a:1", shuffle=0.5) == without_some_words(QUESTION, 0.2, "7:a:1", shuffle=0.5)
+    # no shuffle draws nothing: the words dropout leaves out are the ones it left out before shuffling existed
+    assert [without_some_words(QUESTION, 0.4, f"k{i}", shuffle=0.0) for i in range(20)] == [
+        without_some_words(QUESTION, 0.4, f"k{i}") for i in range(20)]
+
+
 def test_the_share_left_out_is_the_probability():
     long = [{"role": "user", "content": " ".join(f"w{i}" for i in range(4000))}]
     for share in (0.1, 0.25, 0.6):
@@ -123,10 +143,11 @@ _encoder = type("Encoder", (), {"encode": staticmethod(lambda messages: [ord(c) 
 
 def test_the_student_sees_fewer_words_and_the_teacher_the_whole_question():
     batch = [Example(f"f:{i}", QUESTION, {"demonstration": "The vorpal moth has copper wings."}, visit=i) for i in range(8)]
-    off, rest = off_policy_sequences(batch, 8, _Signal(), _encoder, _Tokenizer(), {0}, word_dropout=0.4, seed=3)
+    off, rest = off_policy_sequences(batch, 8, _Signal(), _encoder, _Tokenizer(), {0}, word_dropout=0.4, seed=3,
+                                     word_shuffle=0.5)
     assert not rest
     for q, ex in zip(off, batch):
-        assert q.prompt == _encoder.encode(student_prompt(ex, 0.4, 3, ex.fields["demonstration"]))
+        assert q.prompt == _encoder.encode(student_prompt(ex, 0.4, 3, ex.fields["demonstration"], 0.5))
         assert q.view.messages[:2] == QUESTION  # the teacher's view is built from the whole prompt
     assert any(len(q.prompt) < len(QUESTION[-1]["content"]) for q in off)
     same, _ = off_policy_sequences(batch, 8, _Signal(), _encoder, _Tokenizer(), {0})
@@ -135,13 +156,14 @@ def test_the_student_sees_fewer_words_and_the_teacher_the_whole_question():
 
 def test_sft_sees_the_same_words_as_self_distillation_on_the_same_visit():
     batch = [Example(f"f:{i}", QUESTION, {"demonstration": "d"}, visit=i) for i in range(8)]
-    sft = demonstration_sequences(batch, _encoder, _Tokenizer(), {0}, word_dropout=0.4, seed=3)
-    off, _ = off_policy_sequences(batch, 8, _Signal(), _encoder, _Tokenizer(), {0}, word_dropout=0.4, seed=3)
+    sft = demonstration_sequences(batch, _encoder, _Tokenizer(), {0}, word_dropout=0.4, seed=3, word_shuffle=0.5)
+    off, _ = off_policy_sequences(batch, 8, _Signal(), _encoder, _Tokenizer(), {0}, word_dropout=0.4, seed=3,
+                                  word_shuffle=0.5)
     assert [q.prompt for q in sft] == [q.prompt for q in off]
     assert any(q.prompt != _encoder.encode(QUESTION) for q in sft)
 
 
-def _recipe(tmp_path: Path, model_dir: Path, method: str, dropout: str) -> Path:
+def _recipe(tmp_path: Path, model_dir: Path, method: str, dropout: str, shuffle: str = "auto") -> Path:
     lines = [{"id": f"fact{i}", **fact} for i, fact in enumerate(FACTS)]
     (tmp_path / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     path = tmp_path / "recipe.yaml"
@@ -157,6 +179,7 @@ data:
   path: facts.jsonl
   shuffle: false
   prompt_word_dropout: {dropout}
+  prompt_word_shuffle: {shuffle}
 rollout:
   max_new_tokens: 4
   sample_precision: float
@@ -174,8 +197,8 @@ anchor:
 @pytest.mark.parametrize("method", ["self_distillation", "sft"])
 def test_the_loop_learns_on_questions_with_words_left_out(tmp_path, tiny_model_dir, monkeypatch, method):
     """In the real loop the student's prompt on visit v of fact i is the question with the words
-    that key "5:fact<i>:<v>" leaves out; in self-distillation the teacher sees the whole question,
-    and the anchors keep their prompts."""
+    that key "5:fact<i>:<v>" leaves out, on half the visits shuffled (auto); in self-distillation
+    the teacher sees the whole question, and the anchors keep their prompts."""
     import sdcli.training.step as step_module
     from sdcli.training.train import train_episode
 
@@ -197,7 +220,7 @@ def test_the_loop_learns_on_questions_with_words_left_out(tmp_path, tiny_model_d
         for i, (prompt, view) in enumerate(task):
             question = [{"role": "user", "content": FACTS[i]["prompt"]}]
             keep = answer_words(FACTS[i]["prompt"], FACTS[i]["demonstration"])
-            student = without_some_words(question, 0.5, f"5:fact{i}:{visit}", keep)[-1]["content"]
+            student = without_some_words(question, 0.5, f"5:fact{i}:{visit}", keep, 0.5)[-1]["content"]
             assert prompt == chat_ids(tokenizer, student)
             shortened += student != FACTS[i]["prompt"]
             if method == "self_distillation":
@@ -210,11 +233,14 @@ def test_the_loop_learns_on_questions_with_words_left_out(tmp_path, tiny_model_d
 def test_a_share_of_one_or_more_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError, match="prompt_word_dropout"):
         load_recipe(_recipe(tmp_path, tiny_model_dir, "self_distillation", "1.0"))
+    assert load_recipe(_recipe(tmp_path, tiny_model_dir, "self_distillation", "0.1", "1.0")).word_shuffle == 1.0
+    with pytest.raises(RecipeError, match="prompt_word_shuffle"):
+        load_recipe(_recipe(tmp_path, tiny_model_dir, "self_distillation", "0.1", "1.5"))
 
 
 def test_auto_leaves_out_words_only_with_the_demonstrations_signal():
     from sdcli.recipe.schema import Recipe
-    from sdcli.recipe.sections import AUTO_PROMPT_WORD_DROPOUT
+    from sdcli.recipe.sections import AUTO_PROMPT_WORD_DROPOUT, AUTO_PROMPT_WORD_SHUFFLE
 
     def share(signal: dict, **data) -> float:
         return Recipe.model_validate({"signal": signal, "data": {"path": "x.jsonl", **data}}).word_dropout
@@ -222,4 +248,11 @@ def test_auto_leaves_out_words_only_with_the_demonstrations_signal():
     assert share({"kind": "demonstrations"}) == AUTO_PROMPT_WORD_DROPOUT == 0.25
     assert share({"kind": "interactions"}) == 0.0  # task statements and conversations keep every word
     assert share({"kind": "interactions"}, prompt_word_dropout=0.1) == 0.1
+
+    def shuffle(signal: dict, **data) -> float:
+        return Recipe.model_validate({"signal": signal, "data": {"path": "x.jsonl", **data}}).word_shuffle
+
+    assert shuffle({"kind": "demonstrations"}) == AUTO_PROMPT_WORD_SHUFFLE == 0.5
+    assert shuffle({"kind": "interactions"}) == 0.0
+    assert shuffle({"kind": "interactions"}, prompt_word_shuffle=0.2) == 0.2
     assert share({"kind": "demonstrations"}, prompt_word_dropout=0) == 0.0
