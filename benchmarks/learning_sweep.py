@@ -59,6 +59,7 @@ GRID: dict[str, list[str]] = {
     "defaults": [],
     "no-word-dropout": ["data.prompt_word_dropout=0"],  # the defaults before 2026-11-30 15:00
     "word-dropout-0.4": ["data.prompt_word_dropout=0.4"],
+    "no-shuffle": ["data.prompt_word_shuffle=0"],  # the defaults before 2026-12-01 01:30
     "tt0.5": ["loss.teacher_temperature=0.5"],
     "tt0.25": ["loss.teacher_temperature=0.25"],
     "tt0.5-anchor8": ["loss.teacher_temperature=0.5", "anchor.prompts_per_step=8"],
