@@ -52,17 +52,18 @@ class Recipe(StrictSection):
     @property
     def word_dropout(self) -> float:
         """data.prompt_word_dropout, auto resolved by the signal's kind."""
-        share = self.data.prompt_word_dropout
-        if share == "auto":
-            return AUTO_PROMPT_WORD_DROPOUT if self.signal.kind == "demonstrations" else 0.0
-        return share
+        return self._for_demonstrations(self.data.prompt_word_dropout, AUTO_PROMPT_WORD_DROPOUT)
 
     @property
     def word_shuffle(self) -> float:
         """data.prompt_word_shuffle, auto resolved by the signal's kind."""
-        share = self.data.prompt_word_shuffle
+        return self._for_demonstrations(self.data.prompt_word_shuffle, AUTO_PROMPT_WORD_SHUFFLE)
+
+    def _for_demonstrations(self, share, auto: float) -> float:
+        """A share of the question's words: `auto` with the demonstrations signal, 0 with the others
+        (their prompts are task statements, where every word and its place may count)."""
         if share == "auto":
-            return AUTO_PROMPT_WORD_SHUFFLE if self.signal.kind == "demonstrations" else 0.0
+            return auto if self.signal.kind == "demonstrations" else 0.0
         return share
 
     @model_validator(mode="before")
