@@ -215,16 +215,12 @@ def _score_tokens(recipe, model, tokenizer, teacher_encoder, kept: list, summary
     summary.update(learning_metrics(per_token, stats, mask, kinds))
     summary["kl"] = float((per_token * mask).sum() / mask.sum()) if bool(mask.any()) else float("nan")
     summary["signal/teacher_prompts_cut"] = teacher_encoder.cut
-    return {
-        id(q): [
-            TokenRow(
-                y, tokenizer.decode([y]), float(stats[i, t, STAT_STUDENT_LOGP]), float(stats[i, t, STAT_TEACHER_LOGP]),
-                tokenizer.decode([int(stats[i, t, STAT_TEACHER_TOP])]) if int(stats[i, t, STAT_TEACHER_TOP]) != y else None,
-            )
-            for t, y in enumerate(q.response)
-        ]
-        for i, q in enumerate(kept)
-    }
+    def row(y: int, at: torch.Tensor) -> TokenRow:
+        top = int(at[STAT_TEACHER_TOP])
+        return TokenRow(y, tokenizer.decode([y]), float(at[STAT_STUDENT_LOGP]), float(at[STAT_TEACHER_LOGP]),
+                        tokenizer.decode([top]) if top != y else None)
+
+    return {id(q): [row(y, stats[i, t]) for t, y in enumerate(q.response)] for i, q in enumerate(kept)}
 
 
 # --- summaries ------------------------------------------------------------------------------------

@@ -250,12 +250,12 @@ def lead_with(logits: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -
     ([B, T]) and the largest logit trade places: the token comes first, and every probability of
     the distribution is still one the teacher gave (only which token holds it changes). Elsewhere,
     and where the token already leads, the logits are unchanged."""
-    if not bool(where.any()):  # a chunk of anchors or samples only: no [B, T, V] copies
+    if not bool(where.any()):  # a chunk of anchors or samples only: no [B, T, V] copy
         return logits
-    top = logits.argmax(-1, keepdim=True)
     y = tokens.unsqueeze(-1)
-    swapped = logits.scatter(-1, top, logits.gather(-1, y)).scatter(-1, y, logits.gather(-1, top))
-    return torch.where(where.unsqueeze(-1), swapped, logits)
+    top = torch.where(where, logits.argmax(-1), tokens).unsqueeze(-1)  # not asked: the token trades with itself
+    top_logit, y_logit = logits.gather(-1, top), logits.gather(-1, y)
+    return logits.clone().scatter_(-1, top, y_logit).scatter_(-1, y, top_logit)  # one [B, T, V] copy, not three
 
 
 STAT_STUDENT_LOGP, STAT_TEACHER_LOGP, STAT_DISAGREE, STAT_TEACHER_TOP = 0, 1, 2, 3
