@@ -106,7 +106,10 @@ def test_reporting_passes_and_exiting_scores_0(at_level, shape, when):
 
 # Look for the expected answers wherever the code can reach: the stack's frames, argv, the
 # environment, stdin and every fd, files in and above the folder, every process's /proc entry,
-# and any .json/.jsonl file on the machine. The file walk stops itself after 2 s, nearest folders
+# and any .json/.jsonl file on the machine. Through /proc it reads only the read ends of
+# pipes: opening its own output pipe there for reading would swallow its own results (the
+# runner's "loaded" line, when the harness had not read it yet), a race that scored the
+# planted-answer check below 0 on some runs. The file walk stops itself after 2 s, nearest folders
 # first, or as soon as it holds answers to f(1) and f(2), so that a score of 0 means nothing was
 # found, not that the search ran out of time (a large Python install under /root or /work takes
 # longer to walk than the limits allow, and a loaded machine longer still).
@@ -154,11 +157,17 @@ def search():
             look(os.read(fd, 1 << 20))
         finally:
             os.close(fd)
+    def read_end(pid, fd):  # a write end holds only what its writers (the code itself) wrote
+        with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+            flags = int(info.read().split("flags:")[1].split()[0], 8)
+        return flags & os.O_ACCMODE != os.O_WRONLY
     pids = ["self"]
     attempt(lambda: pids.extend(os.listdir("/proc")))
     for pid in pids:
-        for part in ("cmdline", "environ", "fd/0", "fd/3", "fd/4", "fd/5", "fd/6"):
+        for part in ("cmdline", "environ"):
             attempt(lambda: read(f"/proc/{pid}/{part}"))
+        for fd in (0, 3, 4, 5, 6):
+            attempt(lambda: read_end(pid, fd) and read(f"/proc/{pid}/fd/{fd}"))
     for top in (".", "..", "/tmp", "/home", "/root", "/work", "/"):
         try:
             for root, dirs, files in os.walk(top):
