@@ -19,7 +19,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sdcli.core.errors import Interrupted, JobStopped
+from sdcli.core.errors import Interrupted
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -56,16 +56,12 @@ def _handling(handler):
 
 
 @contextmanager
-def stop_at_once(quiet: bool = False):
+def stop_at_once():
     """For the episode's setup (the model loading, the anchors' answers, the teacher's answers):
     nothing is trained yet, so a signal stops at once with a message and 128 + its number, through
-    every `with` on the way out (the run's lock is released, not left for the next run to take over).
-    quiet: stop with the same code and no message (torchrun's ranks other than 0: Ctrl-C and
-    torchrun's own SIGTERM reach every rank, and rank 0 says it once)."""
+    every `with` on the way out (the run's lock is released, not left for the next run to take over)."""
 
     def handler(signum, frame):
-        if quiet:
-            raise JobStopped(None, code=128 + signum)
         raise Interrupted(
             f"Stopped by {signal_name(signum)} while the episode was being set up, before its first step: nothing "
             "was trained. The same command starts it again.",

@@ -89,7 +89,7 @@ def _train_episode(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return_freed_memory_to_os()
-    with stop_at_once(quiet=not dist.is_main):
+    with stop_at_once():
         run = setup_episode(recipe, resume=resume, log=log, dist=dist, allow_mixed_base=allow_mixed_base)
     make_rollout, compute_loss = METHODS[recipe.method]
     counted_in_setup = (0, 0) if dist.is_main else (run.encoder.truncated, run.teacher_encoder.cut)  # anchors: every rank
