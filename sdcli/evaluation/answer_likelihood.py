@@ -24,6 +24,7 @@ import torch
 from sdcli.core.data import Messages
 from sdcli.evaluation.eval_sets import EvalExample
 from sdcli.evaluation.scoring import mean, using
+from sdcli.models.model import merged_for_sampling
 
 
 def answer_span(example: EvalExample) -> tuple[int, int] | None:
@@ -82,11 +83,12 @@ def _answer_tokens(tokenizer, example: EvalExample) -> tuple[list[int], list[boo
 @torch.no_grad()
 def answer_likelihood(
     model, tokenizer, examples: Sequence[EvalExample], views: Sequence[Messages | None], *, encoder,
-    adapters: Sequence[str] | None = None,
+    adapters: Sequence[str] | None = None, merge: bool = True,
 ) -> dict:
     """answer_nll, demonstration_nll and their teacher_ counterparts over the lines with a
     demonstration; `views[i]` is line i's teacher prompt or None. Per line: "per_line" (same order
-    as `examples`, None for lines without a demonstration)."""
+    as `examples`, None for lines without a demonstration). merge: fold the adapters into the
+    weights for the passes (a quarter faster on a CPU, the same figures to float precision)."""
     answer, whole, t_answer, t_whole, per_line = [], [], [], [], []
     scored, pairs = [], []  # each (prompt, demonstration) pair, and (its line, its prefix, its answer tokens)
     for ex, view in zip(examples, views, strict=True):
@@ -99,7 +101,7 @@ def answer_likelihood(
             if prompt is not None:
                 scored.append((per_line[-1], prefix, in_answer))
                 pairs.append((encoder.encode(prompt), ids))
-    with using(model, adapters):
+    with using(model, adapters), merged_for_sampling(model, merge):
         nlls = responses_token_nll(model, pairs, tokenizer.pad_token_id)
     for (line, prefix, in_answer), nll in zip(scored, nlls, strict=True):
         a_list, w_list = (t_answer, t_whole) if prefix else (answer, whole)

@@ -225,7 +225,7 @@ def _source_template(loaded) -> str:
 
 def evaluate_source(
     source: Path, sets: list[EvalSet], *, upto: int | None = None, no_adapters: bool = False, drift_texts=None,
-    drift_max_tokens: int = 256, teacher: bool = True, max_new_tokens: int = 48, batch_size: int = 16, samples: int = 0,
+    drift_max_tokens: int = 256, teacher: bool = True, max_new_tokens: int = 48, batch_size: int | None = None, samples: int = 0,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """One model (a run prefix, the base, or a model folder) on every set: {"model", "sets", "drift"}."""
@@ -251,7 +251,7 @@ def evaluate_source(
 
 def evaluate_matrix(
     run_dir: Path, sets: list[EvalSet], taught_by: list[int | None], *, drift_texts=None, drift_max_tokens: int = 256,
-    teacher: bool = True, max_new_tokens: int = 48, batch_size: int = 16, log: Callable[[str], None] = lambda s: None,
+    teacher: bool = True, max_new_tokens: int = 48, batch_size: int | None = None, log: Callable[[str], None] = lambda s: None,
 ):
     """Every prefix of a run's stack (base, after 1, ..., after E) on every set, from one loaded
     model whose adapters are switched per row. Returns (Matrix, details per row)."""

@@ -1,4 +1,5 @@
-"""The decoding steps of a Llama-family model computed directly, for sampling from int8 copies on a CPU.
+"""The decoding steps of a Llama-family model computed directly, on a CPU: samples from int8 copies
+while training, greedy answers in float (folded adapters) for evaluation.
 
 At a few rows per step a CPU decoding step costs little arithmetic, and transformers' `generate`
 around peft's LoRA layers spends much of it on per-operation overhead: ~220 linear calls, each
@@ -22,6 +23,9 @@ grouped-query attention, SiLU MLP), arranged for fewer calls:
 The prompt pass is the model's own forward, in float (`int8_linear` says why). Anything this
 module does not know goes through `generate` instead (`supports_direct_decoding`): another
 architecture, a DoRA or biased adapter, an adapter folded into the weights, a model not in float32.
+Rows leave the batch once a quarter of it has stopped (`direct_decode`), so a large batch of
+answers of mixed lengths costs about what its answers' tokens cost.
+
 The greedy tokens equal `generate`'s, and each step's logits the model's own forward
 (tests/unit/test_direct_decode.py).
 """
@@ -129,6 +133,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+COMPACT_SHARE = 0.25  # stopped rows leave the batch once they are this share of it
+
+
 class DirectDecoder:
     """One left-padded batch: `prefill` runs the prompts, then each `step` takes one new token per
     row and returns the logits for the next. Logits are float32 [rows, vocabulary]."""
@@ -223,6 +230,12 @@ class DirectDecoder:
         logits = base_model(self.model).get_output_embeddings()(last).float()
         return logits, layers, attention, shared + own_lengths - 1
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with only these rows (indices into the current ones), in this order."""
+        self.keys = [keys[rows] for keys in self.keys]
+        self.values = [values[rows] for values in self.values]
+        self.visible, self.positions = self.visible[rows], self.positions[rows]
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [rows]: the token each row just drew -> the logits for the next."""
         rows, at = tokens.shape[0], self.filled
@@ -273,13 +286,22 @@ def draw(probabilities: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 def direct_decode(model, input_ids: torch.Tensor, attention: torch.Tensor, *, int8: bool, max_new_tokens: int,
                   temperature: float, top_k: int, top_p: float, stop_ids: set[int], pad_id: int) -> torch.Tensor:
     """The new tokens [rows, <= max_new_tokens], pad after a row's stop token, as `generate` returns
-    them; temperature 0 is greedy. Stops when every row has stopped."""
+    them; temperature 0 is greedy. Stops when every row has stopped.
+
+    Rows that have stopped leave the batch once they are a quarter of it (`COMPACT_SHARE`): the
+    answers of one batch end at very different lengths (a fact in 15 tokens, a general answer at
+    the limit), and a stopped row would cost as much as a live one to the end. Greedy tokens are
+    the same either way; a sampled row draws from the same distribution, with other uniforms once
+    rows have left."""
     decoder = DirectDecoder(model, int8, max_new_tokens)
     logits = decoder.prefill(input_ids, attention)
     chain = warpers(temperature, top_k, top_p) if temperature > 0 else []
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-    drawn = []
+    rows = input_ids.shape[0]
+    out = input_ids.new_full((rows, max_new_tokens), pad_id)
+    live = torch.arange(rows)  # which of the batch's rows the decoder still holds, in its order
+    finished = torch.zeros(rows, dtype=torch.bool)  # of the live rows
+    length = 0
     for index in range(max_new_tokens):
         if temperature > 0:
             for warp in chain:
@@ -288,9 +310,14 @@ def direct_decode(model, input_ids: torch.Tensor, attention: torch.Tensor, *, in
         else:
             tokens = logits.argmax(-1)
         tokens = tokens.masked_fill(finished, pad_id)
-        drawn.append(tokens)
+        out[live, index] = tokens
+        length = index + 1
         finished |= torch.isin(tokens, stop)
         if bool(finished.all()) or index == max_new_tokens - 1:
             break
+        if int(finished.sum()) >= max(1, COMPACT_SHARE * len(live)):
+            going = (~finished).nonzero().squeeze(-1)
+            decoder.keep(going)
+            live, finished, tokens = live[going], finished[going], tokens[going]
         logits = decoder.step(tokens)
-    return torch.stack(drawn, dim=1) if drawn else input_ids.new_zeros((input_ids.shape[0], 0))
+    return out[:, :length]

@@ -8,9 +8,11 @@ costs one read of every weight. What keeps it cheap:
 - otherwise the adapters are folded into the weights while sampling (`merged_for_sampling`): one
   matmul per linear layer instead of three;
 - every prompt x sample is one left-padded batch, which stops when all rows have produced a stop
-  token. From int8 copies of a Llama-family model the decoding steps are computed directly
-  (`sdcli.models.direct_decode`: fused projections and adapters; `generate` took 1.45x its time for
-  4 x 48 tokens, benchmarks/decode_vs_generate.py); everything else goes through `generate`.
+  token. On a CPU the decoding steps of a Llama-family model are computed directly
+  (`sdcli.models.direct_decode`: fused projections and adapters, rows leave the batch as they stop;
+  from int8 copies `generate` took 1.45x its time for 4 x 48 tokens, benchmarks/decode_vs_generate.py;
+  in float, folded, greedy answers to 76 eval questions took 2x at 64 rows); everything else goes
+  through `generate`.
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ def generation_config(settings: SamplingSettings, stop_ids: set[int], pad_id: in
 
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids: set[int], pad_id: int) -> list[list[int]]:
-    """One left-padded batch through transformers' `generate`, or, sampling from int8 copies of a
-    Llama-family model, through `direct_decode`. prompts: token ids per row. Returns the new tokens
-    per row (pad after a row's stop token)."""
+    """One left-padded batch through transformers' `generate`, or, for a Llama-family model on a
+    CPU or sampled from int8 copies, through `direct_decode`. prompts: token ids per row. Returns
+    the new tokens per row (pad after a row's stop token)."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -62,8 +64,8 @@ def decode(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         attention[i, width - len(p) :] = 1
-    if settings.int8 and supports_direct_decoding(model, width + settings.max_new_tokens):
-        return direct_decode(model, input_ids, attention, int8=True, max_new_tokens=settings.max_new_tokens,
+    if (settings.int8 or device.type == "cpu") and supports_direct_decoding(model, width + settings.max_new_tokens):
+        return direct_decode(model, input_ids, attention, int8=settings.int8, max_new_tokens=settings.max_new_tokens,
                              temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                              stop_ids=stop_ids, pad_id=pad_id).tolist()
     with int8_for_sampling(model, settings.int8):

@@ -90,6 +90,43 @@ def test_greedy_tokens_are_generates(tiny_llama_dir):
     assert ours.tolist() == reference
 
 
+
+def test_rows_that_stop_leave_the_batch_and_the_rest_decode_as_in_the_full_batch(tiny_llama_dir, monkeypatch):
+    import sdcli.models.direct_decode as direct
+
+    model = with_adapters(tiny_llama_dir, torch.float64)  # float64: no near-tie flips between batch shapes
+    ids, attention = padded(PROMPTS)
+    kw = dict(int8=False, max_new_tokens=12, temperature=0.0, top_k=0, top_p=1.0, pad_id=0)
+    rows_per_step, real_step = [], direct.DirectDecoder.step
+    monkeypatch.setattr(direct.DirectDecoder, "step", lambda self, t: rows_per_step.append(len(t)) or real_step(self, t))
+    with torch.no_grad(), active_adapters(model, ["ep001", "ep002"]):
+        free = direct_decode(model, ids, attention, stop_ids={-1}, **kw)  # no row stops
+        stop = int(free[0, 1])  # row 0 stops after two tokens
+        assert any(stop not in row[:8] for row in free.tolist())  # ... and some other row goes on for longer
+        monkeypatch.setattr(direct, "COMPACT_SHARE", 2.0)  # never compacts
+        kept = direct_decode(model, ids, attention, stop_ids={stop}, **kw)
+        monkeypatch.setattr(direct, "COMPACT_SHARE", 0.25)
+        rows_per_step.clear()
+        compacted = direct_decode(model, ids, attention, stop_ids={stop}, **kw)
+    assert compacted.tolist() == kept.tolist()
+    assert rows_per_step[0] == len(PROMPTS) and rows_per_step[-1] < len(PROMPTS)
+
+
+def test_a_float_model_on_a_cpu_decodes_directly_with_its_adapters_folded_or_not(tiny_llama_dir, monkeypatch):
+    """Greedy eval answers on a CPU: the direct steps, not `generate` (2x faster on an eval set)."""
+    from types import SimpleNamespace
+
+    import sdcli.models.rollout as rollout_module
+
+    calls, real = [], rollout_module.direct_decode
+    monkeypatch.setattr(rollout_module, "direct_decode", lambda *a, **k: calls.append(k["int8"]) or real(*a, **k))
+    model = with_adapters(tiny_llama_dir)
+    for merge in (True, False):
+        settings = SamplingSettings(max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0, merge=merge)
+        with active_adapters(model, ["ep001"]):
+            rollout_module.sample_responses(model, SimpleNamespace(pad_token_id=0), PROMPTS, settings, {2})
+    assert calls == [False, False]
+
 @int8_kernels
 def test_int8_steps_equal_the_int8_copies_under_generates_modules(tiny_model_dir):
     model = with_adapters(tiny_model_dir)
