@@ -20,12 +20,11 @@ The same three recipes run once with `method: self_distillation` and once with `
 override, so the two arms cannot drift apart). The runner prints both matrices and a comparison
 table, writes `sd report` plots for each arm, and saves the numbers in OUT/results.json.
 
-Cost on 2 CPU cores (fp32, 4 prompts x up to 48 tokens): a self-distillation step takes
-6-8 s and an SFT step about 1.2 s. Loading the model and evaluating at the end of the episode
-(about 70 greedy answers plus drift) take about 40 s per episode. The SFT arm took 4.1 minutes in
-full. The SD arm should take about 3 x 36 x 7 s + 2 min = 15 minutes, so the whole run takes
-about 20 minutes. Run nothing else on those cores meanwhile: two torch processes on 2 cores
-slowed one SD step from 7 s to 160 s.
+Cost on 2 CPU cores (fp32, shipped defaults, 2026-12-01, AMD EPYC AVX2): the SD arm takes
+11-12 minutes on continual_facts (before the faster evaluation below) and 13.4 on world_facts, of which training is about half (2.8-4.5 s
+a step) and the evaluation after each episode (the task and retain sets with the teacher beside
+them, the baselines, drift) 1.2-2.3 minutes an episode. Run nothing else on those cores meanwhile:
+two torch processes on 2 cores slowed one SD step from 7 s to 160 s.
 """
 
 from __future__ import annotations
