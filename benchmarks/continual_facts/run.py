@@ -21,7 +21,7 @@ override, so the two arms cannot drift apart). The runner prints both matrices a
 table, writes `sd report` plots for each arm, and saves the numbers in OUT/results.json.
 
 Cost on 2 CPU cores (fp32, shipped defaults, 2026-12-01, AMD EPYC AVX2): the SD arm takes
-11-12 minutes on continual_facts (before the faster evaluation below) and 13.4 on world_facts, of which training is about half (2.8-4.5 s
+9.3 minutes on continual_facts (seed 1) and 13.4 on world_facts (seed 0), of which training is about half (2.8-4.5 s
 a step) and the evaluation after each episode (the task and retain sets with the teacher beside
 them, the baselines, drift) 1.2-2.3 minutes an episode. Run nothing else on those cores meanwhile:
 two torch processes on 2 cores slowed one SD step from 7 s to 160 s.
