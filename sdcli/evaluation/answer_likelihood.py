@@ -88,7 +88,8 @@ def answer_likelihood(
     """answer_nll, demonstration_nll and their teacher_ counterparts over the lines with a
     demonstration; `views[i]` is line i's teacher prompt or None. Per line: "per_line" (same order
     as `examples`, None for lines without a demonstration). merge: fold the adapters into the
-    weights for the passes (a quarter faster on a CPU, the same figures to float precision)."""
+    weights for the passes, as the greedy answers do (a quarter faster on a CPU; the figures
+    move by the rounding of the folded weights)."""
     answer, whole, t_answer, t_whole, per_line = [], [], [], [], []
     scored, pairs = [], []  # each (prompt, demonstration) pair, and (its line, its prefix, its answer tokens)
     for ex, view in zip(examples, views, strict=True):
