@@ -6,7 +6,7 @@
 
 The evaluation after an episode answers every eval set greedily (sdcli/evaluation/scoring.py). On a
 CPU a Llama-family model now decodes through sdcli/models/direct_decode.py with its adapters folded,
-64 prompts at a time, and a row leaves the batch once a quarter of the batch has stopped. This times
+32 prompts at a time, and a row leaves the batch once a quarter of the batch has stopped. This times
 that against what it replaced, `generate` on the folded model 16 prompts at a time (each batch
 running until its longest answer ends), on the questions of world_facts task 1 and 2 and the forty
 general questions (76 prompts, 40 new tokens at most, as the benchmarks' recipes ask). Order per
@@ -72,7 +72,7 @@ def main() -> None:
             rollout.supports_direct_decoding = direct
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {cpu_name()}, {args.threads} threads; {len(prompts)} prompts, "
-          f"<= {args.max_new_tokens} new tokens, {what}; direct = sd's steps at 64 rows, generate = 16 rows")
+          f"<= {args.max_new_tokens} new tokens, {what}; direct = sd's steps at 32 rows, generate = 16 rows")
     ratios = []
     for r in range(args.rounds):
         seconds, answers = {"direct": [], "generate": []}, {}

@@ -90,12 +90,13 @@ def using(model, adapters: Sequence[str] | None):
 
 
 def default_batch_size(model) -> int:
-    """Prompts per batch of answers: 64 on a CPU, 16 on a GPU. On a CPU a Llama-family model
+    """Prompts per batch of answers: 32 on a CPU, 16 on a GPU. On a CPU a Llama-family model
     decodes through `sdcli.models.direct_decode`, which drops rows from the batch as they stop, so
     a larger batch shares each read of the weights among more rows and costs little for its longest
-    answer (76 eval questions: 15-17 s at 64 rows, 24 s at 16, 2026-12-01, 2 cores). On a GPU
-    `generate` keeps every row to the end, and a large model's KV cache grows with the batch."""
-    return 64 if next(model.parameters()).device.type == "cpu" else 16
+    answer. 76 eval questions of SmolLM2-135M (2026-12-01, 2 cores): 24 s at 16 rows; 16.5-18.4 s
+    and a 1.73 GB process peak at 32; 15.3-18.7 s and 1.97 GB at 64 (the KV cache grows with the
+    batch). On a GPU `generate` keeps every row to the end, and a large model's cache is larger."""
+    return 32 if next(model.parameters()).device.type == "cpu" else 16
 
 
 def greedy_answers(model, tokenizer, prompts: Sequence[Messages], **options) -> list[str]:

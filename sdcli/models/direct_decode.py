@@ -95,9 +95,9 @@ class _Fused:
         plain = [_plain(linear) for linear in linears]
         self.packed = packed_copy(*plain) if int8 else None
         self.outliers = outliers
-        if not int8 or outliers:  # the float weight itself where there is one linear (no copy)
-            self.weight = torch.cat([p.weight for p in plain]) if len(plain) > 1 else plain[0].weight
-            self.bias = None if plain[0].bias is None else torch.cat([p.bias for p in plain])
+        # float: the linears' own weights, each its own matmul, not one concatenated copy (a second
+        # copy of every q/k/v and gate/up weight, 278 MB on SmolLM2-135M, made for every batch)
+        self.weights = [(p.weight, p.bias) for p in plain] if not int8 or outliers else []
         widths = [p.out_features for p in plain]
         pieces = [(i, a, b) for i, linear in enumerate(linears) for a, b in _adapters(linear)]
         self.a_t = torch.cat([a for _, a, _ in pieces]).detach().t().contiguous() if pieces else None  # [in, ranks]
@@ -112,9 +112,10 @@ class _Fused:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] -> [rows, sum of the outputs]"""
         if self.packed is None:
-            y = F.linear(x, self.weight, self.bias)
+            y = torch.cat([F.linear(x, w, b) for w, b in self.weights], dim=-1) if len(self.weights) > 1 \
+                else F.linear(x, *self.weights[0])
         elif self.outliers:
-            y = int8_matmul_outliers_in_float(x, self.packed, self.weight)
+            y = int8_matmul_outliers_in_float(x, self.packed, self.weights[0][0])
         else:
             y = int8_matmul(x, self.packed)
         if self.a_t is not None:
@@ -232,8 +233,8 @@ class DirectDecoder:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Go on with only these rows (indices into the current ones), in this order."""
-        self.keys = [keys[rows] for keys in self.keys]
-        self.values = [values[rows] for values in self.values]
+        for layer in range(len(self.keys)):  # one layer at a time: the old cache goes as the new one comes
+            self.keys[layer], self.values[layer] = self.keys[layer][rows], self.values[layer][rows]
         self.visible, self.positions = self.visible[rows], self.positions[rows]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

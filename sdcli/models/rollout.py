@@ -11,8 +11,8 @@ costs one read of every weight. What keeps it cheap:
   token. On a CPU the decoding steps of a Llama-family model are computed directly
   (`sdcli.models.direct_decode`: fused projections and adapters, rows leave the batch as they stop;
   from int8 copies `generate` took 1.45x its time for 4 x 48 tokens, benchmarks/decode_vs_generate.py;
-  greedy answers to 76 eval questions, folded, 15-17 s at 64 rows against 27-37 s through `generate`
-  at 16); everything else goes through `generate`.
+  greedy answers to 76 eval questions, folded, 17.9-18.5 s at 32 rows against 31.9-35.1 s through
+  `generate` at 16); everything else goes through `generate`.
 """
 
 from __future__ import annotations
