@@ -89,7 +89,9 @@ def supports_direct_decoding(model, length: int) -> bool:
 
 class _Fused:
     """Linears that read the same input, as one: y = [W_1; W_2; ...] x + blockdiag(B) (stacked A) x.
-    `outliers`: the input's outlier columns in float (the MLP output projection, `int8_sampling`)."""
+    From int8 copies the W are one packed matmul; in float each W is its own matmul, the outputs
+    side by side. `outliers`: the input's outlier columns in float (the MLP output projection,
+    `int8_sampling`)."""
 
     def __init__(self, linears: list, int8: bool, outliers: bool = False):
         plain = [_plain(linear) for linear in linears]
