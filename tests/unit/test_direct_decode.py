@@ -113,7 +113,7 @@ def test_rows_that_stop_leave_the_batch_and_the_rest_decode_as_in_the_full_batch
 
 
 def test_a_float_model_on_a_cpu_decodes_directly_with_its_adapters_folded_or_not(tiny_llama_dir, monkeypatch):
-    """Greedy eval answers on a CPU: the direct steps, not `generate` (2x faster on an eval set)."""
+    """Greedy eval answers on a CPU: the direct steps, not `generate` (about 1.8x faster on an eval set)."""
     from types import SimpleNamespace
 
     import sdcli.models.rollout as rollout_module
