@@ -111,6 +111,13 @@ GRID: dict[str, list[str]] = {
     "r64-a64": ["lora.r=64", "lora.alpha=64"],
     "midmlp": [f"lora.target_modules=[{MIDDLE_MLPS}]"],
     "midmlp-lr1e-3": [f"lora.target_modules=[{MIDDLE_MLPS}]", "train.lr=1e-3"],
+    # LoRA+: the B matrices at train.lr times the ratio
+    "lp4": ["lora.b_lr_ratio=4"],
+    "lp8": ["lora.b_lr_ratio=8"],
+    "lp16": ["lora.b_lr_ratio=16"],
+    "lp16-warmup12": ["lora.b_lr_ratio=16", "train.warmup_steps=12"],
+    "lp16-lr1.25e-4": ["lora.b_lr_ratio=16", "train.lr=1.25e-4"],
+    "lp16-aw20": ["lora.b_lr_ratio=16", "anchor.weight=20"],
 }
 
 

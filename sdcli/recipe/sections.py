@@ -105,6 +105,11 @@ class LoraSettings(StrictSection):
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="all-linear, or a list of module names such as [q_proj, v_proj]"
     )
+    b_lr_ratio: float = Field(
+        1.0, ge=1.0, le=64.0,
+        description="LoRA+: the B matrices learn at train.lr times this, the A matrices at train.lr (1 = plain "
+        "LoRA). Learns new facts faster and gives away more general answers (README, \"LoRA+\")",
+    )
 
 class DataConfig(StrictSection):
     path: Path = Field(..., description="JSONL file, one example per line")

@@ -219,6 +219,17 @@ def load_model(recipe: Recipe, number: int, parents: list[Episode], dist: Ranks,
     )
 
 
+def lora_param_groups(model, params: list[torch.nn.Parameter], lr: float, b_lr_ratio: float) -> list[dict]:
+    """AdamW's parameter groups: every trainable parameter at `lr`, except LoRA's B matrices at
+    `lr * b_lr_ratio` under LoRA+ (B starts at zero and moves the output directly; A is a random
+    projection that needs to move less). One group when the ratio is 1."""
+    if b_lr_ratio == 1.0:
+        return [{"params": params}]
+    is_b = {id(p) for name, p in model.named_parameters() if ".lora_B." in name}
+    return [{"params": [p for p in params if id(p) not in is_b]},
+            {"params": [p for p in params if id(p) in is_b], "lr": lr * b_lr_ratio}]
+
+
 def prepare_anchors(run: EpisodeState, prompts: list, log) -> None:
     """The starting model's answers to the anchor prompts, and their teacher's hidden states, once."""
     if not prompts:
@@ -248,7 +259,9 @@ def setup_episode(recipe: Recipe, *, resume: bool, log, dist: Ranks, allow_mixed
     partial, number = dist.from_main(open_episode_folder(run_dir, recipe.name, resume, log) if dist.is_main else None)
 
     m = load_model(recipe, number, parents, dist, log)
-    optimizer = torch.optim.AdamW(m["params"], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        lora_param_groups(m["model"], m["params"], cfg.lr, recipe.lora.b_lr_ratio), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     total_steps = cfg.total_steps(len(examples))
     tokenizer, model_config = m["loaded"].tokenizer, m["loaded"].model.config
     teacher_limit = teacher_prompt_limit(recipe.model.max_teacher_prompt_tokens, model_config, recipe.rollout.max_new_tokens)
