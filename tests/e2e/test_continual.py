@@ -202,12 +202,14 @@ def test_a_signal_during_setup_stops_at_once_and_the_next_run_starts_afresh(tmp_
 
     monkeypatch.setattr(setup_module, "open_episode_folder", signal_after_the_folder_is_made)
     recipe = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=2))
+    # what they were before, not Python's default: a shell that starts pytest in the background ignores SIGINT
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(Interrupted, match="before its first step: nothing was trained") as stopped:
         train_episode(recipe)
     assert stopped.value.code == 128 + signum
     partial = tmp_path / "run" / "episodes" / ".partial-001-zorblax"
     assert partial.is_dir() and not any(partial.iterdir())
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are given back
 
     monkeypatch.setattr(setup_module, "open_episode_folder", real)
     lines = []
