@@ -35,12 +35,13 @@ TASKS = {
 }
 
 
-def recipe_for(tmp_path: Path, model_dir: Path, name: str, steps: int = 3, run: str = "run", extra: str = "") -> Path:
+def recipe_for(tmp_path: Path, model_dir: Path, name: str, steps: int = 3, run: str = "run", extra: str = "",
+               lora: str = "") -> Path:
     (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TASKS[name]))
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"name: {name}\nrun_dir: {tmp_path / run}\nmodel: {{name_or_path: {model_dir}}}\n"
-        f"lora: {{r: 4, alpha: 8}}\ndata: {{path: {name}.jsonl}}\nrollout: {{max_new_tokens: 8}}\n"
+        f"lora: {{r: 4, alpha: 8{lora}}}\ndata: {{path: {name}.jsonl}}\nrollout: {{max_new_tokens: 8}}\n"
         f"train: {{max_steps: {steps}, prompts_per_step: 2, lr: 0.01{extra}}}\n"
     )
     return path
@@ -184,6 +185,31 @@ def test_resume_after_ctrl_c_and_after_a_crash_matches_uninterrupted(tmp_path, t
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
         lines = (result.path / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_lora_plus_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_model_dir):
+    """lora.b_lr_ratio reaches the optimizer (the adapter differs from plain LoRA's), and its two
+    parameter groups come back from a checkpoint: a crash after step 3 and --resume give the
+    uninterrupted run's adapter."""
+    extra, lora_plus = ", checkpoint_every: 2", ", b_lr_ratio: 8"
+    plain = train_episode(load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, run="p", extra=extra)))
+    straight = train_episode(load_recipe(
+        recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, run="a", extra=extra, lora=lora_plus)))
+    recipe_b = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, run="b", extra=extra, lora=lora_plus))
+
+    def crash_at_3(step, metrics):
+        if step == 3:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train_episode(recipe_b, progress=crash_at_3)
+    resumed = train_episode(recipe_b, resume=True)
+
+    want, got, other = (_final_adapter(r.path) for r in (straight, resumed, plain))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+    b_keys = [key for key in want if "lora_B" in key]
+    assert b_keys and any(not torch.allclose(want[key], other[key]) for key in b_keys)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
