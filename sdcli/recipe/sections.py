@@ -111,6 +111,7 @@ class LoraSettings(StrictSection):
         "LoRA). Learns new facts faster and gives away more general answers (README, \"LoRA+\")",
     )
 
+
 class DataConfig(StrictSection):
     path: Path = Field(..., description="JSONL file, one example per line")
     shuffle: bool = Field(True, description="A fresh order every pass over the data")

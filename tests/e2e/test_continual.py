@@ -155,6 +155,16 @@ def _final_adapter(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "adapter_model.safetensors")
 
 
+def _crashed_then_resumed(recipe, step: int):
+    """A hard crash in `step` (its last checkpoint survives), then --resume to the end."""
+    def crash(at, metrics):
+        if at == step:
+            raise RuntimeError("power cut")
+    with pytest.raises(RuntimeError):
+        train_episode(recipe, progress=crash)
+    return train_episode(recipe, resume=True)
+
+
 def test_resume_after_ctrl_c_and_after_a_crash_matches_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
     extra = ", checkpoint_every: 2"
     straight = train_episode(load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=6, run="a", extra=extra)))
@@ -171,12 +181,7 @@ def test_resume_after_ctrl_c_and_after_a_crash_matches_uninterrupted(tmp_path, t
 
     # a hard crash in step 5: the checkpoint of step 4 survives, step 5 is redone
     recipe_c = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=6, run="c", extra=extra))
-    def crash_at_5(step, metrics):
-        if step == 5:
-            raise RuntimeError("power cut")
-    with pytest.raises(RuntimeError):
-        train_episode(recipe_c, progress=crash_at_5)
-    recovered = train_episode(recipe_c, resume=True)
+    recovered = _crashed_then_resumed(recipe_c, 5)
 
     want = _final_adapter(straight.path)
     for result in (resumed, recovered):
@@ -195,15 +200,8 @@ def test_a_lora_plus_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_mod
     plain = train_episode(load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, run="p", extra=extra)))
     straight = train_episode(load_recipe(
         recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, run="a", extra=extra, lora=lora_plus)))
-    recipe_b = load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, run="b", extra=extra, lora=lora_plus))
-
-    def crash_at_3(step, metrics):
-        if step == 3:
-            raise RuntimeError("power cut")
-
-    with pytest.raises(RuntimeError):
-        train_episode(recipe_b, progress=crash_at_3)
-    resumed = train_episode(recipe_b, resume=True)
+    resumed = _crashed_then_resumed(
+        load_recipe(recipe_for(tmp_path, tiny_model_dir, "zorblax", steps=4, run="b", extra=extra, lora=lora_plus)), 3)
 
     want, got, other = (_final_adapter(r.path) for r in (straight, resumed, plain))
     for key in want:
