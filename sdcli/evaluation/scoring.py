@@ -89,14 +89,17 @@ def using(model, adapters: Sequence[str] | None):
         model.train(was_training)
 
 
-def default_batch_size(model) -> int:
-    """Prompts per batch of answers: 32 on a CPU, 16 on a GPU. On a CPU a Llama-family model
-    decodes through `sdcli.models.direct_decode`, which drops rows from the batch as they stop, so
-    a larger batch shares each read of the weights among more rows and costs little for its longest
-    answer. 76 eval questions of SmolLM2-135M (2026-12-01, 2 cores): 24 s at 16 rows; 16.5-18.4 s
-    and a 1.73 GB process peak at 32; 15.3-18.7 s and 1.97 GB at 64 (the KV cache grows with the
-    batch). On a GPU `generate` keeps every row to the end, and a large model's cache is larger."""
-    return 32 if next(model.parameters()).device.type == "cpu" else 16
+def default_batch_size(model, length: int) -> int:
+    """Prompts per batch of answers of up to `length` positions: 32 where they decode through
+    `sdcli.models.direct_decode` (a Llama-family model on a CPU), 16 through `generate`.
+    `direct_decode` drops rows from the batch as they stop, so a larger batch shares each read of
+    the weights among more rows and costs little for its longest answer. 76 eval questions of
+    SmolLM2-135M (2026-12-01, 2 cores): 24 s at 16 rows; 16.5-18.4 s and a 1.73 GB process peak at
+    32; 15.3-18.7 s and 1.97 GB at 64 (the KV cache grows with the batch). `generate` keeps every
+    row to the end, and on a GPU a large model's cache is larger."""
+    from sdcli.models.rollout import decodes_directly
+
+    return 32 if decodes_directly(model, length) else 16
 
 
 def greedy_answers(model, tokenizer, prompts: Sequence[Messages], **options) -> list[str]:
@@ -119,9 +122,9 @@ def model_answers(
     stop = eos_ids(tokenizer, model)
     encoded = [encoder.encode(p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    batch_size = batch_size or default_batch_size(model)
     answers: list[str] = [""] * len(encoded)
-    with using(model, adapters):
+    with using(model, adapters):  # the batch size asks the decoder with these adapters active
+        batch_size = batch_size or default_batch_size(model, max(map(len, encoded), default=0) + max_new_tokens)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             ids = sample_responses(model, tokenizer, [encoded[i] for i in chunk], settings, stop)

@@ -52,6 +52,13 @@ def generation_config(settings: SamplingSettings, stop_ids: set[int], pad_id: in
     )
 
 
+def decodes_directly(model, length: int, int8: bool = False) -> bool:
+    """Whether `decode` takes `direct_decode` for rows of up to `length` positions: a Llama-family
+    model on a CPU, or any device when sampling from int8 copies; otherwise transformers' `generate`."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return (int8 or on_cpu) and supports_direct_decoding(model, length)
+
+
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids: set[int], pad_id: int) -> list[list[int]]:
     """One left-padded batch through transformers' `generate`, or, for a Llama-family model on a
@@ -64,7 +71,7 @@ def decode(model, prompts: list[list[int]], settings: SamplingSettings, stop_ids
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         attention[i, width - len(p) :] = 1
-    if (settings.int8 or device.type == "cpu") and supports_direct_decoding(model, width + settings.max_new_tokens):
+    if decodes_directly(model, width + settings.max_new_tokens, settings.int8):
         return direct_decode(model, input_ids, attention, int8=settings.int8, max_new_tokens=settings.max_new_tokens,
                              temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                              stop_ids=stop_ids, pad_id=pad_id).tolist()

@@ -204,3 +204,19 @@ def test_what_it_cannot_compute_goes_through_generate(tiny_model_dir, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     assert not supports_direct_decoding(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), 64)
+
+
+def test_answers_are_batched_by_the_decoder_they_go_through(tiny_model_dir):
+    """Evaluation batches 32 prompts where `decode` takes the direct steps, 16 where it takes
+    `generate`: both ask `decodes_directly`, so the two choices cannot disagree."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sdcli.evaluation.scoring import default_batch_size
+    from sdcli.models.rollout import decodes_directly
+
+    model = with_adapters(tiny_model_dir)
+    assert decodes_directly(model, 64) and default_batch_size(model, 64) == 32
+    model.get_base_model().config.sliding_window = 32  # rows past the window: generate
+    assert not decodes_directly(model, 33) and default_batch_size(model, 33) == 16
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))  # not Llama-family
+    assert not decodes_directly(gpt2, 64) and default_batch_size(gpt2, 64) == 16
