@@ -89,7 +89,9 @@ def eval_command(
         0, "--samples", min=0, max=256, help="Also draw N answers per line at temperature 1 and report the share right"
     ),
     batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", min=1, help="Prompts answered together (default: 32 on a CPU, 16 on a GPU)"
+        None, "--batch-size", min=1,
+        help="Prompts answered together (default: 32 where sd decodes directly, a Llama-family float model on a CPU; "
+        "16 otherwise)",
     ),
     out_json: Optional[Path] = typer.Option(None, "--out", help="Write the results, every answer included, as JSON"),
 ):
