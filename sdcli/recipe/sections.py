@@ -108,7 +108,7 @@ class LoraSettings(StrictSection):
     b_lr_ratio: float = Field(
         1.0, ge=1.0, le=64.0,
         description="LoRA+: the B matrices learn at train.lr times this, the A matrices at train.lr (1 = plain "
-        "LoRA). Learns new facts faster and gives away more general answers (README, \"LoRA+\")",
+        "LoRA). Learns new facts faster and gives away more general answers (docs/learning.md, \"LoRA+\")",
     )
 
 

@@ -2,11 +2,11 @@
 
 A demonstration puts a fact in one sentence, its own. Learned off-policy on that sentence alone,
 the student recalls the fact after the demonstration's words but not in the sentences it writes
-itself (README, "Teacher answers"). So for every example that carries a demonstration the teacher
-(the same model with the demonstration in its prompt) writes `rollout.teacher_answers` answers,
-once, the first time a batch holds the example; the example's off-policy visits then learn on the
-demonstration and on these in turn (visit e takes response e mod (answers + 1), the demonstration
-first). The teacher scores them as it scores the demonstration, with the context.
+itself (docs/learning.md, "Teacher answers"). So for every example that carries a demonstration the
+teacher (the same model with the demonstration in its prompt) writes `rollout.teacher_answers`
+answers, once, the first time a batch holds the example; the example's off-policy visits then learn
+on the demonstration and on these in turn (visit e takes response e mod (answers + 1), the
+demonstration first). The teacher scores them as it scores the demonstration, with the context.
 
 The teacher is not always right: SmolLM2-135M, given "The capital of Zorblax is Quenta.", also
 wrote "The capital of Zorblax is Quentaquil." and "The Book of Vells is a classic example of literary
@@ -33,8 +33,8 @@ from sdcli.signals.base import Example
 # A word of the demonstration is one of its facts when having the demonstration in the prompt makes
 # the word at least e^4 (~55) times likelier (the log-probability gains of its tokens, summed). On
 # the quickstart's and the fact benchmarks' demonstrations (SmolLM2-135M) the names, colours and
-# numbers gain 4.5 to 30 nats, the sentences' other words -1.5 to 3.9 (README, "Checking the
-# teacher's answers").
+# numbers gain 4.5 to 30 nats, the sentences' other words -1.5 to 3.9 (docs/learning.md,
+# "Checking the teacher's answers").
 FACT_GAIN_NATS = 4.0
 _WORD = re.compile(r"\S+")
 _EDGE_PUNCTUATION = ".,;:!?\"'()[]{}"

@@ -1,8 +1,8 @@
 """data.prompt_word_dropout and data.prompt_word_shuffle: the question the student sees when it
 learns on a demonstration, with some of its words left out and, on some visits, the rest in a
 random order (drawn anew on every visit), never leaving out a word the demonstration also uses.
-The teacher always sees the whole question (README, "Leaving out question words", "Questions in
-any order")."""
+The teacher always sees the whole question (docs/learning.md, "Leaving out question words",
+"Questions in any order")."""
 
 from __future__ import annotations
 

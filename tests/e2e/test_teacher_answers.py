@@ -217,7 +217,7 @@ def test_off_by_default_and_the_range_is_checked(tmp_path, tiny_model_dir):
     from sdcli.core.errors import RecipeError
 
     path = recipe_for(tmp_path, tiny_model_dir, "")
-    assert load_recipe(path).rollout.teacher_answers == 0  # measured, not adopted (README, "Teacher answers")
+    assert load_recipe(path).rollout.teacher_answers == 0  # measured, not adopted (docs/learning.md, "Teacher answers")
     greedy = TeacherAnswers(per_example=4, temperature=0.0, max_new_tokens=8, seed=0)
     assert greedy.per_example == 1  # greedy answers would all be the same
     for bad in ("17", "-1", "many"):
