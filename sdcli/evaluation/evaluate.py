@@ -33,6 +33,7 @@ from pathlib import Path
 from sdcli.core.numbers import fmt
 from sdcli.evaluation.drift import measure_drift
 from sdcli.evaluation.eval_sets import EvalSet, load_eval_set, load_texts
+from sdcli.evaluation.leaks import describe_leak, leaked_answers, task_answers
 from sdcli.evaluation.scoring import can_fold, describe_kinds, evaluate_set
 
 DETAILS_FILE = "eval.json"
@@ -146,6 +147,14 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
             summary.setdefault("before", summary["base"])
         sets.append(summary)
         log(f"eval: {role} {eval_set.name}: {describe_scores(summary)}")
+        if role == "retain" and plan.task is not None and task_answers(plan.task):
+            # the same questions before the episode: the base's answers in a first episode, else
+            # the previous episode's record of them (None without baselines or a record)
+            before = (details[-1] if details[-1]["model"] == "base" else None) if not earlier else (
+                _reusable(records, eval_set.sha256, adapters_of["before"], settings, greedy_only=True))
+            summary["leaked"] = leaked_answers(plan.task, _responses(result), _responses(before) if before else None)
+            if summary["leaked"]["n"]:
+                log(describe_leak(summary["leaked"], summary["n"], eval_set.name))
     drift = None
     if plan.drift_texts is not None:
         drift = {"path": str(plan.drift_path), **measure_drift(
@@ -157,6 +166,10 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
         log(f"eval: {reused} baseline(s) read from earlier episodes' {DETAILS_FILE} (the same model, set and settings)")
     write_atomic(folder / DETAILS_FILE, json.dumps({"sets": details, "drift": drift}, indent=2))
     return {"eval": {"sets": sets, "drift": drift, "seconds": round(time.perf_counter() - started, 2), "details": DETAILS_FILE}}
+
+
+def _responses(result: dict) -> list[str]:
+    return [line["response"] for line in result["examples"]]
 
 
 def _earlier_records(parents: Sequence[Path]) -> list[tuple[str, dict]]:
@@ -172,12 +185,19 @@ def _earlier_records(parents: Sequence[Path]) -> list[tuple[str, dict]]:
     return records
 
 
-def _reusable(records: list[tuple[str, dict]], sha256: str, stack: list[str], settings: dict) -> dict | None:
+def _reusable(records: list[tuple[str, dict]], sha256: str, stack: list[str], settings: dict,
+              greedy_only: bool = False) -> dict | None:
     """An earlier record of the set with this content hash, answered by the adapters with these
     hashes (in order) with the same settings; None when there is none. Records written before the
-    stack and settings were stored never match."""
+    stack and settings were stored never match. greedy_only: for its greedy answers alone, which
+    do not depend on how many answers were sampled besides them."""
+    ignored = {"samples"} if greedy_only else set()
+
+    def compared(stored) -> dict | None:
+        return {k: v for k, v in stored.items() if k not in ignored} if isinstance(stored, dict) else None
+
     for folder, entry in records:
-        if entry.get("sha256") == sha256 and entry.get("stack") == stack and entry.get("settings") == settings:
+        if entry.get("sha256") == sha256 and entry.get("stack") == stack and compared(entry.get("settings")) == compared(settings):
             found = {k: v for k, v in entry.items() if k not in ("role", "model", "stack", "settings", "reused_from")}
             return {**found, "reused_from": entry.get("reused_from") or f"{folder}/{DETAILS_FILE}"}
     return None

@@ -280,3 +280,25 @@ def test_bad_input_exits_2_without_traceback(chain, tiny_model_dir, tmp_path):
     done = sd("train", str(chain / "bad.yaml"), "--quiet")
     assert done.returncode == 2 and "bad.jsonl:2" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "episodes").exists() or not any((tmp_path / "run" / "episodes").iterdir())
+
+
+def test_an_episodes_answers_turning_up_in_a_retain_sets_answers_are_counted(chain):
+    """The stored leak of each retain set equals a hand count from the answers eval.json keeps: the
+    episode's answer in an answer after it, not in the same question's answer before it (the base's
+    in episode 1, episode 1's record in episode 2)."""
+    first, second = list_episodes(chain / "run")
+
+    def responses(episode, name, model):
+        stored = json.loads((episode.path / "eval.json").read_text())["sets"]
+        entry = next(s for s in stored if s["name"] == name and s["model"] == model)
+        return [line["response"] for line in entry["examples"]]
+
+    for episode, retain, answer, before in (
+        (first, "vells_eval", "Quenta", responses(first, "vells_eval", "base")),
+        (second, "zorblax_eval", "Maro Tiln", responses(first, "zorblax_eval", "after")),
+    ):
+        after = responses(episode, retain, "after")
+        gives = lambda text: answer.casefold() in " ".join(text.split()).casefold()  # noqa: E731  (contains)
+        hand = sum(gives(a) and not gives(b) for a, b in zip(after, before))
+        leaked = next(s for s in episode.meta["eval"]["sets"] if s["name"] == retain)["leaked"]
+        assert leaked == {"n": hand, "answers": {answer: hand} if hand else {}}
