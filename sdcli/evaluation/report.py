@@ -124,7 +124,7 @@ def _matrix_problem(m: Matrix) -> str | None:
 def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
     header = ["#", "episode", "method", "signal", "steps", "final loss", "final divergence",
               "demo NLL student / teacher", "disagreement", "task score", "teacher", "task by kind", "retain (mean)",
-              "KL from base", "perplexity"]
+              "leaked answers", "KL from base", "perplexity"]
     rows = []
     for e in episodes:
         m, final = e.meta, current_names(e.meta.get("final", {}))
@@ -141,9 +141,24 @@ def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
             fmt(task["score"] if task else None), fmt(task.get("teacher_score") if task else None),
             describe_kinds((task or {}).get("by_kind", {})) or "-",
             fmt(sum(retain) / len(retain) if retain else None),
+            describe_leaks([s["leaked"] for s in sets if s["role"] == "retain" and "leaked" in s]),
             fmt(drift.get("kl_from_base"), 4), fmt(drift.get("perplexity"), 2),
         ])
     return header, rows
+
+
+def describe_leaks(leaks: list[dict]) -> str:
+    """The retain sets' leaks together: "7 (Saltmarrow 6, Tamsin Orrell Quaye 1)"; "-" where none was
+    looked for (no retain set, or an episode evaluated before leaks were counted)."""
+    if not leaks:
+        return "-"
+    answers: dict[str, int] = {}
+    for leak in leaks:
+        for answer, count in leak["answers"].items():
+            answers[answer] = answers.get(answer, 0) + count
+    shown = ", ".join(f"{a} {c}" for a, c in sorted(answers.items(), key=lambda item: -item[1]))
+    total = sum(leak["n"] for leak in leaks)
+    return f"{total} ({shown})" if total else "0"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

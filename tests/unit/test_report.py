@@ -11,7 +11,7 @@ import pytest
 
 from sdcli.core.data import file_sha256
 from sdcli.core.errors import UserError
-from sdcli.evaluation.report import build_report, episode_table, markdown_table
+from sdcli.evaluation.report import build_report, describe_leaks, episode_table, markdown_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -45,7 +45,7 @@ def run_dir(tmp_path) -> Path:
     run = tmp_path / "run"
     fake_episode(run, 1, "a", "self_distillation", [2.0, 1.5, 1.0, 0.8], {
         "sets": [_set("a", "task", 0.75, 1.0, before={"score": 0.0, "teacher_score": 1.0},
-                      base={"score": 0.0, "teacher_score": 1.0}), _set("b", "retain", 0.0, 0.5)],
+                      base={"score": 0.0, "teacher_score": 1.0}), _set("b", "retain", 0.0, 0.5, leaked={"n": 0, "answers": {}})],
         "drift": {"kl_from_base": 0.02, "perplexity": 11.0, "base_perplexity": 10.0},
     })
     fake_episode(run, 2, "b", "sft", [3.0, 2.0, 1.2], {
@@ -53,7 +53,7 @@ def run_dir(tmp_path) -> Path:
                       base={"score": 0.0, "teacher_score": 0.5},
                       by_kind={"direct": {"n": 2, "score": 1.0, "teacher_score": 1.0, "teacher_n": 2},
                                "situation": {"n": 2, "score": 0.5, "teacher_score": 1.0, "teacher_n": 2}}),
-                 _set("a", "retain", 0.5, 1.0)],
+                 _set("a", "retain", 0.5, 1.0, leaked={"n": 2, "answers": {"Quenta": 1, "Tiln": 2}})],
         "drift": {"kl_from_base": 0.05, "perplexity": 12.5, "base_perplexity": 10.0},
     })
     return run
@@ -132,9 +132,14 @@ def test_episode_table_and_markdown(run_dir):
     from sdcli.models.episodes import list_episodes
 
     header, rows = episode_table(list_episodes(run_dir))
-    assert header[7:13] == ["demo NLL student / teacher", "disagreement", "task score", "teacher", "task by kind",
-                            "retain (mean)"]
-    assert rows[0][5:] == ["0.8000", "0.8000", "- / -", "-", "0.750", "1.000", "-", "0.000", "0.0200", "11.00"]
+    assert header[7:14] == ["demo NLL student / teacher", "disagreement", "task score", "teacher", "task by kind",
+                            "retain (mean)", "leaked answers"]
+    assert rows[0][5:] == ["0.8000", "0.8000", "- / -", "-", "0.750", "1.000", "-", "0.000", "0", "0.0200", "11.00"]
+    assert rows[1][13] == "2 (Tiln 2, Quenta 1)"  # the most frequent answer first
+    # several retain sets: their answers added up; none looked for (an older run): "-"
+    assert describe_leaks([{"n": 2, "answers": {"Quenta": 1, "Tiln": 2}}, {"n": 1, "answers": {"Tiln": 1}}]) == \
+        "3 (Tiln 3, Quenta 1)"
+    assert describe_leaks([]) == "-" and describe_leaks([{"n": 0, "answers": {}}]) == "0"
     assert rows[1][11] == "direct 1.000, situation 0.500"  # eval lines that name a kind
     assert rows[1][6] == "-"  # sft has no divergence
     assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
