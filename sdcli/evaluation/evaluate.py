@@ -197,7 +197,8 @@ def _reusable(records: list[tuple[str, dict]], sha256: str, stack: list[str], se
         return {k: v for k, v in stored.items() if k not in ignored} if isinstance(stored, dict) else None
 
     for folder, entry in records:
-        if entry.get("sha256") == sha256 and entry.get("stack") == stack and compared(entry.get("settings")) == compared(settings):
+        same_settings = compared(entry.get("settings")) == compared(settings)
+        if entry.get("sha256") == sha256 and entry.get("stack") == stack and same_settings:
             found = {k: v for k, v in entry.items() if k not in ("role", "model", "stack", "settings", "reused_from")}
             return {**found, "reused_from": entry.get("reused_from") or f"{folder}/{DETAILS_FILE}"}
     return None
