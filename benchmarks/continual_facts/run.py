@@ -17,8 +17,10 @@ continual-learning matrix R[i][j] (row 0 = base, row i = after episode i):
     ACC = mean_j R[3][j]      BWT = mean_{j<3} R[3][j] - R[j][j]      FWT = mean_{j>=2} R[j-1][j] - R[0][j]
 
 The same three recipes run once with `method: self_distillation` and once with `method: sft` (an
-override, so the two arms cannot drift apart). The runner prints both matrices and a comparison
-table, writes `sd report` plots for each arm, and saves the numbers in OUT/results.json.
+override, so the two arms cannot drift apart). The runner prints both matrices, the answers after
+each episode that give its facts to other questions ("The capital of Japan is Saltmarrow.";
+README, "Leaks"), and a comparison table, writes `sd report` plots for each arm, and saves the
+numbers in OUT/results.json.
 
 Cost on 2 CPU cores (fp32, shipped defaults, 2026-12-01, AMD EPYC AVX2): the SD arm takes
 9.3 minutes on continual_facts (seed 1) and 13.4 on world_facts (seed 0), of which training is about half (2.8-4.5 s
@@ -43,6 +45,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
 from sdcli.evaluation.continual_matrix import matrix_from_episodes, matrix_table, metrics_lines  # noqa: E402
+from sdcli.evaluation.report import describe_leaks  # noqa: E402
 from sdcli.core.numbers import fmt  # noqa: E402
 from sdcli.models.episodes import list_episodes  # noqa: E402
 
@@ -86,6 +89,10 @@ def summarise(method: str, run_dir: Path, seconds: float) -> dict:
     if by_kind:
         print_table(f"[{method}] each episode's own task, by kind of held-out question",
                     ["episode", *KINDS], [[label, *(fmt(v) for v in row)] for label, row in by_kind])
+    leaked = episode_leaks(episodes)
+    for label, by_set in leaked.items():
+        print(f"[{method}] {label}: answers giving its facts where they did not before: "
+              + "; ".join(f"{name} {describe_leaks([leak])}" for name, leak in by_set.items()))
     last_drift = (matrix.drift or [None])[-1] or {}
     general = matrix.columns.index("general_qa") if "general_qa" in matrix.columns else None
     return {
@@ -99,7 +106,20 @@ def summarise(method: str, run_dir: Path, seconds: float) -> dict:
         "perplexity_after_last": last_drift.get("perplexity"),
         "matrix": matrix.to_json(),
         "task_by_kind": {label: dict(zip(KINDS, row)) for label, row in by_kind},
+        "leaked": leaked,
     }
+
+
+def episode_leaks(episodes) -> dict[str, dict[str, dict]]:
+    """{episode: {retain set: its leak}}: the episode's answers in the set's answers after it, where
+    the same questions did not give them before (episode.json's `leaked`; README, "Leaks")."""
+    out = {}
+    for e in episodes:
+        sets = (e.meta.get("eval") or {}).get("sets", [])
+        by_set = {s["name"]: s["leaked"] for s in sets if s.get("role") == "retain" and "leaked" in s}
+        if by_set:
+            out[e.label] = by_set
+    return out
 
 
 def kind_scores(episodes) -> list[tuple[str, list[float | None]]]:
