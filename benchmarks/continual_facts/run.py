@@ -45,7 +45,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
 from sdcli.evaluation.continual_matrix import matrix_from_episodes, matrix_table, metrics_lines  # noqa: E402
-from sdcli.evaluation.report import describe_leaks  # noqa: E402
+from sdcli.evaluation.leaks import describe_leaks  # noqa: E402
 from sdcli.core.numbers import fmt  # noqa: E402
 from sdcli.models.episodes import list_episodes  # noqa: E402
 

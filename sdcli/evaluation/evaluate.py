@@ -148,11 +148,8 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
         sets.append(summary)
         log(f"eval: {role} {eval_set.name}: {describe_scores(summary)}")
         if role == "retain" and plan.task is not None and task_answers(plan.task):
-            # the same questions before the episode: the base's answers in a first episode, else
-            # the previous episode's record of them (None without baselines or a record)
-            before = (details[-1] if details[-1]["model"] == "base" else None) if not earlier else (
-                _reusable(records, eval_set.sha256, adapters_of["before"], settings, greedy_only=True))
-            summary["leaked"] = leaked_answers(plan.task, _responses(result), _responses(before) if before else None)
+            before = _answers_before(details[-1], earlier, records, eval_set.sha256, adapters_of["before"], settings)
+            summary["leaked"] = leaked_answers(plan.task, _responses(result), before)
             if summary["leaked"]["n"]:
                 log(describe_leak(summary["leaked"], summary["n"], eval_set.name))
     drift = None
@@ -170,6 +167,16 @@ def _episode_eval(plan, model, tokenizer, earlier, episode, folder, max_prompt_t
 
 def _responses(result: dict) -> list[str]:
     return [line["response"] for line in result["examples"]]
+
+
+def _answers_before(last_scored: dict, earlier, records, sha256: str, before_stack: list[str], settings: dict):
+    """A retain set's answers as the episode began: the base's in a run's first episode (the
+    baseline just scored, `last_scored`), else the previous episode's record of them; None without
+    baselines or a record."""
+    if not earlier:
+        return _responses(last_scored) if last_scored["model"] == "base" else None
+    record = _reusable(records, sha256, before_stack, settings, greedy_only=True)
+    return _responses(record) if record else None
 
 
 def _earlier_records(parents: Sequence[Path]) -> list[tuple[str, dict]]:

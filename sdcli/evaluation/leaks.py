@@ -71,8 +71,32 @@ def leaked_answers(task: EvalSet, after: Sequence[str], before: Sequence[str] | 
     return {"n": leaking, "answers": counts}
 
 
+def combined(leaks: Sequence[dict]) -> dict:
+    """Several sets' leaks as one: their counts added up, answers by count, the most frequent first."""
+    answers: dict[str, int] = {}
+    for leak in leaks:
+        for answer, count in leak["answers"].items():
+            answers[answer] = answers.get(answer, 0) + count
+    return {"n": sum(leak["n"] for leak in leaks),
+            "answers": dict(sorted(answers.items(), key=lambda item: -item[1]))}
+
+
+def shown_answers(leak: dict) -> str:
+    """"Saltmarrow 6, Tamsin Orrell Quaye 1": each answer and how many responses give it."""
+    return ", ".join(f"{answer} {count}" for answer, count in leak["answers"].items())
+
+
+def describe_leaks(leaks: Sequence[dict]) -> str:
+    """For a table: the sets' leaks together, "7 (Saltmarrow 6, Tamsin Orrell Quaye 1)"; "-" where
+    none was looked for (no retain set, or an episode evaluated before leaks were counted)."""
+    if not leaks:
+        return "-"
+    leak = combined(leaks)
+    return f"{leak['n']} ({shown_answers(leak)})" if leak["n"] else "0"
+
+
 def describe_leak(leak: dict, total: int, set_name: str) -> str:
-    shown = ", ".join(f"{answer} {count}" for answer, count in leak["answers"].items())
-    return (f"eval: {leak['n']} of {total} answers to {set_name} now give this episode's answers ({shown}): "
+    """The log line for one retain set."""
+    return (f"eval: {leak['n']} of {total} answers to {set_name} now give this episode's answers ({shown_answers(leak)}): "
             "the facts may have been learned without their subject. Heavier anchors (anchor.weight) or a lower "
             "train.lr hold them back, at some of the learning (README, \"What holds the first world_facts task back\")")

@@ -32,6 +32,7 @@ from sdcli.core.numbers import fmt
 from sdcli.evaluation.scoring import describe_kinds
 from sdcli.core.outputs import check_output_folder
 from sdcli.evaluation.continual_matrix import Matrix, matrix_from_episodes, matrix_table, metrics_lines
+from sdcli.evaluation.leaks import describe_leaks
 from sdcli.models.episodes import Episode, list_episodes
 
 
@@ -145,20 +146,6 @@ def episode_table(episodes: list[Episode]) -> tuple[list[str], list[list[str]]]:
             fmt(drift.get("kl_from_base"), 4), fmt(drift.get("perplexity"), 2),
         ])
     return header, rows
-
-
-def describe_leaks(leaks: list[dict]) -> str:
-    """The retain sets' leaks together: "7 (Saltmarrow 6, Tamsin Orrell Quaye 1)"; "-" where none was
-    looked for (no retain set, or an episode evaluated before leaks were counted)."""
-    if not leaks:
-        return "-"
-    answers: dict[str, int] = {}
-    for leak in leaks:
-        for answer, count in leak["answers"].items():
-            answers[answer] = answers.get(answer, 0) + count
-    shown = ", ".join(f"{a} {c}" for a, c in sorted(answers.items(), key=lambda item: -item[1]))
-    total = sum(leak["n"] for leak in leaks)
-    return f"{total} ({shown})" if total else "0"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

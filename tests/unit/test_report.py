@@ -11,7 +11,8 @@ import pytest
 
 from sdcli.core.data import file_sha256
 from sdcli.core.errors import UserError
-from sdcli.evaluation.report import build_report, describe_leaks, episode_table, markdown_table
+from sdcli.evaluation.leaks import describe_leaks
+from sdcli.evaluation.report import build_report, episode_table, markdown_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
